@@ -1,0 +1,28 @@
+# Set-up and entry points. `make demo` and `make test` each create the virtual environment
+# on first use (and again when pyproject.toml changes), so both work on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/retrieval demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check retrieval tests benchmarks
+	$(BIN)/ruff format --check retrieval tests benchmarks
+
+test: lint
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,247 @@
+"""The `retrieval` command: parse, call one library function, print."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import click
+
+from .errors import RetrievalError
+from .layout import ENV_INDEX_DIR
+
+_MODEL_HELP = (
+    "open_clip model name (e.g. ViT-B-32), a shipped config (tiny-vit, small-vit) or a path to "
+    "an open_clip model-config JSON. Default: tiny-vit."
+)
+_PRETRAINED_HELP = "open_clip pretrained tag (e.g. laion2b_s34b_b79k) or a local checkpoint file."
+
+
+class _Group(click.Group):
+    """Turns the engine's errors into one line on stderr and exit status 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (RetrievalError, FileNotFoundError, FileExistsError, ValueError) as e:
+            raise click.ClickException(str(e)) from None
+
+
+def _index_dir_option(f):
+    return click.option(
+        "--index-dir",
+        type=click.Path(path_type=Path),
+        envvar=ENV_INDEX_DIR,
+        default=Path("indexes"),
+        show_default=True,
+        help=f"Folder holding the indexes (env: {ENV_INDEX_DIR}).",
+    )(f)
+
+
+def _model_options(default_model: str | None):
+    def wrap(f):
+        f = click.option(
+            "--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ..."
+        )(f)
+        f = click.option("--pretrained", default=None, help=_PRETRAINED_HELP)(f)
+        return click.option("--model", default=default_model, help=_MODEL_HELP)(f)
+
+    return wrap
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="retrieval")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def main(verbose: int) -> None:
+    """Search images by text and text by image: train, build, search, measure."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("corpus", type=click.Path(exists=True, path_type=Path))
+@click.option("--name", required=True, help="Name of the index to create or replace.")
+@_model_options("tiny-vit")
+@click.option(
+    "--index",
+    "index_factory",
+    default="auto",
+    show_default=True,
+    help="auto (exact below 100k vectors, HNSW above) or a FAISS factory string.",
+)
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--workers", type=int, default=None, help="Image-decoding processes [cores-1].")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["folder", "csv", "jsonl", "coco"]),
+    default=None,
+    help="Corpus format [autodetected].",
+)
+@click.option("--image-col", default="filepath", show_default=True, help="CSV image column.")
+@click.option("--caption-col", default="title", show_default=True, help="CSV caption column.")
+@click.option("--id-col", default=None, help="CSV id column [the image path].")
+@click.option(
+    "--image-root",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Resolve relative image paths here [the corpus file's folder].",
+)
+@click.option(
+    "--max-pixels",
+    default=40_000_000,
+    show_default=True,
+    help="Refuse images with more pixels (decompression bombs).",
+)
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@_index_dir_option
+def build(
+    corpus,
+    name,
+    model,
+    pretrained,
+    device,
+    index_factory,
+    batch_size,
+    workers,
+    fmt,
+    image_col,
+    caption_col,
+    id_col,
+    image_root,
+    max_pixels,
+    no_progress,
+    index_dir,
+):
+    """Build index NAME from CORPUS (folder, CSV/TSV, JSONL or COCO captions JSON)."""
+    from .build import BuildConfig
+    from .build import build as run_build
+    from .data import ReadOptions
+    from .encoder import ModelSpec
+
+    config = BuildConfig(
+        model=ModelSpec(model, pretrained),
+        index=index_factory,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        max_pixels=max_pixels,
+        progress=not no_progress,
+        read=ReadOptions(fmt, image_col, caption_col, id_col, image_root),
+    )
+    report = run_build(corpus, name, config, index_dir=index_dir)
+    click.echo(report.summary())
+    if sum(report.skipped.values()):
+        click.echo(f"skipped records and their reasons: {report.path / 'skipped.jsonl'}")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--text", default=None, help="Text query.")
+@click.option("--image", type=click.Path(path_type=Path), default=None, help="Image query file.")
+@click.option("-k", "k", default=10, show_default=True, help="Number of results.")
+@click.option(
+    "--target",
+    type=click.Choice(["images", "captions"]),
+    default=None,
+    help="What to match: images or captions [text: images, image: captions].",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_model_options(None)
+@_index_dir_option
+def search(name, text, image, k, target, as_json, model, pretrained, device, index_dir):
+    """Search index NAME by --text or by --image."""
+    from .encoder import ModelSpec
+    from .search import search as run_search
+
+    if (text is None) == (image is None):
+        raise click.UsageError("give exactly one of --text or --image")
+    spec = ModelSpec(model, pretrained) if model else None
+    out = run_search(
+        name,
+        text=text,
+        image=image,
+        k=k,
+        target=target,
+        index_dir=index_dir,
+        model=spec,
+        device=device,
+    )
+    click.echo(json.dumps(out, ensure_ascii=False, indent=2) if as_json else _table(out))
+
+
+def _table(out: dict) -> str:
+    lines = [f"{'rank':>4}  {'score':>7}  {'id':<24}  caption"]
+    for r in out["results"]:
+        caption = r["caption"]["text"] if "caption" in r else (r["captions"] or [""])[0]
+        lines.append(f"{r['rank']:>4}  {r['score']:>7.4f}  {r['id']:<24}  {caption[:70]}")
+    if not out["results"]:
+        lines.append("(no results)")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@_index_dir_option
+def info(name, as_json, index_dir):
+    """Describe index NAME: model, counts, index types, where it lives."""
+    from . import layout
+
+    folder = layout.resolve(name, index_dir)
+    manifest = {**layout.read_manifest(folder), "folder": str(folder)}
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    c, ix = manifest["counts"], manifest["indexes"]
+    click.echo(f"index     {manifest['name']}  ({manifest['folder']})")
+    click.echo(f"model     {manifest['model']}  pretrained: {manifest.get('pretrained') or 'none'}")
+    click.echo(f"dim       {manifest['dim']}")
+    click.echo(f"items     {c['items']}  ({ix['image']['factory']})")
+    click.echo(f"captions  {c['captions']}  ({ix['caption']['factory']})")
+    click.echo(f"skipped   {c['skipped']}  {c['skipped_by_reason'] or ''}")
+    click.echo(f"created   {manifest['created']}  by retrieval {manifest['package_version']}")
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("-n", "n", default=500, show_default=True, help="Number of images.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--size", default=64, show_default=True, help="Image side in pixels.")
+def synth(out, n, seed, size):
+    """Write the synthetic shapes corpus (images + corpus.jsonl) to OUT."""
+    from .synthetic import generate
+
+    click.echo(f"wrote {generate(out, n=n, seed=seed, size=size)}")
+
+
+@main.command()
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    default=Path("demo-data"),
+    show_default=True,
+    help="Where the synthetic corpus is generated.",
+)
+@click.option("-n", "n", default=400, show_default=True, help="Images in the corpus.")
+@_model_options("tiny-vit")
+@_index_dir_option
+def demo(workdir, n, model, pretrained, device, index_dir):
+    """Generate the synthetic corpus, build index 'demo' and run example searches."""
+    from .demo import DemoConfig, run_demo
+    from .encoder import ModelSpec
+
+    result = run_demo(
+        DemoConfig(workdir=workdir, n=n, model=ModelSpec(model, pretrained), index_dir=index_dir)
+    )
+    click.echo(f"corpus: {result.corpus}")
+    click.echo(result.report.summary())
+    if not result.trained:
+        click.echo(
+            "note: the model is an UNTRAINED tiny open_clip config (random weights), so "
+            "these rankings are random; pass --pretrained to use real weights."
+        )
+    for out in result.searches:
+        click.echo(f"\nquery {json.dumps(out['query'])} -> {out['target']}")
+        click.echo(_table(out))

@@ -1,0 +1,217 @@
+"""Corpus readers: every supported layout becomes a stream of `Record`s.
+
+Formats (autodetected by `read_corpus`):
+
+- folder: a tree of images; ``photo.jpg`` may have a sidecar ``photo.txt`` with one caption per
+  line. Ids are the image paths relative to the folder, without the extension.
+- csv / tsv: one row per (image, caption) pair, columns ``filepath`` and ``title`` by default
+  (open_clip's names); rows sharing an image are one item with several captions.
+- jsonl (or a .json list of the same objects): ``{"image", "caption" | "captions", "id"?, ...}``;
+  every other key is kept as the item's metadata.
+- coco: a COCO captions file (``images`` + ``annotations``).
+
+Relative image paths resolve against ``image_root`` when given, else the corpus file's folder;
+COCO-style layouts that keep photos in an ``images/`` folder beside the annotation file are found
+without help. Reading never opens images: decoding and its checks live in `retrieval.images`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CorpusError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+FORMATS = ("folder", "csv", "jsonl", "coco")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One item of a corpus: an image and its captions, before any decoding."""
+
+    id: str
+    image: Path
+    captions: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+    problem: str | None = None  # set by a reader when the record itself is unreadable
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How to read a corpus; every field has a default that fits the common layouts."""
+
+    format: str | None = None  # None: autodetect
+    image_col: str = "filepath"
+    caption_col: str = "title"
+    id_col: str | None = None
+    image_root: Path | None = None
+
+
+def detect_format(path: Path) -> str:
+    """Name the layout of ``path`` (one of `FORMATS`), or raise `CorpusError`."""
+    if path.is_dir():
+        return "folder"
+    if not path.is_file():
+        raise CorpusError(f"corpus not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        return "csv"
+    if suffix == ".jsonl":
+        return "jsonl"
+    if suffix == ".json":
+        head = path.read_text(encoding="utf-8", errors="replace").lstrip()[:1]
+        if head == "[":
+            return "jsonl"
+        if head == "{":
+            return "coco"
+    raise CorpusError(
+        f"cannot tell the corpus format of {path}: expected a folder, .csv/.tsv, .jsonl, "
+        "a .json list of records or a COCO captions .json"
+    )
+
+
+def read_corpus(path: str | Path, options: ReadOptions | None = None) -> Iterator[Record]:
+    """Yield the records of the corpus at ``path`` in file order.
+
+    Records may repeat an id (the build reports and skips the repeats) and may point to missing
+    or broken images (the decoder reports those); captions are stripped but not filtered.
+    """
+    options = options or ReadOptions()
+    path = Path(path).expanduser()
+    fmt = options.format or detect_format(path)
+    readers = {"folder": _read_folder, "csv": _read_csv, "jsonl": _read_jsonl, "coco": _read_coco}
+    if fmt not in readers:
+        raise CorpusError(f"unknown corpus format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    log.info("reading %s corpus %s", fmt, path)
+    yield from readers[fmt](path, options)
+
+
+def _resolver(corpus_file: Path, options: ReadOptions):
+    root = options.image_root or corpus_file.parent
+    fallback = corpus_file.parent / "images"
+
+    def resolve(value: str) -> Path:
+        p = Path(value).expanduser()
+        if p.is_absolute():
+            return p
+        candidate = root / p
+        if options.image_root is None and not candidate.exists() and (fallback / p).exists():
+            return fallback / p
+        return candidate
+
+    return resolve
+
+
+def _clean(captions: Any) -> tuple[str, ...]:
+    if captions is None:
+        return ()
+    if isinstance(captions, str):
+        captions = [captions]
+    return tuple(str(c).strip() for c in captions)
+
+
+def _read_folder(root: Path, options: ReadOptions) -> Iterator[Record]:
+    for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        if not image.is_file():
+            continue
+        sidecar = image.with_suffix(".txt")
+        captions: tuple[str, ...] = ()
+        if sidecar.is_file():
+            lines = sidecar.read_text(encoding="utf-8", errors="replace").splitlines()
+            captions = _clean([line for line in lines if line.strip()] or [""])
+        rel = image.relative_to(root).with_suffix("")
+        yield Record(id=rel.as_posix(), image=image, captions=captions)
+
+
+def _read_csv(path: Path, options: ReadOptions) -> Iterator[Record]:
+    resolve = _resolver(path, options)
+    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+        sample = f.read(65536)
+        f.seek(0)
+        delimiter = "\t" if path.suffix.lower() == ".tsv" or "\t" in sample.split("\n")[0] else ","
+        rows = csv.DictReader(f, delimiter=delimiter)
+        fields = rows.fieldnames or []
+        for col in (options.image_col, options.caption_col):
+            if col not in fields:
+                raise CorpusError(
+                    f"{path}: no column {col!r} (columns: {', '.join(fields)}); "
+                    "name them with --image-col / --caption-col"
+                )
+        if options.id_col and options.id_col not in fields:
+            raise CorpusError(f"{path}: no id column {options.id_col!r}")
+        grouped: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            image = (row.get(options.image_col) or "").strip()
+            key = (row.get(options.id_col) or "").strip() if options.id_col else image
+            entry = grouped.setdefault(key or image, {"image": image, "captions": [], "extra": {}})
+            entry["captions"].append(row.get(options.caption_col) or "")
+            skip = {options.image_col, options.caption_col, options.id_col}
+            entry["extra"].update({k: v for k, v in row.items() if k not in skip and k})
+    for key, entry in grouped.items():
+        item_id = key if options.id_col else Path(entry["image"]).with_suffix("").as_posix()
+        yield Record(item_id, resolve(entry["image"]), _clean(entry["captions"]), entry["extra"])
+
+
+def _read_jsonl(path: Path, options: ReadOptions) -> Iterator[Record]:
+    resolve = _resolver(path, options)
+    if path.suffix.lower() == ".json":
+        try:
+            objects = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise CorpusError(f"{path}: not valid JSON ({e})") from None
+        lines = list(enumerate(objects, 1))
+    else:
+        lines = _json_lines(path)
+    for lineno, obj in lines:
+        if not isinstance(obj, dict) or not isinstance(obj.get("image"), str):
+            problem = "malformed record" if obj is None else "record without an 'image' string"
+            yield Record(id=f"{path.name}:{lineno}", image=Path(), problem=problem)
+            continue
+        captions = obj.get("captions", obj.get("caption"))
+        extra = {k: v for k, v in obj.items() if k not in ("image", "caption", "captions", "id")}
+        item_id = str(obj["id"]) if obj.get("id") is not None else _path_id(obj["image"])
+        yield Record(item_id, resolve(obj["image"]), _clean(captions), extra)
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError:
+                yield lineno, None
+
+
+def _read_coco(path: Path, options: ReadOptions) -> Iterator[Record]:
+    resolve = _resolver(path, options)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CorpusError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+        raise CorpusError(f"{path}: a COCO captions file needs 'images' and 'annotations'")
+    captions: dict[Any, list[str]] = {}
+    for ann in data["annotations"]:
+        captions.setdefault(ann.get("image_id"), []).append(ann.get("caption") or "")
+    for img in data["images"]:
+        extra = {k: v for k, v in img.items() if k not in ("id", "file_name")}
+        yield Record(
+            id=str(img["id"]),
+            image=resolve(img.get("file_name", "")),
+            captions=_clean(captions.get(img["id"], [])),
+            extra=extra,
+        )
+
+
+def _path_id(value: str) -> str:
+    return Path(value).with_suffix("").as_posix()

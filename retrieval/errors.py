@@ -1,0 +1,26 @@
+"""The engine's user-facing errors: each message is one sentence a person can act on.
+
+The command line prints them as ``error: <message>`` with a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class RetrievalError(Exception):
+    """Base of every error the engine reports to its user."""
+
+
+class CorpusError(RetrievalError, ValueError):
+    """The corpus as a whole cannot be read (unknown layout, missing column, bad file)."""
+
+
+class EncoderError(RetrievalError, RuntimeError):
+    """A model that cannot be loaded (unknown name, missing file, weights not downloadable)."""
+
+
+class IndexBuildError(RetrievalError, ValueError):
+    """An index that cannot be built as asked (bad factory string, nothing left to index)."""
+
+
+class SearchError(RetrievalError, ValueError):
+    """A search that cannot run (unknown index, model mismatch, unreadable query image)."""

@@ -1,0 +1,130 @@
+"""LMDB metadata store: items, captions, and the row numbers FAISS knows them by.
+
+External ids are the corpus's own strings. FAISS only holds int64 rows, so the store keeps both
+directions: ``item id -> {row, path, captions, extra}``, ``caption id -> {row, item, text}``, and
+``row -> id`` for each of the two indexes. Row numbers never leave `store` and `index`.
+
+Sub-databases: ``items``, ``captions``, ``image_rows``, ``caption_rows``, ``meta``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+_DBS = (b"items", b"captions", b"image_rows", b"caption_rows", b"meta")
+# LMDB reserves address space, not disk: the file only grows with what is written.
+_MAP_SIZE = 1 << 37
+
+
+def _row_key(row: int) -> bytes:
+    return struct.pack(">q", row)  # big-endian, so keys sort in row order
+
+
+def _dump(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class ItemEntry:
+    """One indexed item as the build writes it."""
+
+    id: str
+    row: int
+    path: str
+    captions: tuple[tuple[str, int, str], ...] = ()  # (caption id, caption row, text)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Store:
+    """An LMDB environment; open with `Store.create` to write or `Store.open` to read."""
+
+    def __init__(self, env: lmdb.Environment) -> None:
+        self.env = env
+        self._db = {
+            name.decode(): env.open_db(name, create=not env.flags()["readonly"]) for name in _DBS
+        }
+
+    @classmethod
+    def create(cls, path: Path) -> Store:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        return cls(lmdb.open(str(path), map_size=_MAP_SIZE, max_dbs=len(_DBS), sync=True))
+
+    @classmethod
+    def open(cls, path: Path) -> Store:
+        if not (Path(path) / "data.mdb").is_file():
+            raise FileNotFoundError(f"no metadata store at {path}")
+        # A published index is immutable, so readers need no lock file (and no write access).
+        env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=len(_DBS))
+        return cls(env)
+
+    def close(self) -> None:
+        self.env.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def put_items(self, items: Iterable[ItemEntry]) -> None:
+        """Write items, their captions and both row maps in one transaction."""
+        with self.env.begin(write=True) as txn:
+            for it in items:
+                caps = [{"id": cid, "text": text} for cid, _, text in it.captions]
+                value = {"row": it.row, "path": it.path, "captions": caps, "extra": it.extra}
+                txn.put(it.id.encode(), _dump(value), db=self._db["items"])
+                txn.put(_row_key(it.row), it.id.encode(), db=self._db["image_rows"])
+                for cid, crow, text in it.captions:
+                    cval = {"row": crow, "item": it.id, "text": text}
+                    txn.put(cid.encode(), _dump(cval), db=self._db["captions"])
+                    txn.put(_row_key(crow), cid.encode(), db=self._db["caption_rows"])
+
+    def put_meta(self, key: str, value: Any) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.put(key.encode(), _dump(value), db=self._db["meta"])
+
+    def _get(self, db: str, key: bytes) -> bytes | None:
+        with self.env.begin(db=self._db[db]) as txn:
+            return txn.get(key)
+
+    def item(self, item_id: str) -> dict[str, Any] | None:
+        """``{"id", "row", "path", "captions": [{"id", "text"}], "extra"}`` or None."""
+        raw = self._get("items", item_id.encode())
+        return {"id": item_id, **json.loads(raw)} if raw is not None else None
+
+    def caption(self, caption_id: str) -> dict[str, Any] | None:
+        """``{"id", "row", "item", "text"}`` or None."""
+        raw = self._get("captions", caption_id.encode())
+        return {"id": caption_id, **json.loads(raw)} if raw is not None else None
+
+    def item_ids(self, rows: Iterable[int]) -> list[str | None]:
+        return self._ids("image_rows", rows)
+
+    def caption_ids(self, rows: Iterable[int]) -> list[str | None]:
+        return self._ids("caption_rows", rows)
+
+    def _ids(self, db: str, rows: Iterable[int]) -> list[str | None]:
+        with self.env.begin(db=self._db[db]) as txn:
+            return [
+                (v.decode() if (v := txn.get(_row_key(int(r)))) is not None else None) for r in rows
+            ]
+
+    def meta(self, key: str) -> Any:
+        raw = self._get("meta", key.encode())
+        return json.loads(raw) if raw is not None else None
+
+    def counts(self) -> dict[str, int]:
+        with self.env.begin() as txn:
+            return {name: txn.stat(self._db[name])["entries"] for name in ("items", "captions")}
+
+    def iter_items(self) -> Iterator[dict[str, Any]]:
+        with self.env.begin(db=self._db["items"]) as txn:
+            for key, raw in txn.cursor():
+                yield {"id": key.decode(), **json.loads(raw)}

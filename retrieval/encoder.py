@@ -71,7 +71,7 @@ def resolve_device(device: str | None = "auto") -> torch.device:
 
 
 def _model_name(name: str) -> str:
-    """Register shipped configs and, for a config-JSON path, that file; return the open_clip name."""
+    """Register the shipped configs (and a config-JSON path); return the open_clip name."""
     open_clip.add_model_config(CONFIG_DIR)
     path = Path(name).expanduser()
     if name.endswith(".json"):

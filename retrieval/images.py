@@ -8,6 +8,7 @@ transparency, grayscale) and EXIF orientations real photo collections contain.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 
@@ -65,10 +66,9 @@ def decode(fp, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "<bytes>") -> I
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         # PIL raises OSError("image file is truncated ...") and friends for damaged data.
         raise BadImage("corrupt image", f"{name}: {e}") from None
-    try:
+    # A broken EXIF block must not lose an otherwise good photo.
+    with contextlib.suppress(Exception):
         im = ImageOps.exif_transpose(im) or im
-    except Exception:
-        pass
     return to_rgb(im)
 
 

@@ -65,7 +65,7 @@ class VectorIndex:
     def build(
         cls, vectors: np.ndarray, ids: np.ndarray, factory: str = "auto", device: str = "cpu"
     ) -> VectorIndex:
-        """Index ``vectors`` (N, D) under ``ids`` (N,); ``factory`` is ``auto`` or FAISS's syntax."""
+        """Index ``vectors`` (N, D) under ``ids`` (N,); ``factory``: ``auto`` or FAISS syntax."""
         vectors = _check(vectors)
         n, d = vectors.shape
         factory = choose_factory(n) if factory == "auto" else factory

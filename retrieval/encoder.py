@@ -10,9 +10,11 @@ import contextlib
 import hashlib
 import logging
 import os
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import open_clip
@@ -28,6 +30,7 @@ from .images import DEFAULT_MAX_PIXELS, BadImage, load_image
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
+RANDOM_INIT_SEED = 0
 DEFAULT_MODEL = "tiny-vit"  # shipped config; offline, fast on a CPU, random until trained
 
 
@@ -100,9 +103,13 @@ def _create(spec: ModelSpec, device: torch.device):
                 f"(known tags: {known})"
             )
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, device=device, weights_only=False
-        )
+        # A model without weights is seeded, so that the process that builds an index and the
+        # one that searches it get the same random model; the caller's RNG is left untouched.
+        with torch.random.fork_rng(devices=[]), _offline_if_hub_unreachable(pretrained):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained, device=device
+            )
     except Exception as e:
         if pretrained and not spec.checkpoint:
             raise EncoderError(
@@ -114,6 +121,34 @@ def _create(spec: ModelSpec, device: torch.device):
     if not pretrained:
         log.warning("model %s has random weights (no --pretrained given)", name)
     return model.eval(), preprocess, open_clip.get_tokenizer(name)
+
+
+@contextlib.contextmanager
+def _offline_if_hub_unreachable(pretrained: str | None):
+    """Without a network, ask the hub client for cached files only.
+
+    Otherwise huggingface_hub retries with back-off for about a minute before it gives up;
+    offline, it still serves weights downloaded earlier. A proxy may reach what DNS cannot,
+    so with one set nothing changes.
+    """
+    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY"))
+    if not pretrained or proxied or Path(pretrained).is_file():
+        yield
+        return
+    from huggingface_hub import constants
+
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or ""
+    try:
+        socket.getaddrinfo(host, 443)
+        offline = False
+    except OSError:
+        offline = True
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = saved or offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
 
 
 class _ImageFiles(Dataset):

@@ -1,0 +1,40 @@
+"""Shared fixtures: one tiny model per session, small corpora written to temporary folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from retrieval import synthetic
+from retrieval.encoder import Encoder, ModelSpec
+
+
+@pytest.fixture(scope="session")
+def encoder() -> Encoder:
+    return Encoder.load(ModelSpec("tiny-vit"), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def synth_corpus(tmp_path_factory) -> Path:
+    """A 40-image synthetic corpus (corpus.jsonl + images/)."""
+    return synthetic.generate(tmp_path_factory.mktemp("synth"), n=40, seed=3)
+
+
+def write_image(path: Path, size=(32, 24), colour=(200, 30, 30), mode="RGB", fmt=None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, colour).save(path, format=fmt)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def unit_rows(n: int, d: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)

@@ -1,0 +1,172 @@
+"""End to end through the command line: every corpus format, bad input, search, info."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import write_image, write_jsonl
+
+from retrieval.cli import main
+
+COCO_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini"
+
+
+def run(*args: str, ok: bool = True):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert (result.exit_code == 0) == ok, result.output
+    return result
+
+
+def make_corpora(root: Path) -> dict[str, Path]:
+    """The same three images as a folder, CSV, TSV, JSONL, JSON list and COCO file."""
+    colours = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}
+    for name, rgb in colours.items():
+        write_image(root / "imgs" / f"{name}.jpg", colour=rgb)
+        (root / "imgs" / f"{name}.txt").write_text(f"a {name} picture\nall {name}\n")
+    rows = [(f"imgs/{n}.jpg", f"a {n} picture") for n in colours]
+    (root / "c.csv").write_text("filepath,title\n" + "".join(f"{p},{c}\n" for p, c in rows))
+    (root / "c.tsv").write_text("filepath\ttitle\n" + "".join(f"{p}\t{c}\n" for p, c in rows))
+    write_jsonl(root / "c.jsonl", [{"image": p, "caption": c} for p, c in rows])
+    (root / "list.json").write_text(json.dumps([{"image": p, "captions": [c]} for p, c in rows]))
+    coco = {
+        "images": [{"id": i, "file_name": p} for i, (p, _) in enumerate(rows)],
+        "annotations": [
+            {"id": 10 + i, "image_id": i, "caption": c} for i, (_, c) in enumerate(rows)
+        ],
+    }
+    (root / "coco.json").write_text(json.dumps(coco))
+    return {
+        "folder": root / "imgs",
+        "csv": root / "c.csv",
+        "tsv": root / "c.tsv",
+        "jsonl": root / "c.jsonl",
+        "json-list": root / "list.json",
+        "coco": root / "coco.json",
+    }
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    return make_corpora(tmp_path_factory.mktemp("corpora"))
+
+
+@pytest.mark.parametrize("fmt", ["folder", "csv", "tsv", "jsonl", "json-list", "coco"])
+def test_build_and_search_every_format(corpora, tmp_path, fmt):
+    out = run(
+        "build",
+        corpora[fmt],
+        "--name",
+        fmt,
+        "--index-dir",
+        tmp_path,
+        "--no-progress",
+        "--workers",
+        "0",
+    ).output
+    assert "3 images and" in out and "skipped 0" in out
+    res = json.loads(
+        run(
+            "search", fmt, "--text", "a red picture", "-k", "2", "--json", "--index-dir", tmp_path
+        ).output
+    )
+    assert res["query"] == {"text": "a red picture"} and len(res["results"]) == 2
+    assert set(res["results"][0]) >= {"rank", "id", "score", "path", "captions"}
+    image = corpora["folder"] / "green.jpg"
+    res = json.loads(run("search", fmt, "--image", image, "--json", "--index-dir", tmp_path).output)
+    assert res["target"] == "captions" and len(res["results"]) == 3
+    table = run(
+        "search", fmt, "--image", image, "--target", "images", "--index-dir", tmp_path
+    ).output
+    assert table.splitlines()[0].split()[:3] == ["rank", "score", "id"]
+    assert "1.0000" in table.splitlines()[1]  # the image itself comes first
+
+
+def test_info_and_errors_are_one_line(corpora, tmp_path, monkeypatch):
+    monkeypatch.setenv("RETRIEVAL_INDEX_DIR", str(tmp_path))
+    run("build", corpora["jsonl"], "--name", "j", "--no-progress", "--workers", "0")
+    info = run("info", "j").output
+    assert "tiny-vit" in info and "items     3" in info
+    assert json.loads(run("info", "j", "--json").output)["counts"]["captions"] == 3
+    for args, message in [
+        (("search", "nope", "--text", "x"), "no index named 'nope'"),
+        (("search", "j", "--text", "x", "--model", "small-vit"), "built with model tiny-vit"),
+        (("search", "j"), "exactly one of --text or --image"),
+        (("build", corpora["jsonl"], "--name", "bad/name"), "bad index name"),
+        (("build", corpora["jsonl"], "--name", "y", "--index", "Nope"), "bad FAISS factory"),
+        (("build", corpora["jsonl"], "--name", "y", "--model", "nope"), "unknown model 'nope'"),
+    ]:
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code != 0
+        assert message in result.output, result.output
+        assert "Traceback" not in result.output
+
+
+def test_synth_and_demo(tmp_path):
+    out = run("demo", "--workdir", tmp_path / "d", "-n", "24", "--index-dir", tmp_path).output
+    assert "UNTRAINED" in out and "24 images and 72 captions" in out
+    assert out.count("query {") == 4
+    assert "wrote" in run("synth", tmp_path / "s", "-n", "3").output
+
+
+def test_console_script_builds_and_searches_in_fresh_processes(corpora, tmp_path):
+    exe = shutil.which("retrieval", path=str(Path(sys.executable).parent))
+    assert exe, "the console script is installed with the package"
+    env_dir = ["--index-dir", str(tmp_path)]
+    subprocess.run(
+        [exe, "build", str(corpora["csv"]), "--name", "p", "--no-progress", *env_dir],
+        check=True,
+        capture_output=True,
+    )
+    # Another process loads the same (seeded) random model, so the image finds itself.
+    res = subprocess.run(
+        [
+            exe,
+            "search",
+            "p",
+            "--image",
+            str(corpora["folder"] / "blue.jpg"),
+            "--target",
+            "images",
+            "--json",
+            *env_dir,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    top = json.loads(res.stdout)["results"][0]
+    assert top["id"] == "imgs/blue" and top["score"] == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.skipif(not COCO_MINI.is_dir(), reason="../shared/data/coco-mini is not present")
+def test_coco_mini_real_photos(tmp_path):
+    out = run(
+        "build",
+        COCO_MINI / "captions.json",
+        "--name",
+        "coco",
+        "--index-dir",
+        tmp_path,
+        "--no-progress",
+    ).output
+    assert "239 images and 1195 captions" in out and "skipped 0" in out
+    res = json.loads(
+        run(
+            "search",
+            "coco",
+            "--text",
+            "a cat on a bed",
+            "-k",
+            "3",
+            "--json",
+            "--index-dir",
+            tmp_path,
+        ).output
+    )
+    assert len(res["results"]) == 3 and res["results"][0]["extra"]["split"]

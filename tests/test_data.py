@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import write_image, write_jsonl
+
+from retrieval.data import ReadOptions, detect_format, read_corpus
+from retrieval.errors import CorpusError
+
+
+def test_folder_tree_with_sidecar_captions(tmp_path):
+    write_image(tmp_path / "a" / "cat.jpg")
+    (tmp_path / "a" / "cat.txt").write_text("a cat\n\n  a small cat  \n")
+    write_image(tmp_path / "dog.png")
+    (tmp_path / "notes.txt").write_text("not a caption of anything")
+    records = list(read_corpus(tmp_path))
+    assert [r.id for r in records] == ["a/cat", "dog"]
+    assert records[0].captions == ("a cat", "a small cat")
+    assert records[1].captions == ()
+    assert detect_format(tmp_path) == "folder"
+
+
+def test_csv_groups_captions_by_image_and_keeps_extra_columns(tmp_path):
+    write_image(tmp_path / "img" / "x.jpg")
+    (tmp_path / "c.csv").write_text(
+        "filepath,title,source\nimg/x.jpg,first,web\nimg/x.jpg,second,web\nimg/y.jpg,other,\n"
+    )
+    records = list(read_corpus(tmp_path / "c.csv"))
+    assert [(r.id, r.captions) for r in records] == [
+        ("img/x", ("first", "second")),
+        ("img/y", ("other",)),
+    ]
+    assert records[0].image == tmp_path / "img" / "x.jpg"
+    assert records[0].extra == {"source": "web"}
+
+
+def test_tsv_with_custom_columns_and_id(tmp_path):
+    (tmp_path / "c.tsv").write_text("key\tpic\ttext\nk1\ta.jpg\thello\nk1\ta.jpg\tworld\n")
+    opts = ReadOptions(image_col="pic", caption_col="text", id_col="key")
+    [record] = read_corpus(tmp_path / "c.tsv", opts)
+    assert record.id == "k1" and record.captions == ("hello", "world")
+
+
+def test_csv_missing_column_is_a_clear_error(tmp_path):
+    (tmp_path / "c.csv").write_text("path,caption\na.jpg,x\n")
+    with pytest.raises(CorpusError, match="no column 'filepath'.*--image-col"):
+        list(read_corpus(tmp_path / "c.csv"))
+
+
+def test_jsonl_caption_or_captions_id_and_metadata(tmp_path):
+    write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            {"image": "a.jpg", "caption": "one", "id": 7, "year": 2020},
+            {"image": "sub/b.jpg", "captions": ["two", "three"]},
+        ],
+    )
+    (tmp_path / "c.jsonl").write_text((tmp_path / "c.jsonl").read_text() + "{broken\n")
+    records = list(read_corpus(tmp_path / "c.jsonl"))
+    assert [r.id for r in records[:2]] == ["7", "sub/b"]
+    assert records[0].extra == {"year": 2020}
+    assert records[1].captions == ("two", "three")
+    assert records[2].problem == "malformed record"
+
+
+def test_json_list_like_coco_mini_finds_images_folder(tmp_path):
+    write_image(tmp_path / "images" / "p.jpg")
+    (tmp_path / "captions.json").write_text(
+        json.dumps([{"image": "p.jpg", "captions": ["a photo"], "split": "val"}])
+    )
+    [record] = read_corpus(tmp_path / "captions.json")
+    assert record.image == tmp_path / "images" / "p.jpg"
+    assert record.extra == {"split": "val"}
+
+
+def test_coco_captions(tmp_path):
+    coco = {
+        "images": [{"id": 1, "file_name": "1.jpg", "height": 10}, {"id": 2, "file_name": "2.jpg"}],
+        "annotations": [
+            {"id": 10, "image_id": 1, "caption": "a"},
+            {"id": 11, "image_id": 1, "caption": "b"},
+        ],
+    }
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    root = tmp_path / "elsewhere"
+    records = list(read_corpus(tmp_path / "ann.json", ReadOptions(image_root=root)))
+    assert [(r.id, r.captions) for r in records] == [("1", ("a", "b")), ("2", ())]
+    assert records[0].image == root / "1.jpg"
+    assert detect_format(tmp_path / "ann.json") == "coco"
+
+
+def test_unknown_format_and_missing_corpus(tmp_path):
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    with pytest.raises(CorpusError, match="cannot tell the corpus format"):
+        list(read_corpus(tmp_path / "x.parquet"))
+    with pytest.raises(CorpusError, match="not found"):
+        list(read_corpus(tmp_path / "nope.csv"))

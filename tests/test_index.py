@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import unit_rows
+
+from retrieval.errors import IndexBuildError
+from retrieval.index import VectorIndex, choose_factory, exact_search
+
+
+def brute_force(xb, ids, q, k):
+    s = q @ xb.T
+    out = []
+    for row in s:
+        order = sorted(range(len(row)), key=lambda j: (-row[j], ids[j]))[:k]
+        out.append((ids[order], row[order]))
+    return out
+
+
+@pytest.mark.parametrize(("n", "nq", "k"), [(1, 1, 5), (7, 3, 7), (1001, 17, 10), (257, 5, 300)])
+def test_flat_matches_brute_force_on_awkward_sizes(n, nq, k):
+    xb, q = unit_rows(n, 24, seed=n), unit_rows(nq, 24, seed=n + 1)
+    ids = np.random.default_rng(n).permutation(n).astype(np.int64) * 3 + 5
+    got = VectorIndex.build(xb, ids, "Flat").search(q, k)
+    for nb, (want_ids, want_scores) in zip(got, brute_force(xb, ids, q, k), strict=True):
+        np.testing.assert_array_equal(nb.ids, want_ids)
+        np.testing.assert_allclose(nb.scores, want_scores, rtol=1e-5, atol=1e-6)
+
+
+def test_ties_are_broken_by_lower_id_even_at_the_cut_off():
+    xb = np.repeat(unit_rows(2, 8), [5, 5], axis=0)  # two groups of five identical vectors
+    ids = np.array([9, 3, 7, 1, 5, 8, 2, 6, 0, 4], dtype=np.int64)
+    [nb] = exact_search(xb, ids, xb[:1], 3)
+    assert nb.ids.tolist() == [1, 3, 5]
+
+
+def test_ann_indexes_find_most_true_neighbours_and_never_return_padding():
+    # Clustered, like real embeddings: isotropic noise has no neighbourhoods to find.
+    centres = unit_rows(30, 32, seed=1)
+    xb = centres[np.arange(3000) % 30] + 0.3 * unit_rows(3000, 32, seed=2)
+    xb /= np.linalg.norm(xb, axis=1, keepdims=True)
+    q = xb[:50] + 0.05 * unit_rows(50, 32, seed=3)
+    exact = VectorIndex.build(xb, np.arange(3000), "Flat").search(q, 10)
+    for factory in ("HNSW32", "IVF32,Flat"):
+        ann = VectorIndex.build(xb, np.arange(3000), factory).search(q, 10)
+        recall = np.mean(
+            [len(set(a.ids) & set(e.ids)) / 10 for a, e in zip(ann, exact, strict=True)]
+        )
+        assert recall > 0.8, factory
+        assert all((a.ids >= 0).all() for a in ann)
+
+
+def test_save_load_roundtrip_and_small_k(tmp_path):
+    xb = unit_rows(20, 16)
+    index = VectorIndex.build(xb, np.arange(20) + 100, "Flat")
+    index.save(tmp_path / "x.faiss")
+    loaded = VectorIndex.load(tmp_path / "x.faiss", "Flat")
+    assert loaded.ntotal == 20 and loaded.dim == 16
+    assert loaded.search(xb[3:4], 1)[0].ids.tolist() == [103]
+    assert loaded.search(xb[:2], 0)[0].ids.size == 0
+
+
+def test_empty_index_returns_nothing():
+    index = VectorIndex.build(np.zeros((0, 8), np.float32), np.zeros(0), "Flat")
+    assert index.search(unit_rows(2, 8), 5)[1].ids.size == 0
+
+
+def test_bad_factory_and_untrainable_index_are_clear_errors():
+    xb = unit_rows(10, 8)
+    with pytest.raises(IndexBuildError, match="bad FAISS factory string"):
+        VectorIndex.build(xb, np.arange(10), "NoSuchIndex")
+    with pytest.raises(IndexBuildError, match="cannot train 'IVF1024,Flat' on 10 vectors"):
+        VectorIndex.build(xb, np.arange(10), "IVF1024,Flat")
+
+
+def test_auto_choice_is_exact_for_small_corpora():
+    assert choose_factory(5) == "Flat"
+    assert choose_factory(10**6) != "Flat"

@@ -18,8 +18,8 @@ demo: $(STAMP)
 	$(BIN)/retrieval demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check retrieval tests benchmarks
-	$(BIN)/ruff format --check retrieval tests benchmarks
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test: lint
 	$(BIN)/pytest -q

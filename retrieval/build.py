@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, layout
-from .data import ReadOptions, Record, read_corpus
+from .data import ReadOptions, Record, read_corpus, unique_records
 from .encoder import Encoder, ModelSpec, sha256_file
 from .errors import IndexBuildError
 from .images import DEFAULT_MAX_PIXELS
@@ -88,7 +88,9 @@ def build(
     layout.check_name(name)
     root = layout.index_root(index_dir)
     skips = _Skips()
-    records = _unique_records(read_corpus(corpus, config.read), skips)
+    records, dropped = unique_records(read_corpus(corpus, config.read))
+    for id_, path, reason in dropped:
+        skips.add("item", id_, reason, **({"path": path} if path else {}))
     encoder = encoder or Encoder.load(config.model, config.device)
     emb, positions, failures = encoder.encode_image_files(
         [r.image for r in records],
@@ -124,22 +126,6 @@ def build(
     return BuildReport(
         name, link, len(entries), len(texts), skips.counts(), truncated, seconds, factories
     )
-
-
-def _unique_records(records, skips: _Skips) -> list[Record]:
-    seen: set[str] = set()
-    out = []
-    for r in records:
-        if r.problem:
-            skips.add("item", r.id, r.problem)
-        elif not r.id:
-            skips.add("item", r.id, "empty id", path=str(r.image))
-        elif r.id in seen:
-            skips.add("item", r.id, "duplicate id", path=str(r.image))
-        else:
-            seen.add(r.id)
-            out.append(r)
-    return out
 
 
 def _entries(kept: list[Record], encoder: Encoder, skips: _Skips):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import click
@@ -181,6 +182,161 @@ def _table(out: dict) -> str:
     return "\n".join(lines)
 
 
+def _read_options(f):
+    f = click.option(
+        "--image-root",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="Resolve relative image paths here [the corpus file's folder].",
+    )(f)
+    f = click.option("--id-col", default=None, help="CSV id column [the image path].")(f)
+    f = click.option(
+        "--caption-col", default="title", show_default=True, help="CSV caption column."
+    )(f)
+    f = click.option(
+        "--image-col", default="filepath", show_default=True, help="CSV image column."
+    )(f)
+    return click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(["folder", "csv", "jsonl", "coco"]),
+        default=None,
+        help="Corpus format [autodetected].",
+    )(f)
+
+
+@main.command()
+@click.argument("corpus", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Output folder: checkpoints, metrics, decoded-image cache.",
+)
+@_model_options("tiny-vit")
+@click.option("--epochs", default=10, show_default=True)
+@click.option("--steps", type=int, default=None, help="Total optimizer steps (overrides --epochs).")
+@click.option(
+    "--batch-size", default=128, show_default=True, help="Pairs per process per micro-batch."
+)
+@click.option(
+    "--chunk-size",
+    type=int,
+    default=None,
+    help="Gradient caching: embed at most this many pairs at once [whole batch].",
+)
+@click.option(
+    "--accum-steps",
+    default=1,
+    show_default=True,
+    help="Micro-batches per optimizer step, all in one contrastive loss.",
+)
+@click.option("--lr", default=5e-4, show_default=True)
+@click.option("--wd", default=0.1, show_default=True, help="Weight decay (not on gains/biases).")
+@click.option("--warmup", default=50, show_default=True, help="Warm-up steps before cosine decay.")
+@click.option("--grad-clip", type=float, default=None, help="Clip the gradient norm to this.")
+@click.option(
+    "--lock-image",
+    type=int,
+    default=None,
+    metavar="N",
+    help="Freeze the image tower but its last N layer groups.",
+)
+@click.option(
+    "--lock-text",
+    type=int,
+    default=None,
+    metavar="N",
+    help="Freeze the text tower but its last N layers.",
+)
+@click.option("--seed", default=0, show_default=True, help="Data order and caption draws.")
+@click.option(
+    "--val",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="Validation corpus (Recall@K every epoch; best checkpoint kept).",
+)
+@click.option(
+    "--val-fraction",
+    default=0.0,
+    show_default=True,
+    help="Hold out this fraction of the items for validation.",
+)
+@click.option("--workers", type=int, default=None, help="Image-decoding processes [cores-1].")
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/latest.pt.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@_read_options
+def train(
+    corpus,
+    out,
+    model,
+    pretrained,
+    device,
+    epochs,
+    steps,
+    batch_size,
+    chunk_size,
+    accum_steps,
+    lr,
+    wd,
+    warmup,
+    grad_clip,
+    lock_image,
+    lock_text,
+    seed,
+    val,
+    val_fraction,
+    workers,
+    resume,
+    no_progress,
+    fmt,
+    image_col,
+    caption_col,
+    id_col,
+    image_root,
+):
+    """Fine-tune (or train from scratch) a CLIP model on CORPUS with a contrastive loss.
+
+    Several processes: torchrun --nproc_per_node N -m retrieval.cli train ...
+    """
+    from .data import ReadOptions
+    from .encoder import ModelSpec
+    from .train import TrainConfig
+    from .train import train as run_train
+
+    config = TrainConfig(
+        model=ModelSpec(model, pretrained),
+        epochs=epochs,
+        steps=steps,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        accum_steps=accum_steps,
+        lr=lr,
+        wd=wd,
+        warmup=warmup,
+        grad_clip=grad_clip,
+        lock_image=lock_image,
+        lock_text=lock_text,
+        seed=seed,
+        val=val,
+        val_fraction=val_fraction,
+        workers=workers,
+        device=device,
+        resume=resume,
+        progress=not no_progress,
+        read=ReadOptions(fmt, image_col, caption_col, id_col, image_root),
+    )
+    result = run_train(corpus, out, config)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    for row in result.history:
+        click.echo(json.dumps(row))
+    click.echo(
+        f"{result.steps} steps at {result.samples_per_s:.0f} samples/s; "
+        f"latest: {result.latest}" + (f"; best: {result.best}" if result.best else "")
+    )
+
+
 @main.command()
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
@@ -245,3 +401,7 @@ def demo(workdir, n, model, pretrained, device, index_dir):
     for out in result.searches:
         click.echo(f"\nquery {json.dumps(out['query'])} -> {out['target']}")
         click.echo(_table(out))
+
+
+if __name__ == "__main__":  # torchrun -m retrieval.cli ...
+    main()

@@ -94,6 +94,23 @@ def read_corpus(path: str | Path, options: ReadOptions | None = None) -> Iterato
     yield from readers[fmt](path, options)
 
 
+def unique_records(records) -> tuple[list[Record], list[tuple[str, str, str]]]:
+    """Drop unreadable records and repeated ids (the first occurrence wins).
+
+    Returns ``(records, skipped)``, ``skipped`` as ``(id, path, reason)``.
+    """
+    seen: set[str] = set()
+    out, skipped = [], []
+    for r in records:
+        reason = r.problem or ("empty id" if not r.id else "duplicate id" if r.id in seen else "")
+        if reason:
+            skipped.append((r.id, "" if r.problem else str(r.image), reason))
+        else:
+            seen.add(r.id)
+            out.append(r)
+    return out, skipped
+
+
 def _resolver(corpus_file: Path, options: ReadOptions):
     root = options.image_root or corpus_file.parent
     fallback = corpus_file.parent / "images"

@@ -1,0 +1,64 @@
+"""Symmetric InfoNCE (CLIP's contrastive loss) with multi-positive targets. Pure tensors.
+
+With one process, ``image`` and ``text`` (B, D) are the whole batch. With several, each process
+passes its local rows and the all-gathered global rows (N, D) ("local loss" in open_clip's
+terms): each local image is scored against every text of the global batch, and each local text
+against every global image. The mean of the processes' losses is the one-process loss of the
+global batch, so N processes of batch B train like one process of batch N*B.
+
+Positives: pair ``i`` and pair ``j`` are positives of each other when they carry the same
+caption text (``caption_ids`` equal), so a caption repeated in a batch is never a negative.
+With distinct ids the loss is exactly open_clip's ``ClipLoss``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def positive_mask(local_ids: torch.Tensor, global_ids: torch.Tensor) -> torch.Tensor:
+    """(B, N) bool: local pair i and global pair j share a caption. ``*_ids``: (B,), (N,) int."""
+    return local_ids[:, None] == global_ids[None, :]
+
+
+def soft_cross_entropy(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of -sum_j t_ij log softmax(logits)_ij, t = positives spread uniformly."""
+    targets = positives.to(logits.dtype)
+    targets = targets / targets.sum(dim=1, keepdim=True)
+    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def clip_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor,
+    all_image: torch.Tensor | None = None,
+    all_text: torch.Tensor | None = None,
+    positives: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Symmetric InfoNCE of local unit features ``image``, ``text`` (B, D).
+
+    ``all_image``, ``all_text``: (N, D) global features (default: the local ones);
+    ``logit_scale``: the multiplier itself (already exponentiated), a scalar tensor;
+    ``positives``: (B, N) bool, default: local pair i matches global pair i (offset 0).
+    """
+    all_image = image if all_image is None else all_image
+    all_text = text if all_text is None else all_text
+    logits_per_image = logit_scale * image @ all_text.T  # (B, N)
+    logits_per_text = logit_scale * text @ all_image.T  # (B, N)
+    if positives is None:
+        labels = torch.arange(image.shape[0], device=image.device)
+        return (
+            F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)
+        ) / 2
+    return (
+        soft_cross_entropy(logits_per_image, positives)
+        + soft_cross_entropy(logits_per_text, positives)
+    ) / 2
+
+
+def clamp_logit_scale(log_scale: torch.nn.Parameter, max_scale: float = 100.0) -> None:
+    """Keep exp(log_scale) <= ``max_scale`` (CLIP's clamp, applied after every step)."""
+    with torch.no_grad():
+        log_scale.clamp_(0, torch.log(torch.tensor(max_scale)).item())

@@ -1,0 +1,81 @@
+"""Recall@K and ranks for cross-modal retrieval, with CLIP_benchmark's definitions. Pure arrays.
+
+- text->image (``image_retrieval_recall@k``): for each caption, is its image among the top k
+  images?
+- image->text (``text_retrieval_recall@k``): for each image, is any of its captions among the
+  top k captions?
+
+Ranks are 1-based ranks of the first correct result. Ties are broken pessimistically: a
+candidate with a score equal to the best correct one counts as ranked ahead of it, so equal
+scores never inflate recall (all-equal scores give the worst rank, not the best).
+Score matrices are computed in chunks of captions so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_CHUNK_FLOATS = 32 << 20  # floats per chunk of a score matrix
+
+
+def first_hit_ranks(scores: np.ndarray, correct: np.ndarray) -> np.ndarray:
+    """(Q,) 1-based rank of the best-scored correct candidate per query.
+
+    ``scores``: (Q, C) similarities; ``correct``: (Q, C) bool with at least one True per row.
+    Rank = 1 + number of incorrect candidates scoring >= the best correct score.
+    """
+    best = np.where(correct, scores, -np.inf).max(axis=1, keepdims=True)  # (Q, 1)
+    return ((scores >= best) & ~correct).sum(axis=1) + 1
+
+
+def retrieval_ranks(
+    image_emb: np.ndarray, text_emb: np.ndarray, text_to_image: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ranks in both directions.
+
+    ``image_emb`` (I, D), ``text_emb`` (T, D): unit vectors; ``text_to_image`` (T,) int: the
+    image of each caption. Returns (text->image ranks (T,), image->text ranks (I',)), where the
+    image->text ranks cover only the I' images that have at least one caption.
+    """
+    text_to_image = np.asarray(text_to_image)
+    n_img, n_txt = len(image_emb), len(text_emb)
+    step = max(1, _CHUNK_FLOATS // max(n_img, 1))
+    t2i = [
+        first_hit_ranks(
+            text_emb[s : s + step] @ image_emb.T,  # (chunk, I)
+            text_to_image[s : s + step, None] == np.arange(n_img)[None, :],
+        )
+        for s in range(0, n_txt, step)
+    ]
+    captioned = np.flatnonzero(np.bincount(text_to_image, minlength=n_img) > 0)
+    step = max(1, _CHUNK_FLOATS // max(n_txt, 1))
+    i2t = [
+        first_hit_ranks(
+            image_emb[rows] @ text_emb.T,  # (chunk, T)
+            rows[:, None] == text_to_image[None, :],
+        )
+        for rows in (captioned[s : s + step] for s in range(0, len(captioned), step))
+    ]
+    empty = np.zeros(0, dtype=np.int64)
+    return (np.concatenate(t2i) if t2i else empty), (np.concatenate(i2t) if i2t else empty)
+
+
+def recall_at_k(ranks: np.ndarray, ks=(1, 5, 10)) -> dict[int, float]:
+    return {k: float(np.mean(ranks <= k)) if len(ranks) else 0.0 for k in ks}
+
+
+def retrieval_metrics(
+    image_emb: np.ndarray, text_emb: np.ndarray, text_to_image: np.ndarray, ks=(1, 5, 10)
+) -> dict[str, float]:
+    """Flat dict with CLIP_benchmark's keys plus mean/median ranks."""
+    t2i, i2t = retrieval_ranks(image_emb, text_emb, text_to_image)
+    out: dict[str, float] = {}
+    for k, v in recall_at_k(t2i, ks).items():
+        out[f"image_retrieval_recall@{k}"] = v
+    for k, v in recall_at_k(i2t, ks).items():
+        out[f"text_retrieval_recall@{k}"] = v
+    out["image_retrieval_mean_rank"] = float(t2i.mean())
+    out["image_retrieval_median_rank"] = float(np.median(t2i))
+    out["text_retrieval_mean_rank"] = float(i2t.mean())
+    out["text_retrieval_median_rank"] = float(np.median(i2t))
+    return out

@@ -1,0 +1,362 @@
+"""`retrieval train`: contrastive fine-tuning of an open_clip model on a corpus.
+
+One process, or many under torchrun (DDP, features all-gathered with gradients). One optimizer
+step sees ``batch_size * accum_steps`` pairs per process, ``* world size`` in all; the loss is
+computed over all of them at once (gradient caching embeds them in chunks), so the step is the
+same whatever the number of processes, micro-batches or chunks.
+
+Each epoch visits every training image once, in an order drawn from (seed, epoch), with one of
+its captions drawn the same way: a batch never holds the same image twice, and a resumed run
+sees exactly the batches an uninterrupted one would.
+
+Output folder: ``checkpoints/epoch_N.pt`` (open_clip-compatible: ``{"epoch", "name",
+"state_dict"}``) with ``epoch_N.state.pt`` beside it (optimizer, scheduler, step), ``best.pt``
+(best mean validation recall), ``latest.pt``, ``metrics.jsonl``, ``config.json``, ``cache/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .data import ReadOptions, read_corpus, unique_records
+from .encoder import Encoder, ModelSpec, default_workers
+from .errors import RetrievalError
+from .gradcache import World, contrastive_step
+from .loss import clamp_logit_scale
+from .trainset import TrainSet, load_trainset, split_records
+
+log = logging.getLogger(__name__)
+
+
+class TrainError(RetrievalError):
+    """Training cannot start or go on (no usable pairs, nothing to resume, bad options)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    epochs: int = 10
+    steps: int | None = None  # total optimizer steps; overrides epochs
+    batch_size: int = 128  # pairs per process per micro-batch
+    chunk_size: int | None = None  # gradient caching: embed at most this many pairs at once
+    accum_steps: int = 1  # micro-batches per optimizer step, all in one loss
+    lr: float = 5e-4
+    wd: float = 0.1
+    warmup: int = 50  # steps of linear warm-up before the cosine decay
+    grad_clip: float | None = None
+    lock_image: int | None = None  # lock the image tower, leaving this many last groups free
+    lock_text: int | None = None  # lock the text tower, leaving this many last layers free
+    seed: int = 0
+    val: Path | None = None
+    val_fraction: float = 0.0
+    workers: int | None = None
+    device: str = "auto"
+    read: ReadOptions = field(default_factory=ReadOptions)
+    resume: bool = False
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    best: Path | None
+    latest: Path
+    history: list[dict]
+    samples_per_s: float
+
+
+def _world(device: str) -> tuple[World, str]:
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World(), device
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return World(rank, size), (f"cuda:{local}" if cuda else "cpu")
+
+
+def param_groups(model: torch.nn.Module, wd: float) -> list[dict]:
+    """open_clip's rule: no weight decay on biases, norms, gains and the logit scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exclude = p.ndim < 2 or any(k in name for k in ("bn", "ln", "bias", "logit_scale"))
+        (no_decay if exclude else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": wd}]
+
+
+def lr_lambda(total: int, warmup: int):
+    """Linear warm-up over ``warmup`` steps, then cosine decay to zero at ``total``."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return f
+
+
+def epoch_batches(n: int, epoch: int, seed: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, size) item indices of each step, and one caption draw (n,) per item; last drops."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n)
+    draws = rng.random(n)
+    steps = n // size
+    return order[: steps * size].reshape(steps, size), draws
+
+
+def train(corpus: str | Path, out: str | Path, config: TrainConfig | None = None) -> TrainResult:
+    """Fine-tune ``config.model`` on ``corpus``; write checkpoints under ``out``."""
+    config = config or TrainConfig()
+    out = Path(out)
+    world, device = _world(config.device)
+    torch.manual_seed(config.seed)
+    encoder = Encoder.load(config.model, device)
+    model = encoder.model
+    _lock(model, config)
+    train_set, val_set = _datasets(corpus, out, config, encoder, world)
+    per_step = config.batch_size * config.accum_steps * world.size
+    steps_per_epoch = len(train_set) // per_step
+    if steps_per_epoch == 0:
+        raise TrainError(
+            f"{len(train_set)} usable training pairs cannot fill one step of "
+            f"{per_step} (batch size x accum steps x processes); lower --batch-size"
+        )
+    total = config.steps or config.epochs * steps_per_epoch
+    epochs = math.ceil(total / steps_per_epoch)
+    optimizer = torch.optim.AdamW(param_groups(model, config.wd), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, config.warmup))
+    state = _resume(out, model, optimizer, scheduler) if config.resume else _fresh(out, config)
+    ddp = _wrap(model, world, device)
+    history, speed = list(state["history"]), []
+    for epoch in range(state["epoch"] + 1, epochs + 1):
+        step, rate = _run_epoch(
+            ddp, model, optimizer, scheduler, train_set, config, world, epoch, state["step"], total
+        )
+        state["step"], state["epoch"] = step, epoch
+        speed.append(rate)
+        if world.rank == 0:
+            row = {"epoch": epoch, "step": step, "samples_per_s": round(rate, 1)}
+            if val_set is not None:
+                row |= val_set.evaluate(model, encoder.device)
+            history.append(row)
+            state["best"] = _save(out, model, optimizer, scheduler, state, history, config)
+        if world.size > 1:
+            dist.barrier()
+        if step >= total:
+            break
+    ckpt = out / "checkpoints"
+    best = ckpt / "best.pt" if (ckpt / "best.pt").exists() else None
+    return TrainResult(
+        out,
+        state["step"],
+        best,
+        ckpt / "latest.pt",
+        history,
+        float(np.mean(speed)) if speed else 0.0,
+    )
+
+
+def _lock(model, config: TrainConfig) -> None:
+    if config.lock_image is not None:
+        model.lock_image_tower(unlocked_groups=config.lock_image)
+    if config.lock_text is not None:
+        model.lock_text_tower(unlocked_layers=config.lock_text)
+    model.train()
+
+
+def _datasets(corpus, out: Path, config: TrainConfig, encoder, world: World):
+    records, skipped = unique_records(read_corpus(corpus, config.read))
+    if config.val is not None:
+        val_records, _ = unique_records(read_corpus(config.val, config.read))
+    else:
+        records, val_records = split_records(records, config.val_fraction, config.seed)
+    workers = default_workers() if config.workers is None else config.workers
+    show = config.progress and world.rank == 0
+
+    def load(recs, name):
+        if world.rank != 0 and world.size > 1:
+            dist.barrier()  # rank 0 decodes; the others then read its cache
+        ts = load_trainset(recs, encoder, out / "cache", workers, show)
+        if world.rank == 0 and world.size > 1:
+            dist.barrier()
+        log.info("%s: %d usable pairs, %d items skipped", name, len(ts), len(ts.skipped))
+        return ts
+
+    train_set = load(records, "train")
+    val_set = load(val_records, "validation") if val_records else None
+    if len(skipped) + len(train_set.skipped):
+        log.warning(
+            "skipped %d training items (duplicates, unreadable images or no caption)",
+            len(skipped) + len(train_set.skipped),
+        )
+    return train_set, val_set
+
+
+def _wrap(model, world: World, device: str):
+    if world.size == 1:
+        return model
+    ids = [torch.device(device).index] if device.startswith("cuda") else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def _amp(device: torch.device):
+    if device.type != "cuda":
+        return contextlib.nullcontext, None
+    bf16 = torch.cuda.is_bf16_supported()
+    dtype = torch.bfloat16 if bf16 else torch.float16
+    scaler = None if bf16 else torch.amp.GradScaler("cuda")
+    return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
+
+
+def _run_epoch(
+    ddp,
+    model,
+    optimizer,
+    scheduler,
+    data: TrainSet,
+    config: TrainConfig,
+    world: World,
+    epoch: int,
+    step: int,
+    total: int,
+) -> tuple[int, float]:
+    device = next(model.parameters()).device
+    autocast, scaler = _amp(device)
+    per_step = config.batch_size * config.accum_steps
+    batches, draws = epoch_batches(len(data), epoch, config.seed, per_step * world.size)
+    chunk = min(config.chunk_size or config.batch_size, config.batch_size)
+    if config.accum_steps == 1 and chunk >= config.batch_size:
+        chunk = None
+    bar = tqdm(
+        total=min(len(batches), total - step),
+        desc=f"epoch {epoch}",
+        unit="step",
+        disable=not (config.progress and world.rank == 0),
+    )
+    start, seen = time.perf_counter(), 0
+    for idx in batches:
+        if step >= total:
+            break
+        local = idx[world.rank * per_step : (world.rank + 1) * per_step]
+        images, tokens, cap_ids = data.batch(local, draws, device)
+        optimizer.zero_grad(set_to_none=True)
+        loss = contrastive_step(
+            ddp,
+            images,
+            tokens,
+            cap_ids,
+            chunk,
+            world,
+            autocast,
+            scaler.scale if scaler else (lambda x: x),
+        )
+        _optimizer_step(model, optimizer, scaler, config.grad_clip)
+        scheduler.step()
+        clamp_logit_scale(model.logit_scale)
+        step += 1
+        seen += len(idx)
+        rate = seen / (time.perf_counter() - start)
+        bar.set_postfix(
+            loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", samples_s=f"{rate:.0f}"
+        )
+        bar.update(1)
+    bar.close()
+    return step, seen / max(time.perf_counter() - start, 1e-9)
+
+
+def _optimizer_step(model, optimizer, scaler, grad_clip: float | None) -> None:
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad], grad_clip
+        )
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
+def _fresh(out: Path, config: TrainConfig) -> dict:
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    cfg = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    return {"epoch": 0, "step": 0, "best": -1.0, "history": []}
+
+
+def _resume(out: Path, model, optimizer, scheduler) -> dict:
+    latest = out / "checkpoints" / "latest.pt"
+    if not latest.is_file():
+        raise TrainError(f"nothing to resume: no {latest}")
+    ckpt = torch.load(latest, map_location="cpu", weights_only=True)
+    model.load_state_dict(ckpt["state_dict"])
+    state = torch.load(latest.with_suffix(".state.pt"), map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return {k: state[k] for k in ("epoch", "step", "best", "history")}
+
+
+def _save(out: Path, model, optimizer, scheduler, state: dict, history, config) -> float:
+    """Write epoch N's checkpoint pair, point latest at it, and keep best; return best score."""
+    ckpt = out / "checkpoints"
+    epoch = state["epoch"]
+    name = ckpt / f"epoch_{epoch}.pt"
+    _atomic_save(
+        {"epoch": epoch, "name": config.model.name, "state_dict": model.state_dict()}, name
+    )
+    _atomic_save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "step": state["step"],
+            "best": state["best"],
+            "history": history,
+        },
+        name.with_suffix(".state.pt"),
+    )
+    for src, dst in ((name, "latest.pt"), (name.with_suffix(".state.pt"), "latest.state.pt")):
+        _atomic_copy(src, ckpt / dst)
+    with (out / "metrics.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps(history[-1]) + "\n")
+    score = _score(history[-1])
+    if score > state["best"]:
+        _atomic_copy(name, ckpt / "best.pt")
+        return score
+    return state["best"]
+
+
+def _score(row: dict) -> float:
+    recalls = [v for k, v in row.items() if "recall@" in k]
+    return float(np.mean(recalls)) if recalls else float(row["epoch"])  # no val: newest wins
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    tmp = dst.with_suffix(dst.suffix + ".tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dst)

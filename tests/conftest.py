@@ -38,3 +38,18 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def unit_rows(n: int, d: int, seed: int = 0) -> np.ndarray:
     x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+MICRO = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def micro_config(tmp_path_factory) -> Path:
+    """A one-layer open_clip architecture, as a config JSON: fast enough to train in tests."""
+    path = tmp_path_factory.mktemp("cfg") / "micro-vit.json"
+    path.write_text(json.dumps(MICRO))
+    return path

@@ -26,8 +26,9 @@ def test_equals_open_clip_clip_loss():
         theirs = ClipLoss()(img.float(), txt.float(), scale.float())
         assert abs(ours.item() - theirs.item()) < 1e-6
         ids = torch.arange(b)  # distinct captions: the multi-positive form is the same loss
-        multi = clip_loss(img.float(), txt.float(), scale.float(),
-                          positives=positive_mask(ids, ids))
+        multi = clip_loss(
+            img.float(), txt.float(), scale.float(), positives=positive_mask(ids, ids)
+        )
         assert abs(multi.item() - theirs.item()) < 1e-6
 
 

@@ -15,16 +15,22 @@ def reference(image_emb, text_emb, text_to_image, ks):
     t2i_ranks = []
     for t in range(len(text_emb)):
         mine = scores[t, text_to_image[t]]
-        t2i_ranks.append(1 + sum(1 for i in range(len(image_emb))
-                                 if i != text_to_image[t] and scores[t, i] >= mine))
+        t2i_ranks.append(
+            1
+            + sum(
+                1 for i in range(len(image_emb)) if i != text_to_image[t] and scores[t, i] >= mine
+            )
+        )
     i2t_ranks = []
     for i in range(len(image_emb)):
         caps = [t for t in range(len(text_emb)) if text_to_image[t] == i]
         if not caps:
             continue
         best = max(scores[t, i] for t in caps)
-        i2t_ranks.append(1 + sum(1 for t in range(len(text_emb))
-                                 if text_to_image[t] != i and scores[t, i] >= best))
+        i2t_ranks.append(
+            1
+            + sum(1 for t in range(len(text_emb)) if text_to_image[t] != i and scores[t, i] >= best)
+        )
     for k in ks:
         out[f"image_retrieval_recall@{k}"] = np.mean([r <= k for r in t2i_ranks])
         out[f"text_retrieval_recall@{k}"] = np.mean([r <= k for r in i2t_ranks])
@@ -49,8 +55,9 @@ def test_matches_reference_with_several_captions_and_ties(seed, monkeypatch):
 
 
 def test_all_equal_scores_give_the_worst_rank_not_the_best():
-    t2i, i2t = metrics.retrieval_ranks(np.ones((5, 2), np.float32), np.ones((5, 2), np.float32),
-                                       np.arange(5))
+    t2i, i2t = metrics.retrieval_ranks(
+        np.ones((5, 2), np.float32), np.ones((5, 2), np.float32), np.arange(5)
+    )
     assert t2i.tolist() == [5] * 5 and i2t.tolist() == [5] * 5
 
 

@@ -1,0 +1,46 @@
+"""Run under torchrun by tests/test_train.py: one contrastive step of a DDP-wrapped model.
+
+Each of the N processes takes its slice of a fixed global batch; rank 0 writes the mean of the
+local losses and the (DDP-averaged) gradients to OUT, for comparison with one process.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from retrieval.encoder import Encoder, ModelSpec
+from retrieval.gradcache import World, contrastive_step
+
+
+def global_batch(encoder: Encoder, n: int):
+    g = torch.Generator().manual_seed(7)
+    images = torch.randn(n, 3, 32, 32, generator=g)
+    words = ["red", "blue", "circle", "square", "left", "above"]
+    texts = [" ".join(words[(i * k) % 6] for k in range(1, 4)) for i in range(n)]
+    texts[3] = texts[0]  # a repeated caption: a positive, across the two processes' slices
+    ids = torch.tensor([texts.index(t) for t in texts])
+    return images, encoder.tokenizer(texts), ids
+
+
+def main(config: str, out: str, chunk: int) -> None:
+    dist.init_process_group("gloo")
+    world = World(dist.get_rank(), dist.get_world_size())
+    model = Encoder.load(ModelSpec(config), device="cpu").model.train()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    images, tokens, ids = global_batch(Encoder.load(ModelSpec(config), device="cpu"), 12)
+    per = 12 // world.size
+    s = slice(world.rank * per, (world.rank + 1) * per)
+    loss = contrastive_step(ddp, images[s], tokens[s], ids[s], chunk or None, world)
+    losses = [None] * world.size
+    dist.all_gather_object(losses, loss)
+    if world.rank == 0:
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        torch.save({"loss": sum(losses) / world.size, "grads": grads}, out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))

@@ -1,0 +1,215 @@
+"""Training: gradient caching, DDP, schedules, multi-positive batches, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from click.testing import CliRunner
+from ddp_worker import global_batch
+
+from retrieval import synthetic
+from retrieval.build import BuildConfig, build
+from retrieval.cli import main
+from retrieval.encoder import Encoder, ModelSpec
+from retrieval.gradcache import contrastive_step
+from retrieval.train import TrainConfig, epoch_batches, lr_lambda, param_groups, train
+
+HERE = Path(__file__).parent
+
+
+def grads_after_step(config: Path, chunk: int | None):
+    model = Encoder.load(ModelSpec(str(config)), device="cpu").model.train()
+    images, tokens, ids = global_batch(Encoder.load(ModelSpec(str(config)), device="cpu"), 12)
+    loss = contrastive_step(model, images, tokens, ids, chunk)
+    return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_grads(a: dict, b: dict, atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys() and len(a) > 10
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-4, msg=name)
+
+
+def test_gradient_caching_gives_the_big_batch_gradient(micro_config):
+    loss, full = grads_after_step(micro_config, None)
+    for chunk in (5, 1):
+        loss_c, cached = grads_after_step(micro_config, chunk)
+        assert loss_c == pytest.approx(loss, abs=1e-6)
+        assert_same_grads(full, cached)
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_two_processes_match_one_process(micro_config, tmp_path, chunk):
+    out = tmp_path / "ddp.pt"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(29500 + chunk + os.getpid() % 400),
+        str(HERE / "ddp_worker.py"),
+        str(micro_config),
+        str(out),
+        str(chunk),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+    got = torch.load(out, weights_only=True)
+    loss, grads = grads_after_step(micro_config, None)
+    assert got["loss"] == pytest.approx(loss, abs=1e-6)
+    assert_same_grads(got["grads"], grads)
+
+
+def test_batches_never_repeat_an_image_and_differ_per_epoch():
+    a, draws = epoch_batches(103, epoch=1, seed=0, size=16)
+    assert a.shape == (6, 16) and len(np.unique(a)) == a.size
+    assert draws.shape == (103,)
+    b, _ = epoch_batches(103, epoch=2, seed=0, size=16)
+    assert not np.array_equal(a, b)
+    np.testing.assert_array_equal(a, epoch_batches(103, epoch=1, seed=0, size=16)[0])
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    f = lr_lambda(total=110, warmup=10)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.5)
+    assert f(110) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_no_weight_decay_on_gains_biases_and_logit_scale(micro_config):
+    model = Encoder.load(ModelSpec(str(micro_config)), device="cpu").model
+    no_decay, decay = param_groups(model, 0.2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
+    assert "logit_scale" in {names[id(p)] for p in no_decay["params"]}
+    assert all(p.ndim < 2 for p in no_decay["params"])  # biases, norm gains, scales
+    assert all(p.ndim >= 2 and "bias" not in names[id(p)] for p in decay["params"])
+
+
+def test_equal_caption_texts_share_an_id(tmp_path, micro_config):
+    from retrieval.data import Record
+    from retrieval.trainset import load_trainset
+
+    for i in range(3):
+        synthetic.render(
+            synthetic.Scene("red", "circle", "above", "blue", "square"),
+            32,
+            np.random.default_rng(i),
+        ).save(tmp_path / f"{i}.png")
+    records = [
+        Record("a", tmp_path / "0.png", ("same", "other")),
+        Record("b", tmp_path / "1.png", ("same",)),
+        Record("c", tmp_path / "2.png", ("",)),
+    ]
+    enc = Encoder.load(ModelSpec(str(micro_config)), device="cpu")
+    ts = load_trainset(records, enc, tmp_path / "cache", workers=0, progress=False)
+    assert len(ts) == 2 and ts.skipped == [("c", "no caption")]
+    assert ts.caption_ids.tolist() == [0, 1, 0]
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    return synthetic.generate(tmp_path_factory.mktemp("train"), n=56, seed=5, size=32)
+
+
+def run_train(corpus, out, cfg, **kw):
+    base = dict(
+        model=ModelSpec(str(cfg)),
+        batch_size=16,
+        workers=0,
+        progress=False,
+        warmup=2,
+        lr=1e-3,
+        seed=1,
+    )
+    return train(corpus, out, TrainConfig(**(base | kw)))
+
+
+def test_resume_continues_exactly(small_corpus, micro_config, tmp_path):
+    straight = run_train(small_corpus, tmp_path / "a", micro_config, epochs=2, val_fraction=0.2)
+    run_train(small_corpus, tmp_path / "b", micro_config, epochs=2, steps=2, val_fraction=0.2)
+    resumed = run_train(
+        small_corpus, tmp_path / "b", micro_config, epochs=2, val_fraction=0.2, resume=True
+    )
+    assert straight.steps == resumed.steps == 4
+    a = torch.load(straight.latest, weights_only=True)["state_dict"]
+    b = torch.load(resumed.latest, weights_only=True)["state_dict"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=0, rtol=0, msg=name)
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+    assert "val_image_retrieval_recall@5" in resumed.history[-1]
+
+
+def test_checkpoint_is_open_clip_compatible_and_builds_an_index(
+    small_corpus, micro_config, tmp_path
+):
+    result = run_train(small_corpus, tmp_path / "run", micro_config, epochs=1, val_fraction=0.2)
+    assert result.best and result.best.is_file()
+    model, _, _ = open_clip.create_model_and_transforms("micro-vit", pretrained=str(result.best))
+    saved = torch.load(result.best, weights_only=True)["state_dict"]
+    torch.testing.assert_close(model.state_dict()["logit_scale"], saved["logit_scale"])
+    report = build(
+        small_corpus,
+        "trained",
+        BuildConfig(
+            model=ModelSpec(str(micro_config), str(result.best)), progress=False, workers=0
+        ),
+        index_dir=tmp_path / "ix",
+    )
+    manifest = json.loads((report.path / "manifest.json").read_text())
+    assert manifest["checkpoint_sha256"] and report.items == 56
+
+
+def test_locked_towers_do_not_move(small_corpus, micro_config, tmp_path):
+    before = Encoder.load(ModelSpec(str(micro_config)), device="cpu").model.state_dict()
+    result = run_train(
+        small_corpus, tmp_path / "lock", micro_config, epochs=1, lock_image=0, lock_text=0
+    )
+    after = torch.load(result.latest, weights_only=True)["state_dict"]
+    frozen = [k for k in after if k.startswith(("visual.", "transformer.", "token_embedding"))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert not torch.equal(before["logit_scale"], after["logit_scale"])
+
+
+def test_cli_train_with_chunks_and_accumulation(small_corpus, micro_config, tmp_path):
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            str(small_corpus),
+            "--out",
+            str(tmp_path / "cli"),
+            "--model",
+            str(micro_config),
+            "--batch-size",
+            "8",
+            "--accum-steps",
+            "3",
+            "--chunk-size",
+            "4",
+            "--epochs",
+            "1",
+            "--workers",
+            "0",
+            "--no-progress",
+            "--grad-clip",
+            "1.0",
+            "--val-fraction",
+            "0.25",
+        ],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(x) for x in result.output.splitlines() if x.startswith("{")]
+    assert rows[0]["step"] == 1  # 42 training pairs -> one step of 8 x 3
+    assert (tmp_path / "cli" / "checkpoints" / "epoch_1.state.pt").is_file()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
+from .data import FORMATS
 from .errors import RetrievalError
 from .layout import ENV_INDEX_DIR
 
@@ -51,6 +54,51 @@ def _model_options(default_model: str | None):
     return wrap
 
 
+def _read_options(f):
+    """Corpus-reading options, handed to the command as one ``read`` (a ReadOptions)."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kw):
+        from .data import ReadOptions
+
+        keys = ("fmt", "image_col", "caption_col", "id_col", "image_root", "split", "split_file")
+        values = [kw.pop(k) for k in keys]
+        return f(*args, read=ReadOptions(*values), **kw)
+
+    opts = [
+        click.option(
+            "--format",
+            "fmt",
+            type=click.Choice(FORMATS),
+            default=None,
+            help="Corpus format [autodetected].",
+        ),
+        click.option(
+            "--image-col", default="filepath", show_default=True, help="CSV image column."
+        ),
+        click.option(
+            "--caption-col", default="title", show_default=True, help="CSV caption column."
+        ),
+        click.option("--id-col", default=None, help="CSV id column [the image path]."),
+        click.option(
+            "--image-root",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Resolve relative image paths here [the corpus file's folder].",
+        ),
+        click.option("--split", default=None, help="Karpathy JSON: only this split (e.g. test)."),
+        click.option(
+            "--split-file",
+            type=click.Path(exists=True, path_type=Path),
+            default=None,
+            help="Flickr8k: file listing the images to keep.",
+        ),
+    ]
+    for opt in reversed(opts):
+        wrapper = opt(wrapper)
+    return wrapper
+
+
 @click.group(cls=_Group)
 @click.version_option(package_name="retrieval")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
@@ -74,28 +122,13 @@ def main(verbose: int) -> None:
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--workers", type=int, default=None, help="Image-decoding processes [cores-1].")
 @click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["folder", "csv", "jsonl", "coco"]),
-    default=None,
-    help="Corpus format [autodetected].",
-)
-@click.option("--image-col", default="filepath", show_default=True, help="CSV image column.")
-@click.option("--caption-col", default="title", show_default=True, help="CSV caption column.")
-@click.option("--id-col", default=None, help="CSV id column [the image path].")
-@click.option(
-    "--image-root",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Resolve relative image paths here [the corpus file's folder].",
-)
-@click.option(
     "--max-pixels",
     default=40_000_000,
     show_default=True,
     help="Refuse images with more pixels (decompression bombs).",
 )
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
+@_read_options
 @_index_dir_option
 def build(
     corpus,
@@ -106,19 +139,14 @@ def build(
     index_factory,
     batch_size,
     workers,
-    fmt,
-    image_col,
-    caption_col,
-    id_col,
-    image_root,
     max_pixels,
     no_progress,
+    read,
     index_dir,
 ):
-    """Build index NAME from CORPUS (folder, CSV/TSV, JSONL or COCO captions JSON)."""
+    """Build index NAME from CORPUS (any format: see --format)."""
     from .build import BuildConfig
     from .build import build as run_build
-    from .data import ReadOptions
     from .encoder import ModelSpec
 
     config = BuildConfig(
@@ -129,7 +157,7 @@ def build(
         device=device,
         max_pixels=max_pixels,
         progress=not no_progress,
-        read=ReadOptions(fmt, image_col, caption_col, id_col, image_root),
+        read=read,
     )
     report = run_build(corpus, name, config, index_dir=index_dir)
     click.echo(report.summary())
@@ -180,29 +208,6 @@ def _table(out: dict) -> str:
     if not out["results"]:
         lines.append("(no results)")
     return "\n".join(lines)
-
-
-def _read_options(f):
-    f = click.option(
-        "--image-root",
-        type=click.Path(path_type=Path),
-        default=None,
-        help="Resolve relative image paths here [the corpus file's folder].",
-    )(f)
-    f = click.option("--id-col", default=None, help="CSV id column [the image path].")(f)
-    f = click.option(
-        "--caption-col", default="title", show_default=True, help="CSV caption column."
-    )(f)
-    f = click.option(
-        "--image-col", default="filepath", show_default=True, help="CSV image column."
-    )(f)
-    return click.option(
-        "--format",
-        "fmt",
-        type=click.Choice(["folder", "csv", "jsonl", "coco"]),
-        default=None,
-        help="Corpus format [autodetected].",
-    )(f)
 
 
 @main.command()
@@ -266,65 +271,18 @@ def _read_options(f):
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/latest.pt.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @_read_options
-def train(
-    corpus,
-    out,
-    model,
-    pretrained,
-    device,
-    epochs,
-    steps,
-    batch_size,
-    chunk_size,
-    accum_steps,
-    lr,
-    wd,
-    warmup,
-    grad_clip,
-    lock_image,
-    lock_text,
-    seed,
-    val,
-    val_fraction,
-    workers,
-    resume,
-    no_progress,
-    fmt,
-    image_col,
-    caption_col,
-    id_col,
-    image_root,
-):
+def train(corpus, out, model, pretrained, no_progress, read, **options):
     """Fine-tune (or train from scratch) a CLIP model on CORPUS with a contrastive loss.
 
     Several processes: torchrun --nproc_per_node N -m retrieval.cli train ...
     """
-    from .data import ReadOptions
     from .encoder import ModelSpec
     from .train import TrainConfig
     from .train import train as run_train
 
+    # Every other option is named after its TrainConfig field.
     config = TrainConfig(
-        model=ModelSpec(model, pretrained),
-        epochs=epochs,
-        steps=steps,
-        batch_size=batch_size,
-        chunk_size=chunk_size,
-        accum_steps=accum_steps,
-        lr=lr,
-        wd=wd,
-        warmup=warmup,
-        grad_clip=grad_clip,
-        lock_image=lock_image,
-        lock_text=lock_text,
-        seed=seed,
-        val=val,
-        val_fraction=val_fraction,
-        workers=workers,
-        device=device,
-        resume=resume,
-        progress=not no_progress,
-        read=ReadOptions(fmt, image_col, caption_col, id_col, image_root),
+        model=ModelSpec(model, pretrained), progress=not no_progress, read=read, **options
     )
     result = run_train(corpus, out, config)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -335,6 +293,18 @@ def train(
         f"{result.steps} steps at {result.samples_per_s:.0f} samples/s; "
         f"latest: {result.latest}" + (f"; best: {result.best}" if result.best else "")
     )
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("dst", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--fp32", is_flag=True, help="Keep float32 weights (default: float16).")
+def export(src, dst, fp32):
+    """Write the model weights of checkpoint SRC to DST (no optimizer state; fp16)."""
+    from .train import export_checkpoint
+
+    out = export_checkpoint(src, dst, half=not fp32)
+    click.echo(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
 
 
 @main.command()
@@ -381,16 +351,17 @@ def synth(out, n, seed, size):
     help="Where the synthetic corpus is generated.",
 )
 @click.option("-n", "n", default=400, show_default=True, help="Images in the corpus.")
-@_model_options("tiny-vit")
+@_model_options(None)
 @_index_dir_option
 def demo(workdir, n, model, pretrained, device, index_dir):
     """Generate the synthetic corpus, build index 'demo' and run example searches."""
     from .demo import DemoConfig, run_demo
     from .encoder import ModelSpec
 
-    result = run_demo(
-        DemoConfig(workdir=workdir, n=n, model=ModelSpec(model, pretrained), index_dir=index_dir)
-    )
+    config = DemoConfig(workdir=workdir, n=n, index_dir=index_dir)
+    if model:
+        config = replace(config, model=ModelSpec(model, pretrained))
+    result = run_demo(config)
     click.echo(f"corpus: {result.corpus}")
     click.echo(result.report.summary())
     if not result.trained:
@@ -398,6 +369,8 @@ def demo(workdir, n, model, pretrained, device, index_dir):
             "note: the model is an UNTRAINED tiny open_clip config (random weights), so "
             "these rankings are random; pass --pretrained to use real weights."
         )
+    else:
+        click.echo(f"model: {config.model.name}, trained weights {config.model.pretrained}")
     for out in result.searches:
         click.echo(f"\nquery {json.dumps(out['query'])} -> {out['target']}")
         click.echo(_table(out))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,8 @@ from .errors import CorpusError
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-FORMATS = ("folder", "csv", "jsonl", "coco")
+FORMATS = ("folder", "csv", "jsonl", "coco", "karpathy", "flickr8k")
+_FLICKR8K_LINE = re.compile(r"^(\S+?\.(?:jpe?g|png))#(\d+)\t(.*)$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,8 @@ class ReadOptions:
     caption_col: str = "title"
     id_col: str | None = None
     image_root: Path | None = None
+    split: str | None = None  # Karpathy JSON: keep only images of this split ("test", ...)
+    split_file: Path | None = None  # Flickr8k: a file listing the image names to keep
 
 
 def detect_format(path: Path) -> str:
@@ -67,14 +71,20 @@ def detect_format(path: Path) -> str:
     if suffix == ".jsonl":
         return "jsonl"
     if suffix == ".json":
-        head = path.read_text(encoding="utf-8", errors="replace").lstrip()[:1]
-        if head == "[":
+        with path.open(encoding="utf-8", errors="replace") as f:
+            head = f.read(1 << 16)
+        if head.lstrip()[:1] == "[":
             return "jsonl"
-        if head == "{":
-            return "coco"
+        if head.lstrip()[:1] == "{":
+            return "karpathy" if '"sentences"' in head else "coco"
+    if suffix == ".txt":
+        with path.open(encoding="utf-8", errors="replace") as f:
+            if _FLICKR8K_LINE.match(f.readline().rstrip("\n")):
+                return "flickr8k"
     raise CorpusError(
         f"cannot tell the corpus format of {path}: expected a folder, .csv/.tsv, .jsonl, "
-        "a .json list of records or a COCO captions .json"
+        "a .json list of records, a COCO captions or Karpathy split .json, or a Flickr8k "
+        "token file"
     )
 
 
@@ -87,7 +97,14 @@ def read_corpus(path: str | Path, options: ReadOptions | None = None) -> Iterato
     options = options or ReadOptions()
     path = Path(path).expanduser()
     fmt = options.format or detect_format(path)
-    readers = {"folder": _read_folder, "csv": _read_csv, "jsonl": _read_jsonl, "coco": _read_coco}
+    readers = {
+        "folder": _read_folder,
+        "csv": _read_csv,
+        "jsonl": _read_jsonl,
+        "coco": _read_coco,
+        "karpathy": _read_karpathy,
+        "flickr8k": _read_flickr8k,
+    }
     if fmt not in readers:
         raise CorpusError(f"unknown corpus format {fmt!r}; choose one of {', '.join(FORMATS)}")
     log.info("reading %s corpus %s", fmt, path)
@@ -211,10 +228,7 @@ def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
 
 def _read_coco(path: Path, options: ReadOptions) -> Iterator[Record]:
     resolve = _resolver(path, options)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CorpusError(f"{path}: not valid JSON ({e})") from None
+    data = _load_json(path)
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise CorpusError(f"{path}: a COCO captions file needs 'images' and 'annotations'")
     captions: dict[Any, list[str]] = {}
@@ -228,6 +242,46 @@ def _read_coco(path: Path, options: ReadOptions) -> Iterator[Record]:
             captions=_clean(captions.get(img["id"], [])),
             extra=extra,
         )
+
+
+def _read_karpathy(path: Path, options: ReadOptions) -> Iterator[Record]:
+    """Karpathy's split files (dataset_coco.json, dataset_flickr30k.json, dataset_flickr8k.json)."""
+    resolve = _resolver(path, options)
+    data = _load_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise CorpusError(f"{path}: a Karpathy split file needs an 'images' list")
+    for img in data["images"]:
+        if options.split and img.get("split") != options.split:
+            continue
+        rel = Path(img.get("filepath", "")) / img["filename"]
+        item_id = str(img.get("cocoid", img.get("imgid", rel.with_suffix("").as_posix())))
+        captions = [s.get("raw", " ".join(s.get("tokens", []))) for s in img.get("sentences", [])]
+        extra = {"split": img.get("split"), "filename": img["filename"]}
+        yield Record(item_id, resolve(rel.as_posix()), _clean(captions), extra)
+
+
+def _read_flickr8k(path: Path, options: ReadOptions) -> Iterator[Record]:
+    """``Flickr8k.token.txt``: ``image.jpg#n<TAB>caption``; ``split_file`` lists images to keep."""
+    resolve = _resolver(path, options)
+    keep = None
+    if options.split_file:
+        lines = Path(options.split_file).read_text(encoding="utf-8").splitlines()
+        keep = {ln.strip() for ln in lines if ln.strip()}
+    grouped: dict[str, list[str]] = {}
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for line in f:
+            m = _FLICKR8K_LINE.match(line.rstrip("\n"))
+            if m and (keep is None or m.group(1) in keep):
+                grouped.setdefault(m.group(1), []).append(m.group(3))
+    for name, captions in grouped.items():
+        yield Record(_path_id(name), resolve(name), _clean(captions))
+
+
+def _load_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CorpusError(f"{path}: not valid JSON ({e})") from None
 
 
 def _path_id(value: str) -> str:

@@ -11,7 +11,16 @@ from .build import BuildConfig, BuildReport, build
 from .encoder import Encoder, ModelSpec
 from .search import Query, Searcher
 
+# Made by `retrieval train` on the synthetic corpus; the command is in README.md.
+SHIPPED_MODEL = Path(__file__).parent / "models" / "tiny-vit-shapes.pt"
 TEXT_QUERIES = ("a red circle left of a blue square", "a yellow triangle above a green square")
+
+
+def default_model() -> ModelSpec:
+    """The shipped trained tiny model, or an untrained one if the file is missing."""
+    if SHIPPED_MODEL.is_file():
+        return ModelSpec("tiny-vit", str(SHIPPED_MODEL))
+    return ModelSpec("tiny-vit")
 
 
 @dataclass(frozen=True)
@@ -20,7 +29,7 @@ class DemoConfig:
     n: int = 400
     seed: int = 0
     name: str = "demo"
-    model: ModelSpec = field(default_factory=ModelSpec)
+    model: ModelSpec = field(default_factory=lambda: default_model())
     index_dir: Path | None = None
     k: int = 5
     progress: bool = True

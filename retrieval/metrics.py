@@ -79,3 +79,25 @@ def retrieval_metrics(
     out["text_retrieval_mean_rank"] = float(i2t.mean())
     out["text_retrieval_median_rank"] = float(np.median(i2t))
     return out
+
+
+def grouped_text_to_image_ranks(
+    image_emb: np.ndarray, text_emb: np.ndarray, image_group: np.ndarray, text_group: np.ndarray
+) -> np.ndarray:
+    """(T,) text->image ranks where every image of the caption's group counts as correct.
+
+    For corpora whose captions describe a class of images rather than one (the synthetic
+    scenes: any image of "a red circle left of a blue square" answers that caption).
+    ``image_group`` (I,), ``text_group`` (T,): hashable labels, compared for equality.
+    """
+    _, codes = np.unique(np.concatenate([image_group, text_group]), return_inverse=True)
+    img_code, txt_code = codes[: len(image_group)], codes[len(image_group) :]
+    step = max(1, _CHUNK_FLOATS // max(len(image_emb), 1))
+    ranks = [
+        first_hit_ranks(
+            text_emb[s : s + step] @ image_emb.T,  # (chunk, I)
+            txt_code[s : s + step, None] == img_code[None, :],
+        )
+        for s in range(0, len(text_emb), step)
+    ]
+    return np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)

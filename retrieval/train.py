@@ -360,3 +360,20 @@ def _atomic_copy(src: Path, dst: Path) -> None:
     tmp = dst.with_suffix(dst.suffix + ".tmp")
     shutil.copyfile(src, tmp)
     tmp.replace(dst)
+
+
+def export_checkpoint(src: Path, dst: Path, half: bool = True) -> Path:
+    """Write model weights only (no optimizer), fp16 by default: half the size, same format.
+
+    open_clip loads fp16 tensors into an fp32 model by copying, so the file stays loadable
+    by ``open_clip.create_model_and_transforms(name, pretrained=dst)``.
+    """
+    ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    state = ckpt.get("state_dict", ckpt)
+    state = {
+        k.removeprefix("module."): (v.half() if half and v.is_floating_point() else v)
+        for k, v in state.items()
+    }
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_save({"epoch": ckpt.get("epoch"), "name": ckpt.get("name"), "state_dict": state}, dst)
+    return dst

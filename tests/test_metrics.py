@@ -65,3 +65,12 @@ def test_perfect_embeddings_have_rank_one():
     e = np.eye(6, dtype=np.float32)
     m = metrics.retrieval_metrics(e, e[[0, 1, 2, 3, 4, 5, 0]], np.array([0, 1, 2, 3, 4, 5, 0]))
     assert m["image_retrieval_recall@1"] == 1.0 and m["text_retrieval_recall@1"] == 1.0
+
+
+def test_grouped_ranks_count_any_image_of_the_group():
+    image_emb = np.eye(4, dtype=np.float32)
+    text_emb = np.array([[0, 0.9, 0.5, 0], [0.2, 0, 0, 0.9]], dtype=np.float32)
+    groups = np.array(["a", "b", "a", "c"])
+    ranks = metrics.grouped_text_to_image_ranks(image_emb, text_emb, groups, np.array(["a", "c"]))
+    # text 0: best "a" image is #2 (0.5), beaten by image 1 (0.9) -> rank 2; text 1: rank 1.
+    assert ranks.tolist() == [2, 1]

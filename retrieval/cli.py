@@ -296,6 +296,85 @@ def train(corpus, out, model, pretrained, no_progress, read, **options):
 
 
 @main.command()
+@click.argument("dataset", type=click.Path(exists=True, path_type=Path))
+@click.option("--index", "index_name", default=None, help="Evaluate this built index.")
+@_model_options(None)
+@click.option("-k", "ks", default="1,5,10", show_default=True, help="Comma-separated K values.")
+@click.option(
+    "--ann",
+    "factories",
+    multiple=True,
+    help="Also evaluate through this FAISS index (repeatable), e.g. HNSW32.",
+)
+@click.option(
+    "--group-key",
+    default=None,
+    help="Also count any image whose metadata KEY matches the caption's as correct.",
+)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+@click.option("--markdown", type=click.Path(path_type=Path), default=None)
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Recall@K curves PNG.")
+@click.option(
+    "--save-embeddings",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write the scored embeddings and caption->image map (.npz).",
+)
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--workers", type=int, default=None)
+@click.option("--no-progress", is_flag=True)
+@_read_options
+@_index_dir_option
+def bench(
+    dataset,
+    index_name,
+    model,
+    pretrained,
+    device,
+    ks,
+    factories,
+    group_key,
+    json_path,
+    markdown,
+    plot,
+    save_embeddings,
+    batch_size,
+    workers,
+    no_progress,
+    read,
+    index_dir,
+):
+    """Recall@K on DATASET, of --model/--pretrained or of a built --index, exact and via ANN."""
+    from .bench import BenchConfig, run_bench, table, write_outputs
+    from .encoder import ModelSpec
+
+    try:
+        k_values = tuple(int(k) for k in ks.split(",") if k.strip())
+    except ValueError:
+        raise click.BadParameter(f"not a list of integers: {ks}", param_hint="-k") from None
+    config = BenchConfig(
+        model=ModelSpec(model, pretrained) if model else None,
+        index=index_name,
+        index_dir=index_dir,
+        ks=k_values,
+        factories=factories,
+        group_key=group_key,
+        read=read,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        progress=not no_progress,
+    )
+    result = run_bench(dataset, config, save_embeddings=save_embeddings)
+    click.echo(
+        f"{result.counts['images']} images, {result.counts['captions']} captions; "
+        f"model {result.model['model']} ({result.model['pretrained'] or 'random init'})"
+    )
+    click.echo(table(result))
+    write_outputs(result, json_path, markdown, plot)
+
+
+@main.command()
 @click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("dst", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--fp32", is_flag=True, help="Keep float32 weights (default: float16).")

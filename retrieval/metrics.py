@@ -101,3 +101,21 @@ def grouped_text_to_image_ranks(
         for s in range(0, len(text_emb), step)
     ]
     return np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)
+
+
+def first_correct_ranks(correct: np.ndarray) -> np.ndarray:
+    """(Q,) 1-based position of the first True in each row of (Q, K) ``correct``; K+1 if none.
+
+    For ranked lists returned by an index, which only knows its top K.
+    """
+    k = correct.shape[1]
+    has = correct.any(axis=1)
+    return np.where(has, correct.argmax(axis=1) + 1, k + 1)
+
+
+def recall_curve(ranks: np.ndarray, max_k: int) -> np.ndarray:
+    """(max_k,) recall@1..max_k."""
+    if not len(ranks):
+        return np.zeros(max_k)
+    counts = np.bincount(np.minimum(ranks, max_k + 1), minlength=max_k + 2)[1 : max_k + 1]
+    return np.cumsum(counts) / len(ranks)

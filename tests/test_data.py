@@ -99,12 +99,25 @@ def test_unknown_format_and_missing_corpus(tmp_path):
 
 
 def test_karpathy_split_file(tmp_path):
-    data = {"dataset": "coco", "images": [
-        {"filepath": "val2014", "filename": "a.jpg", "split": "test", "cocoid": 42,
-         "sentences": [{"raw": "A dog.", "tokens": ["a", "dog"]}, {"tokens": ["a", "cat"]}]},
-        {"filepath": "train2014", "filename": "b.jpg", "split": "train", "cocoid": 43,
-         "sentences": [{"raw": "x"}]},
-    ]}
+    data = {
+        "dataset": "coco",
+        "images": [
+            {
+                "filepath": "val2014",
+                "filename": "a.jpg",
+                "split": "test",
+                "cocoid": 42,
+                "sentences": [{"raw": "A dog.", "tokens": ["a", "dog"]}, {"tokens": ["a", "cat"]}],
+            },
+            {
+                "filepath": "train2014",
+                "filename": "b.jpg",
+                "split": "train",
+                "cocoid": 43,
+                "sentences": [{"raw": "x"}],
+            },
+        ],
+    }
     (tmp_path / "dataset_coco.json").write_text(json.dumps(data))
     assert detect_format(tmp_path / "dataset_coco.json") == "karpathy"
     [record] = read_corpus(tmp_path / "dataset_coco.json", ReadOptions(split="test"))
@@ -115,11 +128,14 @@ def test_karpathy_split_file(tmp_path):
 
 def test_flickr8k_token_file_with_split(tmp_path):
     (tmp_path / "Flickr8k.token.txt").write_text(
-        "1000_a.jpg#0\tA child .\n1000_a.jpg#1\tA kid .\n2000_b.jpg#0\tA dog .\n")
+        "1000_a.jpg#0\tA child .\n1000_a.jpg#1\tA kid .\n2000_b.jpg#0\tA dog .\n"
+    )
     (tmp_path / "test.txt").write_text("2000_b.jpg\n")
     assert detect_format(tmp_path / "Flickr8k.token.txt") == "flickr8k"
     records = list(read_corpus(tmp_path / "Flickr8k.token.txt"))
     assert [(r.id, r.captions) for r in records] == [
-        ("1000_a", ("A child .", "A kid .")), ("2000_b", ("A dog .",))]
+        ("1000_a", ("A child .", "A kid .")),
+        ("2000_b", ("A dog .",)),
+    ]
     opts = ReadOptions(split_file=tmp_path / "test.txt")
     assert [r.id for r in read_corpus(tmp_path / "Flickr8k.token.txt", opts)] == ["2000_b"]

@@ -74,3 +74,10 @@ def test_grouped_ranks_count_any_image_of_the_group():
     ranks = metrics.grouped_text_to_image_ranks(image_emb, text_emb, groups, np.array(["a", "c"]))
     # text 0: best "a" image is #2 (0.5), beaten by image 1 (0.9) -> rank 2; text 1: rank 1.
     assert ranks.tolist() == [2, 1]
+
+
+def test_first_correct_ranks_and_curves():
+    correct = np.array([[False, True, True], [False, False, False], [True, False, False]])
+    ranks = metrics.first_correct_ranks(correct)
+    assert ranks.tolist() == [2, 4, 1]
+    np.testing.assert_allclose(metrics.recall_curve(ranks, 3), [1 / 3, 2 / 3, 2 / 3])

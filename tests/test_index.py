@@ -76,3 +76,10 @@ def test_bad_factory_and_untrainable_index_are_clear_errors():
 def test_auto_choice_is_exact_for_small_corpora():
     assert choose_factory(5) == "Flat"
     assert choose_factory(10**6) != "Flat"
+
+
+def test_ties_beyond_the_top_k_margin_are_still_broken_by_id():
+    xb = np.repeat(unit_rows(1, 8), 40, axis=0)  # forty identical vectors
+    ids = np.random.default_rng(0).permutation(40).astype(np.int64) + 100
+    [nb] = exact_search(xb, ids, xb[:1], 3)
+    assert nb.ids.tolist() == [100, 101, 102]

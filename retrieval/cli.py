@@ -86,7 +86,11 @@ def _read_options(f):
             default=None,
             help="Resolve relative image paths here [the corpus file's folder].",
         ),
-        click.option("--split", default=None, help="Karpathy JSON: only this split (e.g. test)."),
+        click.option(
+            "--split",
+            default=None,
+            help="Only records whose split field is this (e.g. test).",
+        ),
         click.option(
             "--split-file",
             type=click.Path(exists=True, path_type=Path),

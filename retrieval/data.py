@@ -55,7 +55,7 @@ class ReadOptions:
     caption_col: str = "title"
     id_col: str | None = None
     image_root: Path | None = None
-    split: str | None = None  # Karpathy JSON: keep only images of this split ("test", ...)
+    split: str | None = None  # keep only records whose "split" is this (Karpathy, JSONL, CSV)
     split_file: Path | None = None  # Flickr8k: a file listing the image names to keep
 
 
@@ -108,7 +108,10 @@ def read_corpus(path: str | Path, options: ReadOptions | None = None) -> Iterato
     if fmt not in readers:
         raise CorpusError(f"unknown corpus format {fmt!r}; choose one of {', '.join(FORMATS)}")
     log.info("reading %s corpus %s", fmt, path)
-    yield from readers[fmt](path, options)
+    records = readers[fmt](path, options)
+    if options.split and fmt != "karpathy":  # any format: records whose "split" field matches
+        records = (r for r in records if r.extra.get("split") == options.split)
+    yield from records
 
 
 def unique_records(records) -> tuple[list[Record], list[tuple[str, str, str]]]:

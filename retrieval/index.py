@@ -44,6 +44,17 @@ def gpu_count() -> int:
     return int(get()) if get else 0
 
 
+def _to_gpus(index: faiss.Index) -> faiss.Index:
+    """A copy on every GPU, sharded; the CPU copy stays the one that is saved."""
+    options = faiss.GpuMultipleClonerOptions()
+    options.shard = True
+    try:
+        return faiss.index_cpu_to_all_gpus(index, co=options)
+    except (RuntimeError, AttributeError) as e:  # e.g. HNSW has no GPU version
+        log.warning("searching on the CPU: this index type cannot move to the GPU (%s)", e)
+        return index
+
+
 def _check(x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2:
@@ -58,8 +69,7 @@ class VectorIndex:
         self.cpu_index, self.factory = index, factory
         self._searcher = index
         if device.startswith("cuda") and gpu_count() > 0:
-            # Shard across every GPU; the CPU copy stays the one that is saved.
-            self._searcher = faiss.index_cpu_to_all_gpus(index, ngpu=gpu_count())
+            self._searcher = _to_gpus(index)
         self._flat = self._exact_view() if self._searcher is index else None
 
     @classmethod

@@ -139,3 +139,15 @@ def test_flickr8k_token_file_with_split(tmp_path):
     ]
     opts = ReadOptions(split_file=tmp_path / "test.txt")
     assert [r.id for r in read_corpus(tmp_path / "Flickr8k.token.txt", opts)] == ["2000_b"]
+
+
+def test_split_filters_any_format_with_a_split_field(tmp_path):
+    write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            {"image": "a.jpg", "caption": "x", "split": "train"},
+            {"image": "b.jpg", "caption": "y", "split": "test"},
+        ],
+    )
+    records = list(read_corpus(tmp_path / "c.jsonl", ReadOptions(split="test")))
+    assert [r.id for r in records] == ["b"]

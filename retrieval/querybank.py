@@ -1,0 +1,42 @@
+"""Querybank normalisers, computed once at build time with FAISS and stored in the index.
+
+For text->image, each image's normaliser is the log-sum-exp of its ``m`` highest similarities
+to a bank of captions, at temperature ``beta``; for image->text, each caption's normaliser uses
+a bank of images. A query then costs one index search plus a re-rank of its candidates
+(`retrieval.fusion.querybank_scores`). The bank is the corpus's own captions and images by
+default, or a separate corpus given at build time; benchmarks use a bank that never contains
+their evaluation queries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .fusion import bank_normalisers
+from .index import VectorIndex
+
+# Chosen by measurement (benchmarks/README.md, "Query layer").
+DEFAULT_BETA = 20.0
+DEFAULT_M = 10
+
+
+@dataclass(frozen=True)
+class BankConfig:
+    beta: float = DEFAULT_BETA
+    m: int = DEFAULT_M
+
+
+def normalisers(candidates: np.ndarray, bank: np.ndarray, config: BankConfig) -> np.ndarray:
+    """(C,) float32 normaliser of each candidate (C, D) against ``bank`` (B, D) unit vectors."""
+    if len(bank) == 0:
+        return np.zeros(len(candidates), dtype=np.float32)
+    index = VectorIndex.build(
+        bank, np.arange(len(bank)), "Flat" if len(bank) < 200_000 else "HNSW32"
+    )
+    m = min(config.m, len(bank))
+    sims = np.full((len(candidates), m), -np.inf, dtype=np.float64)  # (C, m)
+    for i, nb in enumerate(index.search(candidates, m)):
+        sims[i, : len(nb.scores)] = nb.scores
+    return bank_normalisers(sims, config.beta).astype(np.float32)

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, layout
+from . import __version__, layout, querybank
 from .data import ReadOptions, Record, read_corpus, unique_records
 from .encoder import Encoder, ModelSpec, sha256_file
 from .errors import IndexBuildError
 from .images import DEFAULT_MAX_PIXELS
 from .index import VectorIndex
+from .querybank import BankConfig
 from .store import ItemEntry, Store
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ class BuildConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     read: ReadOptions = field(default_factory=ReadOptions)
     progress: bool = True
+    bank: Path | None = None  # querybank corpus; None: the corpus's own captions and images
+    querybank: BankConfig = field(default_factory=BankConfig)
 
 
 @dataclass
@@ -115,7 +118,9 @@ def build(
         factories = _write(folder, entries, emb, cap_emb, config, encoder)
         _write_skips(folder, skips)
         seconds = time.perf_counter() - start
-        manifest = _manifest(name, corpus, encoder, entries, texts, skips, factories, folder)
+        manifest = _manifest(
+            name, corpus, encoder, entries, texts, skips, factories, folder, config
+        )
         manifest["build_seconds"] = round(seconds, 3)
         layout.write_manifest(folder, manifest)
         link = layout.publish(folder, root, name)
@@ -168,6 +173,19 @@ def _write(folder: Path, entries, emb, cap_emb, config: BuildConfig, encoder) ->
     # fp16 copies for exact re-scoring and rebuilds without re-encoding; rows = FAISS ids.
     np.save(folder / layout.EMBEDDINGS / "image.npy", emb.astype(np.float16))
     np.save(folder / layout.EMBEDDINGS / "caption.npy", cap_emb.astype(np.float16))
+    owner = np.array([e.row for e in entries for _ in e.captions], dtype=np.int64)
+    np.save(folder / layout.EMBEDDINGS / "caption_owner.npy", owner)  # caption row -> item row
+    bank_text, bank_images = cap_emb, emb
+    if config.bank is not None:
+        bank_images, bank_text = querybank.encode_bank(config.bank, encoder, config.read)
+    np.save(
+        folder / layout.EMBEDDINGS / "image.qbnorm.npy",
+        querybank.normalisers(emb, bank_text, config.querybank),
+    )
+    np.save(
+        folder / layout.EMBEDDINGS / "caption.qbnorm.npy",
+        querybank.normalisers(cap_emb, bank_images, config.querybank),
+    )
     with Store.create(folder / layout.STORE) as store:
         store.put_items(entries)
     return {"image": image_index.factory, "caption": caption_index.factory}
@@ -179,7 +197,9 @@ def _write_skips(folder: Path, skips: _Skips) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _manifest(name, corpus, encoder: Encoder, entries, texts, skips, factories, folder) -> dict:
+def _manifest(
+    name, corpus, encoder: Encoder, entries, texts, skips, factories, folder, config: BuildConfig
+) -> dict:
     checksums = {f: sha256_file(folder / f) for f in (layout.IMAGE_INDEX, layout.CAPTION_INDEX)}
     return {
         "name": name,
@@ -207,6 +227,11 @@ def _manifest(name, corpus, encoder: Encoder, entries, texts, skips, factories, 
             "skipped_by_reason": dict(skips.counts()),
         },
         "corpus": str(Path(corpus).expanduser().resolve()),
+        "querybank": {
+            "beta": config.querybank.beta,
+            "m": config.querybank.m,
+            "bank": str(config.bank) if config.bank else "corpus",
+        },
         "sha256": checksums,
     }
 

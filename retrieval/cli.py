@@ -14,6 +14,7 @@ import click
 from .data import FORMATS
 from .errors import RetrievalError
 from .layout import ENV_INDEX_DIR
+from .query import STRATEGIES
 
 _MODEL_HELP = (
     "open_clip model name (e.g. ViT-B-32), a shipped config (tiny-vit, small-vit) or a path to "
@@ -173,35 +174,107 @@ def build(
 @click.argument("name")
 @click.option("--text", default=None, help="Text query.")
 @click.option("--image", type=click.Path(path_type=Path), default=None, help="Image query file.")
+@click.option(
+    "--image-weight",
+    default=0.5,
+    show_default=True,
+    help="With both --text and --image: the image's weight (the text gets 1 - it).",
+)
+@click.option(
+    "--term",
+    "terms",
+    multiple=True,
+    metavar="KIND:WEIGHT:VALUE",
+    help="Extra term, e.g. text:-0.5:blurry or image:0.3:ref.jpg (repeatable).",
+)
 @click.option("-k", "k", default=10, show_default=True, help="Number of results.")
 @click.option(
     "--target",
     type=click.Choice(["images", "captions"]),
     default=None,
-    help="What to match: images or captions [text: images, image: captions].",
+    help="What to match [text or composed: images; image alone: captions].",
+)
+@click.option(
+    "--strategy",
+    type=click.Choice(STRATEGIES),
+    default=None,
+    help="How signals are fused [the index's default for the target].",
+)
+@click.option(
+    "--where",
+    multiple=True,
+    metavar="COND",
+    help="Metadata condition: key=value, key!=value, key>=n, key<n, key=lo..hi.",
+)
+@click.option("--overfetch", default=10, show_default=True, help="Candidates per signal: x k.")
+@click.option(
+    "--mix", default=0.5, show_default=True, help="hybrid: weight of the other modality's signal."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_model_options(None)
 @_index_dir_option
-def search(name, text, image, k, target, as_json, model, pretrained, device, index_dir):
-    """Search index NAME by --text or by --image."""
+def search(
+    name,
+    text,
+    image,
+    image_weight,
+    terms,
+    k,
+    target,
+    strategy,
+    where,
+    overfetch,
+    mix,
+    as_json,
+    model,
+    pretrained,
+    device,
+    index_dir,
+):
+    """Search index NAME by --text, --image, or both (and more --term)."""
     from .encoder import ModelSpec
+    from .search import Query
     from .search import search as run_search
 
-    if (text is None) == (image is None):
-        raise click.UsageError("give exactly one of --text or --image")
+    query = Query(
+        text=text,
+        image=image,
+        image_weight=image_weight,
+        terms=tuple(_parse_term(t) for t in terms),
+    )
+    if not query.all_terms():
+        raise click.UsageError("give --text, --image or both")
     spec = ModelSpec(model, pretrained) if model else None
     out = run_search(
         name,
-        text=text,
-        image=image,
-        k=k,
-        target=target,
+        query,
         index_dir=index_dir,
         model=spec,
         device=device,
+        k=k,
+        target=target,
+        strategy=strategy,
+        where=where,
+        overfetch=overfetch,
+        mix=mix,
     )
     click.echo(json.dumps(out, ensure_ascii=False, indent=2) if as_json else _table(out))
+
+
+def _parse_term(text: str):
+    from .search import QueryTerm
+
+    kind, _, rest = text.partition(":")
+    weight, _, value = rest.partition(":")
+    try:
+        w = float(weight)
+    except ValueError:
+        w = None
+    if kind not in ("text", "image") or w is None or not value:
+        raise click.BadParameter(
+            f"{text!r}: use text:WEIGHT:words or image:WEIGHT:path", param_hint="--term"
+        )
+    return QueryTerm(text=value, weight=w) if kind == "text" else QueryTerm(image=value, weight=w)
 
 
 def _table(out: dict) -> str:

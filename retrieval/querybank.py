@@ -11,6 +11,7 @@ their evaluation queries.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -40,3 +41,13 @@ def normalisers(candidates: np.ndarray, bank: np.ndarray, config: BankConfig) ->
     for i, nb in enumerate(index.search(candidates, m)):
         sims[i, : len(nb.scores)] = nb.scores
     return bank_normalisers(sims, config.beta).astype(np.float32)
+
+
+def encode_bank(corpus: Path, encoder, read) -> tuple[np.ndarray, np.ndarray]:
+    """(images (B_i, D), captions (B_t, D)) of a separate bank corpus, encoded by ``encoder``."""
+    from .data import read_corpus, unique_records
+
+    records, _ = unique_records(read_corpus(corpus, read))
+    images, _, _ = encoder.encode_image_files([r.image for r in records])
+    texts = [c for r in records for c in r.captions if c]
+    return images, encoder.encode_texts(texts)

@@ -1,12 +1,14 @@
-"""The query path: encode the query, ask FAISS for candidates, resolve them in LMDB.
+"""The query path: encode the query, gather candidates, fuse, resolve them in LMDB.
 
 A text query searches item images by default (text->image); an image query searches captions
-(image->text) and returns the items whose caption matched, with that caption. ``target`` picks
-the other two directions: text->text (captions) and image->image (images).
+(image->text) and returns the items whose caption matched, with that caption; a text and an
+image together (a composed query) search images. ``target`` picks the other directions, and
+``strategy`` how signals are fused (see `retrieval.query`).
 
 Results follow one shape everywhere (Python, ``--json``, HTTP)::
 
-    {"rank", "id", "score", "path", "captions", "extra"[, "caption": {"id", "text"}]}
+    {"rank", "id", "score", "scores": {signal: value}, "path", "captions", "extra"
+     [, "caption": {"id", "text"}]}
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import layout
+from . import filters, layout
+from . import query as query_layer
 from .encoder import Encoder, ModelSpec, sha256_file
 from .errors import SearchError
 from .images import BadImage, load_image
@@ -29,20 +32,50 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 TARGETS = ("images", "captions")
-_OVERFETCH = 4  # caption hits per wanted item: several captions of one item collapse to one
+# Per target, chosen by measurement (benchmarks/README.md, "Query layer").
+DEFAULT_STRATEGY = {"images": "cosine", "captions": "cosine"}
+
+
+@dataclass(frozen=True)
+class QueryTerm:
+    """An extra term of a composed query: a text or an image; a negative weight pushes away."""
+
+    text: str | None = None
+    image: str | Path | Image.Image | None = None
+    weight: float = 1.0
 
 
 @dataclass(frozen=True)
 class Query:
-    """A text or an image (a path or a decoded picture); exactly one of the two."""
+    """A text, an image, or both (weighted by ``image_weight``), plus any extra terms."""
 
     text: str | None = None
     image: str | Path | Image.Image | None = None
+    image_weight: float = 0.5
+    terms: tuple[QueryTerm, ...] = ()
+
+    def all_terms(self) -> tuple[QueryTerm, ...]:
+        both = self.text is not None and self.image is not None
+        first = []
+        if self.text is not None:
+            first.append(QueryTerm(text=self.text, weight=1 - self.image_weight if both else 1.0))
+        if self.image is not None:
+            first.append(QueryTerm(image=self.image, weight=self.image_weight if both else 1.0))
+        return (*first, *self.terms)
 
     def describe(self) -> dict[str, Any]:
-        if self.text is not None:
-            return {"text": self.text}
-        return {"image": str(self.image) if not isinstance(self.image, Image.Image) else "<image>"}
+        terms = [_describe(t) for t in self.all_terms()]
+        if len(terms) == 1:
+            terms[0].pop("weight")
+            return terms[0]
+        return {"terms": terms}
+
+
+def _describe(t: QueryTerm) -> dict[str, Any]:
+    if t.text is not None:
+        return {"text": t.text, "weight": t.weight}
+    img = "<image>" if isinstance(t.image, Image.Image) else str(t.image)
+    return {"image": img, "weight": t.weight}
 
 
 def check_model(manifest: dict, spec: ModelSpec | None) -> None:
@@ -91,6 +124,8 @@ class Searcher:
             folder / layout.CAPTION_INDEX, idx["caption"]["factory"], faiss_device
         )
         self.store = Store.open(folder / layout.STORE)
+        self.corpus = _corpus(folder, self.manifest, self.images, self.captions)
+        self._allowed: dict[tuple, np.ndarray] = {}  # filter -> allowed item rows
 
     @classmethod
     def open(
@@ -118,15 +153,15 @@ class Searcher:
     def info(self) -> dict[str, Any]:
         return {**self.manifest, "folder": str(self.folder), "store": self.store.counts()}
 
-    def embed(self, query: Query) -> np.ndarray:
-        """The query's (1, D) unit vector."""
-        if (query.text is None) == (query.image is None):
-            raise SearchError("give exactly one of a text or an image query")
-        if query.text is not None:
-            if not query.text.strip():
+    def embed(self, term: QueryTerm) -> np.ndarray:
+        """The term's (1, D) unit vector."""
+        if (term.text is None) == (term.image is None):
+            raise SearchError("each query term is exactly one of a text or an image")
+        if term.text is not None:
+            if not term.text.strip():
                 raise SearchError("the text query is empty")
-            return self.encoder.encode_texts([query.text])
-        image = query.image
+            return self.encoder.encode_texts([term.text])
+        image = term.image
         if not isinstance(image, Image.Image):
             try:
                 image = load_image(image)
@@ -134,69 +169,100 @@ class Searcher:
                 raise SearchError(f"cannot use the query image: {e}") from None
         return self.encoder.encode_pil([image])
 
-    def search(self, query: Query, k: int = 10, target: str | None = None) -> dict[str, Any]:
-        """``{"query": ..., "target": ..., "results": [...]}`` with the ``k`` best items."""
+    def search(
+        self,
+        query: Query,
+        k: int = 10,
+        target: str | None = None,
+        strategy: str | None = None,
+        where: tuple[str, ...] = (),
+        overfetch: int = 10,
+        mix: float = 0.5,
+    ) -> dict[str, Any]:
+        """``{"query", "target", "strategy", "where", "results"}`` with the ``k`` best items."""
+        terms = query.all_terms()
+        if not terms:
+            raise SearchError("the query is empty: give a text, an image or both")
         if k < 1:
             raise SearchError(f"k must be at least 1, not {k}")
-        target = target or ("images" if query.text is not None else "captions")
+        solo_image = len(terms) == 1 and terms[0].image is not None
+        target = target or ("captions" if solo_image else "images")
         if target not in TARGETS:
             raise SearchError(f"target must be one of {', '.join(TARGETS)}, not {target!r}")
-        vec = self.embed(query)
-        hits = self._images(vec, k) if target == "images" else self._captions(vec, k)
-        results = [
-            self._result(rank, item_id, score, cap)
-            for rank, (item_id, score, cap) in enumerate(hits, 1)
+        strategy = strategy or DEFAULT_STRATEGY[target]
+        if strategy == "arith" and len(terms) < 2:
+            strategy = "cosine"  # arithmetic on one term is plain cosine
+        vectors = [
+            query_layer.Term("t" if t.text is not None else "i", self.embed(t), t.weight)
+            for t in terms
         ]
-        return {"query": query.describe(), "target": target, "results": results}
+        options = query_layer.Options(
+            k=k, target=target, strategy=strategy, overfetch=overfetch, mix=mix
+        )
+        hits = query_layer.run(self.corpus, vectors, options, self._filter(tuple(where)))
+        return {
+            "query": query.describe(),
+            "target": target,
+            "strategy": strategy,
+            "where": list(where),
+            "results": [self._result(rank, hit) for rank, hit in enumerate(hits, 1)],
+        }
 
-    def _images(self, vec: np.ndarray, k: int) -> list[tuple[str, float, None]]:
-        nb = self.images.search(vec, k)[0]
-        ids = self.store.item_ids(nb.ids)
-        return [(i, float(s), None) for i, s in zip(ids, nb.scores, strict=True) if i]
+    def _filter(self, where: tuple[str, ...]) -> np.ndarray | None:
+        """Sorted item rows passing every condition (None: no filter), computed once each."""
+        if not where:
+            return None
+        if where not in self._allowed:
+            conds = tuple(filters.parse(w) for w in where)
+            rows = [
+                it["row"]
+                for it in self.store.iter_items()
+                if filters.matches_all(conds, it.get("extra", {}))
+            ]
+            self._allowed[where] = np.array(sorted(rows), dtype=np.int64)
+        return self._allowed[where]
 
-    def _captions(self, vec: np.ndarray, k: int) -> list[tuple[str, float, dict]]:
-        """Best caption per item: fetch more caption hits until k distinct items or exhausted."""
-        fetch = k * _OVERFETCH
-        while True:
-            nb = self.captions.search(vec, fetch)[0]
-            best: dict[str, dict] = {}  # item id -> its best caption, best first
-            for cid in self.store.caption_ids(nb.ids):
-                cap = self.store.caption(cid) if cid else None
-                if cap and cap["item"] not in best:
-                    best[cap["item"]] = cap
-            exhausted = len(nb.ids) < fetch or fetch >= self.captions.ntotal
-            if len(best) >= k or exhausted:
-                break
-            fetch *= 4
-        score = dict(zip(self.store.caption_ids(nb.ids), nb.scores.tolist(), strict=True))
-        ranked = list(best.values())[:k]
-        return [(c["item"], score[c["id"]], {"id": c["id"], "text": c["text"]}) for c in ranked]
-
-    def _result(self, rank: int, item_id: str, score: float, caption: dict | None) -> dict:
+    def _result(self, rank: int, hit: query_layer.Hit) -> dict[str, Any]:
+        item_id = self.store.item_ids([hit.item])[0]
         item = self.store.item(item_id) or {}
         out = {
             "rank": rank,
             "id": item_id,
-            "score": round(score, 6),
+            "score": round(hit.score, 6),
+            "scores": hit.scores,
             "path": item.get("path"),
             "captions": [c["text"] for c in item.get("captions", [])],
             "extra": item.get("extra", {}),
         }
-        if caption is not None:
-            out["caption"] = caption
+        if hit.caption is not None and hit.caption >= 0:
+            cap = self.store.caption(self.store.caption_ids([hit.caption])[0]) or {}
+            out["caption"] = {"id": cap.get("id"), "text": cap.get("text")}
         return out
+
+
+def _corpus(folder: Path, manifest: dict, images, captions) -> query_layer.Corpus:
+    emb = folder / layout.EMBEDDINGS
+    # Memory-mapped: re-scoring reads only the candidates' rows.
+    return query_layer.Corpus(
+        images=images,
+        captions=captions,
+        image_emb=np.load(emb / "image.npy", mmap_mode="r"),
+        caption_emb=np.load(emb / "caption.npy", mmap_mode="r"),
+        caption_owner=np.load(emb / "caption_owner.npy"),
+        image_norm=np.load(emb / "image.qbnorm.npy"),
+        caption_norm=np.load(emb / "caption.qbnorm.npy"),
+        beta=float(manifest["querybank"]["beta"]),
+    )
 
 
 def search(
     name: str,
-    text: str | None = None,
-    image: str | Path | None = None,
-    k: int = 10,
-    target: str | None = None,
+    query: Query,
     index_dir: str | Path | None = None,
     model: ModelSpec | None = None,
     device: str = "auto",
+    **options: Any,
 ) -> dict[str, Any]:
-    """One-shot search: open index ``name``, run one query, close it."""
+    """One-shot search: open index ``name``, run one query (see `Searcher.search`), close it."""
     with Searcher.open(name, index_dir, model=model, device=device) as s:
-        return s.search(Query(text=text, image=image), k=k, target=target)
+        return s.search(query, **options)

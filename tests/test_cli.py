@@ -96,7 +96,9 @@ def test_info_and_errors_are_one_line(corpora, tmp_path, monkeypatch):
     for args, message in [
         (("search", "nope", "--text", "x"), "no index named 'nope'"),
         (("search", "j", "--text", "x", "--model", "small-vit"), "built with model tiny-vit"),
-        (("search", "j"), "exactly one of --text or --image"),
+        (("search", "j"), "give --text, --image or both"),
+        (("search", "j", "--text", "x", "--term", "bad"), "use text:WEIGHT:words"),
+        (("search", "j", "--text", "x", "--where", "year>=x"), "needs a number"),
         (("build", corpora["jsonl"], "--name", "bad/name"), "bad index name"),
         (("build", corpora["jsonl"], "--name", "y", "--index", "Nope"), "bad FAISS factory"),
         (("build", corpora["jsonl"], "--name", "y", "--model", "nope"), "unknown model 'nope'"),

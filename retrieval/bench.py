@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import layout, metrics
+from . import ablation, layout, metrics, querybank
 from .data import ReadOptions, read_corpus, unique_records
 from .encoder import Encoder, ModelSpec
 from .errors import RetrievalError
 from .index import VectorIndex
+from .querybank import BankConfig
 from .search import Searcher
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,9 @@ class BenchConfig:
     ks: tuple[int, ...] = (1, 5, 10)
     factories: tuple[str, ...] = ()  # approximate indexes to compare with exact search
     group_key: str | None = None  # also count any image whose metadata[key] matches as correct
+    bank: Path | None = None  # querybank corpus (disjoint from the dataset) for the qbnorm row
+    querybank: BankConfig = field(default_factory=BankConfig)
+    mix: float = 0.5  # hybrid rows: weight of the caption signal
     read: ReadOptions = field(default_factory=ReadOptions)
     batch_size: int = 64
     workers: int | None = None
@@ -210,6 +214,40 @@ def _caption_positions(searcher: Searcher, emb: Embedded) -> dict[str, int]:
     return out
 
 
+def _row_from_ranks(name: str, t2i, i2t, ks, max_k: int) -> Row:
+    m, curves = {}, {}
+    for key, ranks in (("image_retrieval", t2i), ("text_retrieval", i2t)):
+        if ranks is None:
+            continue
+        for k, v in metrics.recall_at_k(ranks, ks).items():
+            m[f"{key}_recall@{k}"] = v
+        curves[key] = metrics.recall_curve(ranks, max_k)
+    return Row(name, m, curves)
+
+
+def strategy_rows(emb: Embedded, config: BenchConfig, encoder: Encoder, ks, max_k) -> list[Row]:
+    """One row per query-layer strategy (see `retrieval.ablation`)."""
+    rows = []
+    if config.bank is not None:
+        bank_images, bank_text = querybank.encode_bank(config.bank, encoder, config.read)
+        qb = config.querybank
+        t2i, i2t = ablation.qbnorm_ranks(
+            emb.image,
+            emb.text,
+            emb.text_to_image,
+            querybank.normalisers(emb.image, bank_text, qb),
+            querybank.normalisers(emb.text, bank_images, qb),
+            qb.beta,
+        )
+        name = f"qbnorm (beta {qb.beta:g}, m {qb.m}, bank {Path(config.bank).name})"
+        rows.append(_row_from_ranks(name, t2i, i2t, ks, max_k))
+    for rrf in (False, True):
+        t2i = ablation.hybrid_ranks(emb.image, emb.text, emb.text_to_image, config.mix, rrf)
+        name = "hybrid-rrf" if rrf else f"hybrid (mix {config.mix:g})"
+        rows.append(_row_from_ranks(name, t2i, None, ks, max_k))
+    return rows
+
+
 def run_bench(
     dataset: str | Path, config: BenchConfig, save_embeddings: Path | None = None
 ) -> BenchResult:
@@ -223,6 +261,7 @@ def run_bench(
             config.index, config.index_dir, model=config.model, device=config.device
         )
         emb, model_info = embed_from_index(records, searcher, config), searcher.encoder.spec
+        encoder = searcher.encoder
     else:
         emb, encoder = embed_with_model(records, config)
         model_info = encoder.spec
@@ -231,6 +270,7 @@ def run_bench(
         if searcher is not None:
             rows.append(built_index_row(searcher, emb, ks, max_k))
         rows += [ann_row(f, emb, ks, max_k) for f in config.factories]
+        rows += strategy_rows(emb, config, searcher.encoder if searcher else encoder, ks, max_k)
         if config.group_key:
             rows.append(grouped_row(emb, ks, max_k, config.group_key))
     finally:

@@ -119,7 +119,7 @@ def main(verbose: int) -> None:
 @_model_options("tiny-vit")
 @click.option(
     "--index",
-    "index_factory",
+    "index",
     default="auto",
     show_default=True,
     help="auto (exact below 100k vectors, HNSW above) or a FAISS factory string.",
@@ -132,38 +132,23 @@ def main(verbose: int) -> None:
     show_default=True,
     help="Refuse images with more pixels (decompression bombs).",
 )
+@click.option(
+    "--bank",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="Querybank corpus for qbnorm [the corpus's own captions and images].",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @_read_options
 @_index_dir_option
-def build(
-    corpus,
-    name,
-    model,
-    pretrained,
-    device,
-    index_factory,
-    batch_size,
-    workers,
-    max_pixels,
-    no_progress,
-    read,
-    index_dir,
-):
+def build(corpus, name, model, pretrained, no_progress, index_dir, **options):
     """Build index NAME from CORPUS (any format: see --format)."""
     from .build import BuildConfig
     from .build import build as run_build
     from .encoder import ModelSpec
 
-    config = BuildConfig(
-        model=ModelSpec(model, pretrained),
-        index=index_factory,
-        batch_size=batch_size,
-        workers=workers,
-        device=device,
-        max_pixels=max_pixels,
-        progress=not no_progress,
-        read=read,
-    )
+    # The other options are named after their BuildConfig fields.
+    config = BuildConfig(model=ModelSpec(model, pretrained), progress=not no_progress, **options)
     report = run_build(corpus, name, config, index_dir=index_dir)
     click.echo(report.summary())
     if sum(report.skipped.values()):
@@ -213,51 +198,19 @@ def build(
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_model_options(None)
 @_index_dir_option
-def search(
-    name,
-    text,
-    image,
-    image_weight,
-    terms,
-    k,
-    target,
-    strategy,
-    where,
-    overfetch,
-    mix,
-    as_json,
-    model,
-    pretrained,
-    device,
-    index_dir,
-):
+def search(name, text, image, image_weight, terms, as_json, model, pretrained, **options):
     """Search index NAME by --text, --image, or both (and more --term)."""
     from .encoder import ModelSpec
     from .search import Query
     from .search import search as run_search
 
-    query = Query(
-        text=text,
-        image=image,
-        image_weight=image_weight,
-        terms=tuple(_parse_term(t) for t in terms),
-    )
+    terms = tuple(_parse_term(t) for t in terms)
+    query = Query(text=text, image=image, image_weight=image_weight, terms=terms)
     if not query.all_terms():
         raise click.UsageError("give --text, --image or both")
     spec = ModelSpec(model, pretrained) if model else None
-    out = run_search(
-        name,
-        query,
-        index_dir=index_dir,
-        model=spec,
-        device=device,
-        k=k,
-        target=target,
-        strategy=strategy,
-        where=where,
-        overfetch=overfetch,
-        mix=mix,
-    )
+    # The other options are named after Searcher.search's keywords (and index_dir, device).
+    out = run_search(name, query, model=spec, **options)
     click.echo(json.dumps(out, ensure_ascii=False, indent=2) if as_json else _table(out))
 
 
@@ -374,7 +327,7 @@ def train(corpus, out, model, pretrained, no_progress, read, **options):
 
 @main.command()
 @click.argument("dataset", type=click.Path(exists=True, path_type=Path))
-@click.option("--index", "index_name", default=None, help="Evaluate this built index.")
+@click.option("--index", "index", default=None, help="Evaluate this built index.")
 @_model_options(None)
 @click.option("-k", "ks", default="1,5,10", show_default=True, help="Comma-separated K values.")
 @click.option(
@@ -388,6 +341,15 @@ def train(corpus, out, model, pretrained, no_progress, read, **options):
     default=None,
     help="Also count any image whose metadata KEY matches the caption's as correct.",
 )
+@click.option(
+    "--bank",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="Querybank corpus for the qbnorm row (must not hold the dataset's queries).",
+)
+@click.option("--beta", default=20.0, show_default=True, help="Querybank temperature.")
+@click.option("--bank-m", default=10, show_default=True, help="Querybank neighbours per item.")
+@click.option("--mix", default=0.5, show_default=True, help="Hybrid rows: caption weight.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 @click.option("--markdown", type=click.Path(path_type=Path), default=None)
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Recall@K curves PNG.")
@@ -404,43 +366,34 @@ def train(corpus, out, model, pretrained, no_progress, read, **options):
 @_index_dir_option
 def bench(
     dataset,
-    index_name,
     model,
     pretrained,
-    device,
     ks,
-    factories,
-    group_key,
+    beta,
+    bank_m,
     json_path,
     markdown,
     plot,
     save_embeddings,
-    batch_size,
-    workers,
     no_progress,
-    read,
-    index_dir,
+    **options,
 ):
     """Recall@K on DATASET, of --model/--pretrained or of a built --index, exact and via ANN."""
     from .bench import BenchConfig, run_bench, table, write_outputs
     from .encoder import ModelSpec
+    from .querybank import BankConfig
 
     try:
         k_values = tuple(int(k) for k in ks.split(",") if k.strip())
     except ValueError:
         raise click.BadParameter(f"not a list of integers: {ks}", param_hint="-k") from None
+    # The other options are named after their BenchConfig fields.
     config = BenchConfig(
         model=ModelSpec(model, pretrained) if model else None,
-        index=index_name,
-        index_dir=index_dir,
         ks=k_values,
-        factories=factories,
-        group_key=group_key,
-        read=read,
-        batch_size=batch_size,
-        workers=workers,
-        device=device,
+        querybank=BankConfig(beta=beta, m=bank_m),
         progress=not no_progress,
+        **options,
     )
     result = run_bench(dataset, config, save_embeddings=save_embeddings)
     click.echo(

@@ -70,8 +70,9 @@ def ranks_of(values: np.ndarray) -> np.ndarray:
     out = np.full(v.shape, np.inf)
     known = ~np.isnan(v)
     kv = v[known]
-    # rank = 1 + number of strictly larger values
-    out[known] = 1 + (kv[None, :] > kv[:, None]).sum(axis=1)
+    ascending = np.sort(kv)
+    # rank = 1 + how many values are strictly larger
+    out[known] = 1 + len(kv) - np.searchsorted(ascending, kv, side="right")
     return out
 
 

@@ -146,6 +146,8 @@ def run(
     if options.strategy == "arith":
         terms = [_arithmetic(terms)]
     k, fetch = options.k, max(options.k, options.overfetch * options.k)
+    if options.strategy == "cosine" and len(terms) == 1:
+        fetch = k  # nothing to fuse: the index's own top k are the answer
     plan = [(t, name, w) for t in terms for name, w in _signals(t.kind, options)]
     pool = [candidates(corpus, t.vector, name[-1], k, fetch, allowed) for t, name, _ in plan]
     items = np.unique(np.concatenate(pool)) if pool else np.zeros(0, np.int64)

@@ -1,0 +1,173 @@
+"""Which query-layer strategies pay, and what they cost: sweeps on synthetic data and coco-mini.
+
+    python benchmarks/query_layer.py --pretrained retrieval/models/tiny-vit-shapes.pt
+
+Quality (exact search, every strategy against plain cosine, Recall@1/5 both ways):
+- synthetic: 1,000 held-out images (seed 999), querybank from another 1,000 (seed 998);
+- coco-mini: a tiny model trained here on the 159 val2017 photos, evaluated on the 80
+  train2017 photos, querybank = the val2017 photos and captions (never the queries).
+Querybank normalisation sweeps beta and m; hybrid sweeps the caption weight (mix).
+
+Cost: per-query latency of `Searcher.search` at k=10 for each strategy on a built index of the
+held-out set, with the query embedding computed once outside the timing, as a ratio to cosine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from retrieval import ablation, metrics, querybank, synthetic
+from retrieval import query as query_layer
+from retrieval.bench import BenchConfig, embed_with_model, load_dataset
+from retrieval.build import BuildConfig, build
+from retrieval.data import ReadOptions
+from retrieval.encoder import Encoder, ModelSpec
+from retrieval.search import Searcher
+from retrieval.train import TrainConfig, train
+
+COCO_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini"
+BETAS, MS, MIXES = (5.0, 10.0, 20.0, 50.0, 100.0), (1, 3, 10, 30), (0.1, 0.2, 0.3, 0.5)
+
+
+def recalls(t2i, i2t) -> dict[str, float]:
+    out = {f"t2i R@{k}": v for k, v in metrics.recall_at_k(t2i, (1, 5)).items()}
+    if i2t is not None:
+        out |= {f"i2t R@{k}": v for k, v in metrics.recall_at_k(i2t, (1, 5)).items()}
+    return out
+
+
+def sweep(dataset: Path, bank: Path, model: ModelSpec, read: ReadOptions) -> list[dict]:
+    config = BenchConfig(model=model, read=read, progress=False)
+    records, _ = load_dataset(dataset, config)
+    emb, encoder = embed_with_model(records, config)
+    bank_images, bank_text = querybank.encode_bank(bank, encoder, read_bank(read))
+    t2i, i2t = metrics.retrieval_ranks(emb.image, emb.text, emb.text_to_image)
+    rows = [{"strategy": "cosine", **recalls(t2i, i2t)}]
+    for beta in BETAS:
+        for m in MS:
+            qb = querybank.BankConfig(beta=beta, m=m)
+            ranks = ablation.qbnorm_ranks(
+                emb.image,
+                emb.text,
+                emb.text_to_image,
+                querybank.normalisers(emb.image, bank_text, qb),
+                querybank.normalisers(emb.text, bank_images, qb),
+                beta,
+            )
+            rows.append({"strategy": f"qbnorm beta={beta:g} m={m}", **recalls(*ranks)})
+    for mix in MIXES:
+        ranks = ablation.hybrid_ranks(emb.image, emb.text, emb.text_to_image, mix, False)
+        rows.append({"strategy": f"hybrid mix={mix:g}", **recalls(ranks, None)})
+    ranks = ablation.hybrid_ranks(emb.image, emb.text, emb.text_to_image, 0.5, True)
+    rows.append({"strategy": "hybrid-rrf", **recalls(ranks, None)})
+    return rows
+
+
+def read_bank(read: ReadOptions) -> ReadOptions:
+    return ReadOptions(split="val2017") if read.split == "train2017" else ReadOptions()
+
+
+def latency(corpus: Path, model: ModelSpec, tmp: Path, n_queries: int = 200) -> list[dict]:
+    encoder = Encoder.load(model)
+    build(corpus, "ql", BuildConfig(model=model, progress=False), index_dir=tmp, encoder=encoder)
+    texts = [json.loads(line)["captions"][0] for line in corpus.read_text().splitlines()]
+    vecs = encoder.encode_texts(texts[:n_queries])
+    out = []
+    with Searcher.open("ql", tmp, encoder=encoder) as s:
+        for strategy in ("cosine", "qbnorm", "hybrid", "hybrid-rrf"):
+            options = query_layer.Options(k=10, target="images", strategy=strategy)
+            times = []
+            for v in vecs:
+                start = time.perf_counter()
+                query_layer.run(s.corpus, [query_layer.Term("t", v[None, :])], options)
+                times.append(time.perf_counter() - start)
+            out.append(
+                {
+                    "strategy": strategy,
+                    "p50_ms": 1e3 * statistics.median(times),
+                    "mean_ms": 1e3 * statistics.fmean(times),
+                }
+            )
+    base = out[0]["mean_ms"]
+    for row in out:
+        row["ratio_to_cosine"] = row["mean_ms"] / base
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    keys = [k for k in rows[0] if k != "strategy"]
+    base = rows[0]
+    lines = ["| strategy | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for r in rows:
+        cells = [
+            f"{100 * r[k]:.1f}" + ("" if r is base else f" ({100 * (r[k] - base[k]):+.1f})")
+            if k in r
+            else "-"
+            for k in keys
+        ]
+        lines.append(f"| {r['strategy']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def coco_model(tmp: Path, epochs: int) -> ModelSpec:
+    run = train(
+        COCO_MINI / "captions.json",
+        tmp / "coco",
+        TrainConfig(
+            epochs=epochs,
+            batch_size=53,
+            lr=1e-3,
+            warmup=10,
+            read=ReadOptions(split="val2017"),
+            progress=False,
+        ),
+    )
+    return ModelSpec("tiny-vit", str(run.latest))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pretrained", required=True, help="the synthetic (demo) model")
+    ap.add_argument("--coco-epochs", type=int, default=30)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/query_layer"))
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    shapes = ModelSpec("tiny-vit", args.pretrained)
+    report = {}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        held = synthetic.generate(tmp / "held", n=1000, seed=999)
+        bank = synthetic.generate(tmp / "bank", n=1000, seed=998)
+        report["synthetic"] = sweep(held, bank, shapes, ReadOptions())
+        if COCO_MINI.is_dir():
+            model = coco_model(tmp, args.coco_epochs)
+            report["coco-mini"] = sweep(
+                COCO_MINI / "captions.json",
+                COCO_MINI / "captions.json",
+                model,
+                ReadOptions(split="train2017"),
+            )
+        report["latency"] = latency(held, shapes, tmp / "ix")
+    (args.out / "query_layer.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = "\n\n".join(
+        f"**{name}**\n\n{markdown(rows)}" for name, rows in report.items() if name != "latency"
+    )
+    text += "\n\n**latency (k=10, text->image)**\n\n" + "\n".join(
+        f"- {r['strategy']}: p50 {r['p50_ms']:.2f} ms, mean {r['mean_ms']:.2f} ms, "
+        f"{r['ratio_to_cosine']:.2f}x cosine"
+        for r in report["latency"]
+    )
+    (args.out / "query_layer.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()

@@ -193,7 +193,7 @@ def build(corpus, name, model, pretrained, no_progress, index_dir, **options):
 )
 @click.option("--overfetch", default=10, show_default=True, help="Candidates per signal: x k.")
 @click.option(
-    "--mix", default=0.5, show_default=True, help="hybrid: weight of the other modality's signal."
+    "--mix", default=0.2, show_default=True, help="hybrid: weight of the other modality's signal."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_model_options(None)

@@ -64,10 +64,11 @@ class Corpus:
 
     def captions_of(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Caption rows of ``items`` (U,), and for each the position in ``items`` it belongs to."""
-        spans = [self._order[self._starts[i] : self._starts[i + 1]] for i in items]
-        rows = np.concatenate(spans) if spans else np.zeros(0, np.int64)
-        pos = np.repeat(np.arange(len(items)), [len(s) for s in spans])
-        return rows, pos
+        lo, hi = self._starts[items], self._starts[items + 1]
+        counts = hi - lo
+        pos = np.repeat(np.arange(len(items)), counts)
+        within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        return self._order[np.repeat(lo, counts) + within], pos
 
 
 @dataclass(frozen=True, eq=False)  # compared by identity: it holds an array

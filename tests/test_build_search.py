@@ -40,7 +40,7 @@ def test_text_search_matches_brute_force_over_stored_embeddings(synth_index, enc
     folder = layout.resolve("synth", synth_index)
     emb = np.load(folder / "embeddings" / "image.npy").astype(np.float32)
     with Searcher.open("synth", synth_index, encoder=encoder) as s:
-        out = s.search(Query(text="a red circle left of a blue square"), k=7)
+        out = s.search(Query(text="a red circle left of a blue square"), k=7, strategy="cosine")
         q = encoder.encode_texts(["a red circle left of a blue square"])[0]
         want = np.argsort(-(emb @ q), kind="stable")[:7]
         rows = [s.store.item(r["id"])["row"] for r in out["results"]]

@@ -74,7 +74,7 @@ def test_hybrid_fuses_images_and_captions_like_brute_force(searcher, encoder):
     out = searcher.search(Query(text=text), k=6, strategy="hybrid", mix=0.3, overfetch=ALL)
     assert [r["id"] for r in out["results"]] == ids_of(searcher, want)
     assert set(out["results"][0]["scores"]) == {"t2i", "t2t"}
-    rrf = searcher.search(Query(text=text), k=6, strategy="hybrid-rrf", overfetch=ALL)
+    rrf = searcher.search(Query(text=text), k=6, strategy="hybrid-rrf", mix=0.5, overfetch=ALL)
     want = fusion.top_k(fusion.reciprocal_rank_fusion({"a": t2i, "b": t2t}, {}), 6)
     assert [r["id"] for r in rrf["results"]] == ids_of(searcher, want)
 
@@ -139,3 +139,12 @@ def test_strategy_and_term_errors(searcher):
         searcher.search(
             Query(text="x", terms=(QueryTerm(text="x", weight=-1.0),)), strategy="arith"
         )
+
+
+def test_default_strategy_is_hybrid_for_text_to_image_only(searcher, synth_corpus):
+    assert searcher.search(Query(text="a red circle"), k=2)["strategy"] == "hybrid"
+    image = synth_corpus.parent / "images" / "000001.png"
+    assert searcher.search(Query(image=image), k=2)["strategy"] == "cosine"
+    assert (
+        searcher.search(Query(text="a red circle"), k=2, target="captions")["strategy"] == "cosine"
+    )

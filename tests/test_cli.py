@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import write_image, write_jsonl
@@ -111,9 +112,32 @@ def test_info_and_errors_are_one_line(corpora, tmp_path, monkeypatch):
 
 def test_synth_and_demo(tmp_path):
     out = run("demo", "--workdir", tmp_path / "d", "-n", "24", "--index-dir", tmp_path).output
-    assert "UNTRAINED" in out and "24 images and 72 captions" in out
-    assert out.count("query {") == 4
+    assert "trained weights" in out and "tiny-vit-shapes.pt" in out
+    assert "24 images and 72 captions" in out and out.count("query {") == 4
+    untrained = run(
+        "demo", "--workdir", tmp_path / "d", "--model", "tiny-vit", "--index-dir", tmp_path
+    ).output
+    assert "UNTRAINED" in untrained
     assert "wrote" in run("synth", tmp_path / "s", "-n", "3").output
+
+
+def test_shipped_demo_model_finds_the_scene(tmp_path):
+    from retrieval import synthetic
+    from retrieval.data import read_corpus
+    from retrieval.demo import SHIPPED_MODEL
+    from retrieval.encoder import Encoder, ModelSpec
+    from retrieval.metrics import grouped_text_to_image_ranks, recall_at_k
+
+    records = list(read_corpus(synthetic.generate(tmp_path, n=60, seed=4242)))
+    enc = Encoder.load(ModelSpec("tiny-vit", str(SHIPPED_MODEL)), device="cpu")
+    images, _, _ = enc.encode_image_files([r.image for r in records], workers=0)
+    texts = [c for r in records for c in r.captions]
+    owner = np.array([i for i, r in enumerate(records) for _ in r.captions])
+    scenes = np.array([r.extra["scene"] for r in records])
+    ranks = grouped_text_to_image_ranks(images, enc.encode_texts(texts), scenes, scenes[owner])
+    recall = recall_at_k(ranks, (1, 5))
+    # An untrained model scores about 0.02 and 0.1 here.
+    assert recall[1] >= 0.5 and recall[5] >= 0.9, recall
 
 
 def test_console_script_builds_and_searches_in_fresh_processes(corpora, tmp_path):

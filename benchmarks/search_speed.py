@@ -1,0 +1,210 @@
+"""Search speed of the engine's indexes on embedding-like vectors, against exact search.
+
+    python benchmarks/search_speed.py --sizes 100000 1000000
+
+Data: N x 512 unit vectors shaped like CLIP embeddings rather than isotropic noise: a shared
+mean direction (embeddings sit in a narrow cone), ~sqrt(N) clusters, each spread along a
+decaying spectrum plus a few random directions of its own; queries come from the same
+generator (not from the base set), shifted by a fixed "modality gap" vector.
+
+For each index: build time, bytes per vector, and for batches of 1, 16, 64, 256, 1000 queries:
+queries/s, p50/p99 batch latency and recall@10 against exact search. The machine's GEMM
+throughput is measured in the same run, and exact search is compared with it and with FAISS's
+default flat search (which uses BLAS only from 250 queries up at d=512).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from retrieval.index import VectorIndex, choose_factory
+
+D, K = 512, 10
+BATCHES = (1, 16, 64, 256, 1000)
+
+
+def embeddings(n: int, seed: int, gap: float = 0.0) -> np.ndarray:
+    """(n, D) float32 unit vectors with CLIP-like structure (see the module docstring)."""
+    rng = np.random.default_rng(12345)  # the same clusters for base and queries
+    n_clusters = max(8, int(np.sqrt(n)))
+    mean = rng.standard_normal(D).astype(np.float32)
+    centres = rng.standard_normal((n_clusters, D)).astype(np.float32) * 0.6 + 2.0 * mean / 22.6
+    spectrum = (1.0 / np.sqrt(1 + np.arange(D))).astype(np.float32)
+    extra = rng.standard_normal((n_clusters, 4, D)).astype(np.float32) * 0.05
+    gap_dir = rng.standard_normal(D).astype(np.float32)
+    draw = np.random.default_rng(seed)
+    out = np.empty((n, D), dtype=np.float32)
+    for s in range(0, n, 100_000):
+        m = min(100_000, n - s)
+        c = draw.integers(0, n_clusters, m)
+        x = centres[c] + 0.5 * draw.standard_normal((m, D)).astype(np.float32) * spectrum
+        x += np.einsum("mk,mkd->md", draw.standard_normal((m, 4)).astype(np.float32), extra[c])
+        x += gap * gap_dir / np.linalg.norm(gap_dir)
+        out[s : s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def gemm_gflops() -> float:
+    a = np.random.default_rng(0).standard_normal((4096, D), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((D, 8192), dtype=np.float32)
+    best = np.inf
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * 4096 * D * 8192 / best / 1e9
+
+
+def read_bandwidth_gbs() -> float:
+    """GB/s of one pass over a 1 GiB float32 array: the roofline of small-batch exact search."""
+    x = np.ones(1 << 28, dtype=np.float32)
+    best = np.inf
+    for _ in range(3):
+        start = time.perf_counter()
+        torch.from_numpy(x).sum()
+        best = min(best, time.perf_counter() - start)
+    return x.nbytes / best / 1e9
+
+
+def time_batches(search, queries: np.ndarray, nq: int, min_s: float = 2.0) -> list[float]:
+    times, start, i = [], time.perf_counter(), 0
+    search(queries[:nq])  # warm-up
+    while len(times) < 5 or (time.perf_counter() - start < min_s and len(times) < 200):
+        rows = (np.arange(nq) + i * nq) % len(queries)
+        q = np.ascontiguousarray(queries[rows])
+        t = time.perf_counter()
+        search(q)
+        times.append(time.perf_counter() - t)
+        i += 1
+    return times
+
+
+def recall_at_10(ids: list[np.ndarray], truth: list[np.ndarray]) -> float:
+    return float(
+        np.mean([len(set(a[:K]) & set(b[:K])) / K for a, b in zip(ids, truth, strict=True)])
+    )
+
+
+def measure(name: str, search, queries, truth, n: int, build_s: float, nbytes: int) -> dict:
+    row = {
+        "index": name,
+        "build_s": round(build_s, 2),
+        "bytes_per_vector": round(nbytes / n, 1),
+        "recall@10": round(recall_at_10(search(queries[:1000]), truth), 4),
+        "batches": {},
+    }
+    for nq in BATCHES:
+        times = np.array(time_batches(search, queries, nq))
+        row["batches"][nq] = {
+            "qps": round(nq / times.mean(), 1),
+            "p50_ms": round(1e3 * np.percentile(times, 50), 3),
+            "p99_ms": round(1e3 * np.percentile(times, 99), 3),
+            "gflops": round(2 * nq * n * D / times.mean() / 1e9, 1),
+        }
+    print(name, json.dumps(row))
+    return row
+
+
+def engine_rows(xb: np.ndarray, queries: np.ndarray, truth, factories) -> list[dict]:
+    rows = []
+    for name, factory, knob in factories:
+        start = time.perf_counter()
+        vi = VectorIndex.build(xb, np.arange(len(xb)), factory)
+        build_s = time.perf_counter() - start
+        nbytes = faiss.serialize_index(vi.cpu_index).nbytes
+        for label, value in knob or [(None, None)]:
+            if label:
+                _set_knob(vi, label, value)
+
+            def search(q, vi=vi):
+                return [nb.ids for nb in vi.search(q, K)]
+
+            title = f"{name} ({factory}{', ' + label + '=' + str(value) if label else ''})"
+            rows.append(measure(title, search, queries, truth, len(xb), build_s, nbytes))
+    return rows
+
+
+def _set_knob(vi: VectorIndex, label: str, value: int) -> None:
+    if label == "efSearch":
+        faiss.downcast_index(vi.cpu_index.index).hnsw.efSearch = value
+    else:
+        faiss.extract_index_ivf(vi.cpu_index).nprobe = value
+
+
+def faiss_default_flat(xb, queries, truth) -> dict:
+    start = time.perf_counter()
+    index = faiss.IndexFlatIP(D)
+    index.add(xb)
+    build_s = time.perf_counter() - start
+
+    def search(q):
+        return list(index.search(q, K)[1])
+
+    return measure(
+        "faiss IndexFlatIP, default BLAS threshold",
+        search,
+        queries,
+        truth,
+        len(xb),
+        build_s,
+        len(xb) * D * 4,
+    )
+
+
+def run_size(n: int, with_hnsw: bool) -> dict:
+    xb, queries = embeddings(n, seed=1), embeddings(5000, seed=2, gap=0.3)
+    exact = VectorIndex.build(xb, np.arange(n), "Flat")
+    truth = [nb.ids for nb in exact.search(queries[:1000], K)]
+    nlist = int(4 * np.sqrt(n))
+    factories = [
+        ("exact", "Flat", None),
+        ("auto", choose_factory(n), None),
+        ("ivf", f"IVF{nlist},Flat", [("nprobe", p) for p in (8, 16, 32, 64)]),
+    ]
+    if with_hnsw:
+        factories.insert(2, ("hnsw", "HNSW32", [("efSearch", e) for e in (32, 64, 128, 256)]))
+    rows = engine_rows(xb, queries, truth, factories)
+    rows.append(faiss_default_flat(xb, queries, truth))
+    return {"n": n, "rows": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--hnsw-max", type=int, default=200_000, help="skip HNSW builds above this N")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/search_speed.json"))
+    args = ap.parse_args()
+    report = {
+        "machine": {
+            "cpu": _cpu(),
+            "cores": torch.get_num_threads(),
+            "numpy": np.__version__,
+            "torch": torch.__version__,
+            "faiss": faiss.__version__,
+            "python": platform.python_version(),
+        },
+        "gemm_gflops": round(gemm_gflops(), 1),
+    }
+    print("GEMM GFLOP/s:", report["gemm_gflops"])
+    report["sizes"] = [run_size(n, n <= args.hnsw_max) for n in args.sizes]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()

@@ -196,9 +196,15 @@ def build(corpus, name, model, pretrained, no_progress, index_dir, **options):
     "--mix", default=0.2, show_default=True, help="hybrid: weight of the other modality's signal."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option(
+    "--grid",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write the results as a contact sheet (PNG): thumbnails, rank, score, caption.",
+)
 @_model_options(None)
 @_index_dir_option
-def search(name, text, image, image_weight, terms, as_json, model, pretrained, **options):
+def search(name, text, image, image_weight, terms, as_json, grid, model, pretrained, **options):
     """Search index NAME by --text, --image, or both (and more --term)."""
     from .encoder import ModelSpec
     from .search import Query
@@ -212,6 +218,28 @@ def search(name, text, image, image_weight, terms, as_json, model, pretrained, *
     # The other options are named after Searcher.search's keywords (and index_dir, device).
     out = run_search(name, query, model=spec, **options)
     click.echo(json.dumps(out, ensure_ascii=False, indent=2) if as_json else _table(out))
+    if grid is not None:
+        from .grid import contact_sheet
+
+        click.echo(f"contact sheet: {contact_sheet(out['results'], grid)}", err=as_json)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
+@click.option("--port", default=8000, show_default=True)
+@click.option(
+    "--max-upload-mb", default=10.0, show_default=True, help="Largest request body accepted."
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, ...")
+@_index_dir_option
+def serve(name, host, port, max_upload_mb, device, index_dir):
+    """Serve index NAME over HTTP: a search page at / and a JSON API (docs at /docs)."""
+    from .serve import ServeConfig
+    from .serve import serve as run_server
+
+    config = ServeConfig(max_upload_bytes=int(max_upload_mb * 2**20))
+    run_server(name, index_dir, host=host, port=port, device=device, config=config)
 
 
 def _parse_term(text: str):

@@ -327,6 +327,12 @@ def _table(out: dict) -> str:
 )
 @click.option("--workers", type=int, default=None, help="Image-decoding processes [cores-1].")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/latest.pt.")
+@click.option(
+    "--batch-group",
+    default=None,
+    metavar="FIELD",
+    help="Keep items with equal values of metadata FIELD in one batch (hard negatives).",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @_read_options
 def train(corpus, out, model, pretrained, no_progress, read, **options):
@@ -472,11 +478,14 @@ def info(name, as_json, index_dir):
 @click.option("-n", "n", default=500, show_default=True, help="Number of images.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--size", default=64, show_default=True, help="Image side in pixels.")
-def synth(out, n, seed, size):
+@click.option(
+    "--twins", is_flag=True, help="Every other image: the previous scene with its shapes swapped."
+)
+def synth(out, n, seed, size, twins):
     """Write the synthetic shapes corpus (images + corpus.jsonl) to OUT."""
     from .synthetic import generate
 
-    click.echo(f"wrote {generate(out, n=n, seed=seed, size=size)}")
+    click.echo(f"wrote {generate(out, n=n, seed=seed, size=size, twins=twins)}")
 
 
 @main.command()

@@ -103,11 +103,17 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
 
 
-def generate(out_dir: str | Path, n: int = 500, seed: int = 0, size: int = 64) -> Path:
+def generate(
+    out_dir: str | Path, n: int = 500, seed: int = 0, size: int = 64, twins: bool = False
+) -> Path:
     """Write ``n`` images and ``corpus.jsonl`` under ``out_dir``; return the corpus file's path.
 
     Each JSONL record holds the image, its captions and the scene as metadata
     (``scene``, ``relation``, colours and shapes), usable as filters and as ground truth.
+    ``twins``: every odd image shows the previous one's scene with its two shapes swapped
+    ("A left of B", then "B left of A"), both with the same ``pair`` field, so that a trainer
+    keeping pairs in one batch (``retrieval train --batch-group pair``) sees word order as a
+    hard negative; without them a model can score well as a bag of words.
     """
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -115,7 +121,8 @@ def generate(out_dir: str | Path, n: int = 500, seed: int = 0, size: int = 64) -
     with corpus.open("w", encoding="utf-8") as f:
         for i in range(n):
             rng = np.random.default_rng([seed, i])
-            scene = random_scene(rng)
+            scene = random_scene(np.random.default_rng([seed, i - 1])) if twins and i % 2 else None
+            scene = _swapped(scene) if scene else random_scene(rng)
             rel = f"images/{i:06d}.png"
             render(scene, size, rng).save(out / rel, optimize=False)
             record = {
@@ -126,6 +133,11 @@ def generate(out_dir: str | Path, n: int = 500, seed: int = 0, size: int = 64) -
                 "relation": scene.relation,
                 "colours": sorted({scene.a_colour, scene.b_colour}),
                 "shapes": sorted({scene.a_shape, scene.b_shape}),
+                **({"pair": i // 2} if twins else {}),
             }
             f.write(json.dumps(record) + "\n")
     return corpus
+
+
+def _swapped(scene: Scene) -> Scene:
+    return Scene(scene.b_colour, scene.b_shape, scene.relation, scene.a_colour, scene.a_shape)

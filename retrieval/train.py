@@ -67,6 +67,7 @@ class TrainConfig:
     read: ReadOptions = field(default_factory=ReadOptions)
     resume: bool = False
     progress: bool = True
+    batch_group: str | None = None  # metadata field: items sharing its value share a batch
 
 
 @dataclass
@@ -113,11 +114,20 @@ def lr_lambda(total: int, warmup: int):
     return f
 
 
-def epoch_batches(n: int, epoch: int, seed: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, size) item indices of each step, and one caption draw (n,) per item; last drops."""
+def epoch_batches(
+    n: int, epoch: int, seed: int, size: int, groups: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, size) item indices of each step, and one caption draw (n,) per item; last drops.
+
+    ``groups`` (n,) int: items of one group are laid out next to each other (groups and the
+    items within each in random order), so they share a batch unless a boundary splits them.
+    """
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(n)
     draws = rng.random(n)
+    if groups is not None:
+        rank = rng.permutation(int(groups.max()) + 1 if n else 0)[groups[order]]
+        order = order[np.argsort(rank, kind="stable")]
     steps = n // size
     return order[: steps * size].reshape(steps, size), draws
 
@@ -194,7 +204,7 @@ def _datasets(corpus, out: Path, config: TrainConfig, encoder, world: World):
     def load(recs, name):
         if world.rank != 0 and world.size > 1:
             dist.barrier()  # rank 0 decodes; the others then read its cache
-        ts = load_trainset(recs, encoder, out / "cache", workers, show)
+        ts = load_trainset(recs, encoder, out / "cache", workers, show, config.batch_group)
         if world.rank == 0 and world.size > 1:
             dist.barrier()
         log.info("%s: %d usable pairs, %d items skipped", name, len(ts), len(ts.skipped))
@@ -241,7 +251,8 @@ def _run_epoch(
     device = next(model.parameters()).device
     autocast, scaler = _amp(device)
     per_step = config.batch_size * config.accum_steps
-    batches, draws = epoch_batches(len(data), epoch, config.seed, per_step * world.size)
+    size = per_step * world.size
+    batches, draws = epoch_batches(len(data), epoch, config.seed, size, data.groups)
     chunk = min(config.chunk_size or config.batch_size, config.batch_size)
     if config.accum_steps == 1 and chunk >= config.batch_size:
         chunk = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ class TrainSet:
     mean: torch.Tensor
     std: torch.Tensor
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    groups: np.ndarray | None = None  # (N,) int64 batch group of each item, or None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -94,9 +96,18 @@ def split_records(records: Sequence[Record], fraction: float, seed: int):
 
 
 def load_trainset(
-    records: Sequence[Record], encoder, cache_dir: Path, workers: int, progress: bool
+    records: Sequence[Record],
+    encoder,
+    cache_dir: Path,
+    workers: int,
+    progress: bool,
+    group_field: str | None = None,
 ) -> TrainSet:
-    """Decode (once, cached) and tokenise; drop items with no usable image or caption."""
+    """Decode (once, cached) and tokenise; drop items with no usable image or caption.
+
+    ``group_field``: items with equal values of this metadata field form a batch group (see
+    `retrieval.train.epoch_batches`); an item without the field is a group of its own.
+    """
     size = _image_size(encoder)
     px, failures = pixels.load_or_build(
         [r.image for r in records], size, cache_dir, workers, progress=progress
@@ -124,7 +135,16 @@ def load_trainset(
         mean=mean,
         std=std,
         skipped=skipped,
+        groups=_groups([records[i] for i in rows], group_field) if group_field else None,
     )
+
+
+def _groups(records: Sequence[Record], name: str) -> np.ndarray:
+    keys = [
+        json.dumps(r.extra.get(name, ["<own>", k]), sort_keys=True) for k, r in enumerate(records)
+    ]
+    index = {k: g for g, k in enumerate(dict.fromkeys(keys))}
+    return np.array([index[k] for k in keys], dtype=np.int64)
 
 
 def _image_size(encoder) -> int:

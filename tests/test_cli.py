@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import write_image, write_jsonl
+from PIL import Image
 
 from retrieval.cli import main
 
@@ -81,11 +82,22 @@ def test_build_and_search_every_format(corpora, tmp_path, fmt):
     image = corpora["folder"] / "green.jpg"
     res = json.loads(run("search", fmt, "--image", image, "--json", "--index-dir", tmp_path).output)
     assert res["target"] == "captions" and len(res["results"]) == 3
+    sheet = tmp_path / "sheet.png"
     table = run(
-        "search", fmt, "--image", image, "--target", "images", "--index-dir", tmp_path
+        "search",
+        fmt,
+        "--image",
+        image,
+        "--target",
+        "images",
+        "--index-dir",
+        tmp_path,
+        "--grid",
+        sheet,
     ).output
     assert table.splitlines()[0].split()[:3] == ["rank", "score", "id"]
     assert "1.0000" in table.splitlines()[1]  # the image itself comes first
+    assert f"contact sheet: {sheet}" in table and Image.open(sheet).format == "PNG"
 
 
 def test_info_and_errors_are_one_line(corpora, tmp_path, monkeypatch):

@@ -44,3 +44,14 @@ def test_relation_is_visible_in_the_pixels():
     red = np.argwhere((px[..., 0] > 180) & (px[..., 2] < 80))
     blue = np.argwhere((px[..., 2] > 180) & (px[..., 0] < 80))
     assert red[:, 1].mean() < blue[:, 1].mean()
+
+
+def test_twins_swap_the_shapes_of_the_previous_scene(tmp_path):
+    from retrieval.data import read_corpus
+
+    records = list(read_corpus(synthetic.generate(tmp_path, n=6, seed=4, twins=True)))
+    for even, odd in zip(records[::2], records[1::2], strict=True):
+        a, rel, b = even.extra["scene"].split("|")
+        assert odd.extra["scene"] == f"{b}|{rel}|{a}"
+        assert even.extra["pair"] == odd.extra["pair"]
+    assert len({r.extra["pair"] for r in records}) == 3

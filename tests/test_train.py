@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -77,6 +78,20 @@ def test_batches_never_repeat_an_image_and_differ_per_epoch():
     b, _ = epoch_batches(103, epoch=2, seed=0, size=16)
     assert not np.array_equal(a, b)
     np.testing.assert_array_equal(a, epoch_batches(103, epoch=1, seed=0, size=16)[0])
+
+
+def test_batch_groups_share_a_batch():
+    # Groups of sizes 1..4 over 101 items; batches of 12 split a group only at a boundary.
+    groups = np.repeat(np.arange(44), np.tile([1, 2, 3, 4], 11))[:101]
+    a, _ = epoch_batches(101, epoch=3, seed=0, size=12, groups=groups)
+    assert a.shape == (8, 12) and len(np.unique(a)) == a.size
+    flat = groups[a.ravel()]
+    runs = [g for i, g in enumerate(flat) if i == 0 or flat[i - 1] != g]
+    assert len(runs) == len(set(runs))  # each group's items sit together
+    split = sum(len(set(groups[b]) & set(groups[c])) for b, c in itertools.pairwise(a))
+    assert split <= len(a) - 1
+    b, _ = epoch_batches(101, epoch=4, seed=0, size=12, groups=groups)
+    assert not np.array_equal(a, b)
 
 
 def test_schedule_warms_up_then_decays_to_zero():

@@ -192,8 +192,9 @@ def main() -> None:
             "python": platform.python_version(),
         },
         "gemm_gflops": round(gemm_gflops(), 1),
+        "read_gbs": round(read_bandwidth_gbs(), 1),
     }
-    print("GEMM GFLOP/s:", report["gemm_gflops"])
+    print("GEMM GFLOP/s:", report["gemm_gflops"], "read GB/s:", report["read_gbs"])
     report["sizes"] = [run_size(n, n <= args.hnsw_max) for n in args.sizes]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

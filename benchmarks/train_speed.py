@@ -15,10 +15,11 @@ trains the shipped ``tiny-vit`` config from the same random initialisation with
 with the same batch size, number of optimizer steps, learning rate, warm-up, cosine schedule,
 weight decay, AdamW betas and epsilon, number of data-loading workers
 (``retrieval.encoder.default_workers()``), fp32 on the CPU, seed 0 and no evaluation while
-timing. Each trainer keeps its own default checkpointing (a checkpoint at the end of each of its
-epochs). Each trainer runs as its own process; a global optimizer-step hook
-(``torch.optim.optimizer.register_optimizer_step_post_hook``) stamps the wall-clock time of
-every optimizer step, so that for both trainers the script reports
+timing. Both write the same number of checkpoints: open_clip one at the end of each of its epochs
+(its default), the engine one every as many of its (shorter: one caption per image) epochs as
+make the same number of steps (``--save-every``). Each trainer runs as its own process; a
+global optimizer-step hook (``torch.optim.optimizer.register_optimizer_step_post_hook``) stamps
+the wall-clock time of every optimizer step, so that for both trainers the script reports
 
 - end to end: ``steps x batch / (process exit - process launch)``: start-up, imports, model
   creation, data reading (and the engine's decode-once), training, checkpoints, exit;
@@ -154,7 +155,9 @@ def write_csv(items: list[Item], path: Path) -> int:
 # ----------------------------------------------------------------------------- trainers
 
 
-def engine_args(csv_path: Path, out: Path, steps: int, workers: int, h: Hyper) -> list[str]:
+def engine_args(
+    csv_path: Path, out: Path, steps: int, workers: int, h: Hyper, save_every: int
+) -> list[str]:
     return [
         "train",
         str(csv_path),
@@ -176,6 +179,8 @@ def engine_args(csv_path: Path, out: Path, steps: int, workers: int, h: Hyper) -
         str(h.seed),
         "--workers",
         str(workers),
+        "--save-every",
+        str(save_every),
         "--no-progress",
     ]
 
@@ -438,6 +443,8 @@ def main() -> None:
     engine_per_epoch = len(train_items) // h.batch  # engine: images, last partial batch dropped
     epochs = -(-args.steps // oc_per_epoch)
     steps = epochs * oc_per_epoch
+    # One checkpoint per open_clip epoch's worth of steps for both trainers.
+    save_every = max(1, oc_per_epoch // max(1, engine_per_epoch))
     info = machine()
     print(
         f"{len(train_items)} training photos ({pairs} pairs) of {n_photos}; batch {h.batch}; "
@@ -460,7 +467,7 @@ def main() -> None:
                 work.mkdir(exist_ok=True)
                 if kind == "engine":
                     out = work / "engine"
-                    argv = engine_args(csv_path, out, steps, workers, h)
+                    argv = engine_args(csv_path, out, steps, workers, h, save_every)
                     run = run_trainer(kind, argv, work, engine_per_epoch, out / "checkpoints")
                 else:
                     logs = work / "open_clip"

@@ -54,18 +54,28 @@ def _item_max_leave_one_out(
 
 
 def hybrid_ranks(
-    image: np.ndarray, text: np.ndarray, text_to_image: np.ndarray, mix: float, rrf: bool
+    image: np.ndarray,
+    text: np.ndarray,
+    text_to_image: np.ndarray,
+    mix: float,
+    rrf: bool,
+    item_groups: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Text->image ranks of images fused with the items' other captions (leave-one-out)."""
+    """Text->image ranks of images fused with the items' other captions (leave-one-out).
+
+    ``item_groups`` (I,): count any item of the caption's item's group as correct (e.g. any
+    image of the same synthetic scene), as `retrieval.metrics.grouped_text_to_image_ranks`.
+    """
     ranks = []
     n_items = len(image)
+    groups = np.arange(n_items) if item_groups is None else np.asarray(item_groups)
     for s in range(0, len(text), _CHUNK):
         rows = np.arange(s, min(s + _CHUNK, len(text)))
         t2i = (text[rows] @ image.T).astype(np.float64)  # (chunk, I)
         t2t = _item_max_leave_one_out(text[rows] @ text.T, rows, text_to_image, n_items)
         t2t = np.where(np.isfinite(t2t), t2t, np.nan)
         fused = np.array([_fuse(a, b, mix, rrf) for a, b in zip(t2i, t2t, strict=True)])
-        correct = text_to_image[rows, None] == np.arange(n_items)[None, :]
+        correct = groups[text_to_image[rows], None] == groups[None, :]
         ranks.append(metrics.first_hit_ranks(fused, correct))
     return np.concatenate(ranks)
 

@@ -2,109 +2,19 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import os
 from dataclasses import replace
 from pathlib import Path
 
 import click
 
-from .data import FORMATS
-from .errors import RetrievalError
-from .layout import ENV_INDEX_DIR
+from . import cli_train
+from .cli_options import ErrorGroup, index_dir_option, model_options, read_options
 from .query import STRATEGIES
 
-_MODEL_HELP = (
-    "open_clip model name (e.g. ViT-B-32), a shipped config (tiny-vit, small-vit) or a path to "
-    "an open_clip model-config JSON. Default: tiny-vit."
-)
-_PRETRAINED_HELP = "open_clip pretrained tag (e.g. laion2b_s34b_b79k) or a local checkpoint file."
 
-
-class _Group(click.Group):
-    """Turns the engine's errors into one line on stderr and exit status 1."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except (RetrievalError, FileNotFoundError, FileExistsError, ValueError) as e:
-            raise click.ClickException(str(e)) from None
-
-
-def _index_dir_option(f):
-    return click.option(
-        "--index-dir",
-        type=click.Path(path_type=Path),
-        envvar=ENV_INDEX_DIR,
-        default=Path("indexes"),
-        show_default=True,
-        help=f"Folder holding the indexes (env: {ENV_INDEX_DIR}).",
-    )(f)
-
-
-def _model_options(default_model: str | None):
-    def wrap(f):
-        f = click.option(
-            "--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ..."
-        )(f)
-        f = click.option("--pretrained", default=None, help=_PRETRAINED_HELP)(f)
-        return click.option("--model", default=default_model, help=_MODEL_HELP)(f)
-
-    return wrap
-
-
-def _read_options(f):
-    """Corpus-reading options, handed to the command as one ``read`` (a ReadOptions)."""
-
-    @functools.wraps(f)
-    def wrapper(*args, **kw):
-        from .data import ReadOptions
-
-        keys = ("fmt", "image_col", "caption_col", "id_col", "image_root", "split", "split_file")
-        values = [kw.pop(k) for k in keys]
-        return f(*args, read=ReadOptions(*values), **kw)
-
-    opts = [
-        click.option(
-            "--format",
-            "fmt",
-            type=click.Choice(FORMATS),
-            default=None,
-            help="Corpus format [autodetected].",
-        ),
-        click.option(
-            "--image-col", default="filepath", show_default=True, help="CSV image column."
-        ),
-        click.option(
-            "--caption-col", default="title", show_default=True, help="CSV caption column."
-        ),
-        click.option("--id-col", default=None, help="CSV id column [the image path]."),
-        click.option(
-            "--image-root",
-            type=click.Path(path_type=Path),
-            default=None,
-            help="Resolve relative image paths here [the corpus file's folder].",
-        ),
-        click.option(
-            "--split",
-            default=None,
-            help="Only records whose split field is this (e.g. test).",
-        ),
-        click.option(
-            "--split-file",
-            type=click.Path(exists=True, path_type=Path),
-            default=None,
-            help="Flickr8k: file listing the images to keep.",
-        ),
-    ]
-    for opt in reversed(opts):
-        wrapper = opt(wrapper)
-    return wrapper
-
-
-@click.group(cls=_Group)
+@click.group(cls=ErrorGroup)
 @click.version_option(package_name="retrieval")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def main(verbose: int) -> None:
@@ -116,7 +26,7 @@ def main(verbose: int) -> None:
 @main.command()
 @click.argument("corpus", type=click.Path(exists=True, path_type=Path))
 @click.option("--name", required=True, help="Name of the index to create or replace.")
-@_model_options("tiny-vit")
+@model_options("tiny-vit")
 @click.option(
     "--index",
     "index",
@@ -139,8 +49,8 @@ def main(verbose: int) -> None:
     help="Querybank corpus for qbnorm [the corpus's own captions and images].",
 )
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-@_read_options
-@_index_dir_option
+@read_options
+@index_dir_option
 def build(corpus, name, model, pretrained, no_progress, index_dir, **options):
     """Build index NAME from CORPUS (any format: see --format)."""
     from .build import BuildConfig
@@ -202,8 +112,8 @@ def build(corpus, name, model, pretrained, no_progress, index_dir, **options):
     default=None,
     help="Also write the results as a contact sheet (PNG): thumbnails, rank, score, caption.",
 )
-@_model_options(None)
-@_index_dir_option
+@model_options(None)
+@index_dir_option
 def search(name, text, image, image_weight, terms, as_json, grid, model, pretrained, **options):
     """Search index NAME by --text, --image, or both (and more --term)."""
     from .encoder import ModelSpec
@@ -232,7 +142,7 @@ def search(name, text, image, image_weight, terms, as_json, grid, model, pretrai
     "--max-upload-mb", default=10.0, show_default=True, help="Largest request body accepted."
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, ...")
-@_index_dir_option
+@index_dir_option
 def serve(name, host, port, max_upload_mb, device, index_dir):
     """Serve index NAME over HTTP: a search page at / and a JSON API (docs at /docs)."""
     from .serve import ServeConfig
@@ -269,191 +179,9 @@ def _table(out: dict) -> str:
 
 
 @main.command()
-@click.argument("corpus", type=click.Path(exists=True, path_type=Path))
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path),
-    required=True,
-    help="Output folder: checkpoints, metrics, decoded-image cache.",
-)
-@_model_options("tiny-vit")
-@click.option("--epochs", default=10, show_default=True)
-@click.option("--steps", type=int, default=None, help="Total optimizer steps (overrides --epochs).")
-@click.option(
-    "--batch-size", default=128, show_default=True, help="Pairs per process per micro-batch."
-)
-@click.option(
-    "--chunk-size",
-    type=int,
-    default=None,
-    help="Gradient caching: embed at most this many pairs at once [whole batch].",
-)
-@click.option(
-    "--accum-steps",
-    default=1,
-    show_default=True,
-    help="Micro-batches per optimizer step, all in one contrastive loss.",
-)
-@click.option("--lr", default=5e-4, show_default=True)
-@click.option("--wd", default=0.1, show_default=True, help="Weight decay (not on gains/biases).")
-@click.option("--warmup", default=50, show_default=True, help="Warm-up steps before cosine decay.")
-@click.option("--grad-clip", type=float, default=None, help="Clip the gradient norm to this.")
-@click.option(
-    "--lock-image",
-    type=int,
-    default=None,
-    metavar="N",
-    help="Freeze the image tower but its last N layer groups.",
-)
-@click.option(
-    "--lock-text",
-    type=int,
-    default=None,
-    metavar="N",
-    help="Freeze the text tower but its last N layers.",
-)
-@click.option("--seed", default=0, show_default=True, help="Data order and caption draws.")
-@click.option(
-    "--val",
-    type=click.Path(exists=True, path_type=Path),
-    default=None,
-    help="Validation corpus (Recall@K every epoch; best checkpoint kept).",
-)
-@click.option(
-    "--val-fraction",
-    default=0.0,
-    show_default=True,
-    help="Hold out this fraction of the items for validation.",
-)
-@click.option("--workers", type=int, default=None, help="Image-decoding processes [cores-1].")
-@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/latest.pt.")
-@click.option(
-    "--batch-group",
-    default=None,
-    metavar="FIELD",
-    help="Keep items with equal values of metadata FIELD in one batch (hard negatives).",
-)
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
-@_read_options
-def train(corpus, out, model, pretrained, no_progress, read, **options):
-    """Fine-tune (or train from scratch) a CLIP model on CORPUS with a contrastive loss.
-
-    Several processes: torchrun --nproc_per_node N -m retrieval.cli train ...
-    """
-    from .encoder import ModelSpec
-    from .train import TrainConfig
-    from .train import train as run_train
-
-    # Every other option is named after its TrainConfig field.
-    config = TrainConfig(
-        model=ModelSpec(model, pretrained), progress=not no_progress, read=read, **options
-    )
-    result = run_train(corpus, out, config)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
-    for row in result.history:
-        click.echo(json.dumps(row))
-    click.echo(
-        f"{result.steps} steps at {result.samples_per_s:.0f} samples/s; "
-        f"latest: {result.latest}" + (f"; best: {result.best}" if result.best else "")
-    )
-
-
-@main.command()
-@click.argument("dataset", type=click.Path(exists=True, path_type=Path))
-@click.option("--index", "index", default=None, help="Evaluate this built index.")
-@_model_options(None)
-@click.option("-k", "ks", default="1,5,10", show_default=True, help="Comma-separated K values.")
-@click.option(
-    "--ann",
-    "factories",
-    multiple=True,
-    help="Also evaluate through this FAISS index (repeatable), e.g. HNSW32.",
-)
-@click.option(
-    "--group-key",
-    default=None,
-    help="Also count any image whose metadata KEY matches the caption's as correct.",
-)
-@click.option(
-    "--bank",
-    type=click.Path(exists=True, path_type=Path),
-    default=None,
-    help="Querybank corpus for the qbnorm row (must not hold the dataset's queries).",
-)
-@click.option("--beta", default=20.0, show_default=True, help="Querybank temperature.")
-@click.option("--bank-m", default=10, show_default=True, help="Querybank neighbours per item.")
-@click.option("--mix", default=0.5, show_default=True, help="Hybrid rows: caption weight.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
-@click.option("--markdown", type=click.Path(path_type=Path), default=None)
-@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Recall@K curves PNG.")
-@click.option(
-    "--save-embeddings",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Write the scored embeddings and caption->image map (.npz).",
-)
-@click.option("--batch-size", default=64, show_default=True)
-@click.option("--workers", type=int, default=None)
-@click.option("--no-progress", is_flag=True)
-@_read_options
-@_index_dir_option
-def bench(
-    dataset,
-    model,
-    pretrained,
-    ks,
-    beta,
-    bank_m,
-    json_path,
-    markdown,
-    plot,
-    save_embeddings,
-    no_progress,
-    **options,
-):
-    """Recall@K on DATASET, of --model/--pretrained or of a built --index, exact and via ANN."""
-    from .bench import BenchConfig, run_bench, table, write_outputs
-    from .encoder import ModelSpec
-    from .querybank import BankConfig
-
-    try:
-        k_values = tuple(int(k) for k in ks.split(",") if k.strip())
-    except ValueError:
-        raise click.BadParameter(f"not a list of integers: {ks}", param_hint="-k") from None
-    # The other options are named after their BenchConfig fields.
-    config = BenchConfig(
-        model=ModelSpec(model, pretrained) if model else None,
-        ks=k_values,
-        querybank=BankConfig(beta=beta, m=bank_m),
-        progress=not no_progress,
-        **options,
-    )
-    result = run_bench(dataset, config, save_embeddings=save_embeddings)
-    click.echo(
-        f"{result.counts['images']} images, {result.counts['captions']} captions; "
-        f"model {result.model['model']} ({result.model['pretrained'] or 'random init'})"
-    )
-    click.echo(table(result))
-    write_outputs(result, json_path, markdown, plot)
-
-
-@main.command()
-@click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("dst", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--fp32", is_flag=True, help="Keep float32 weights (default: float16).")
-def export(src, dst, fp32):
-    """Write the model weights of checkpoint SRC to DST (no optimizer state; fp16)."""
-    from .train import export_checkpoint
-
-    out = export_checkpoint(src, dst, half=not fp32)
-    click.echo(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
-
-
-@main.command()
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-@_index_dir_option
+@index_dir_option
 def info(name, as_json, index_dir):
     """Describe index NAME: model, counts, index types, where it lives."""
     from . import layout
@@ -481,11 +209,12 @@ def info(name, as_json, index_dir):
 @click.option(
     "--twins", is_flag=True, help="Every other image: the previous scene with its shapes swapped."
 )
-def synth(out, n, seed, size, twins):
+@click.option("--parts", is_flag=True, help="Add one caption per shape saying where it is.")
+def synth(out, n, seed, size, twins, parts):
     """Write the synthetic shapes corpus (images + corpus.jsonl) to OUT."""
     from .synthetic import generate
 
-    click.echo(f"wrote {generate(out, n=n, seed=seed, size=size, twins=twins)}")
+    click.echo(f"wrote {generate(out, n=n, seed=seed, size=size, twins=twins, parts=parts)}")
 
 
 @main.command()
@@ -497,8 +226,8 @@ def synth(out, n, seed, size, twins):
     help="Where the synthetic corpus is generated.",
 )
 @click.option("-n", "n", default=400, show_default=True, help="Images in the corpus.")
-@_model_options(None)
-@_index_dir_option
+@model_options(None)
+@index_dir_option
 def demo(workdir, n, model, pretrained, device, index_dir):
     """Generate the synthetic corpus, build index 'demo' and run example searches."""
     from .demo import DemoConfig, run_demo
@@ -521,6 +250,9 @@ def demo(workdir, n, model, pretrained, device, index_dir):
         click.echo(f"\nquery {json.dumps(out['query'])} -> {out['target']}")
         click.echo(_table(out))
 
+
+for _command in cli_train.commands.commands.values():
+    main.add_command(_command)
 
 if __name__ == "__main__":  # torchrun -m retrieval.cli ...
     main()

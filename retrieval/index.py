@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 EXACT_LIMIT = 100_000  # below this many vectors exact search is both fast and perfect
 SUBSET_LIMIT = 20_000  # filters allowing at most this many ids are searched exactly
 _SCORE_BUDGET = 64 << 20  # floats per chunk of the (queries x vectors) score matrix
+_BLAS_ULPS = 1e-6  # equal vectors' scores can differ by an ulp or two between BLAS tiles
 
 
 @dataclass(frozen=True)
@@ -180,30 +181,53 @@ def _selector_params(index: faiss.Index, allowed: np.ndarray, k: int):
 def exact_search(xb: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> list[Neighbors]:
     """Exact top-``k`` by inner product of ``queries`` (Q, D) against ``xb`` (N, D).
 
-    One BLAS product per chunk of queries, then a partial top-k selection (torch's, which is
-    several times faster than numpy's partition on wide rows). Ties are broken by lower id, also
-    at the cut-off, so results are deterministic. Chunks keep the (chunk, N) score matrix
-    within a fixed memory budget.
+    Small batches: one BLAS product per chunk of queries, then a partial top-k selection
+    (torch's, several times faster than numpy's partition on wide rows); chunks keep the
+    (chunk, N) score matrix within a fixed memory budget. FAISS's own flat search would run
+    these without BLAS (below ``distance_compute_blas_threshold`` = nq x d), several times
+    slower. Large batches: FAISS's tiled BLAS search, which never materialises the matrix.
+    Both fetch a few more than ``k`` and break ties by lower id, also at the cut-off, so results
+    are deterministic.
     """
     n = xb.shape[0]
     k = min(k, n)
-    base, qs = torch.from_numpy(xb), torch.from_numpy(queries)
     spare = min(n, k + 8)  # a few more than k, to see ties at the cut-off without a full scan
+    if queries.size >= faiss.cvar.distance_compute_blas_threshold and n > spare:
+        # Large batches: FAISS's tiled BLAS + heap scan beats a full score matrix + top-k.
+        top_scores, top_idx = faiss.knn(queries, xb, spare, metric=faiss.METRIC_INNER_PRODUCT)
+        return [
+            _neighbors(ids, vals, idx, k, True, lambda q=q: xb @ q, tol=_BLAS_ULPS)
+            for q, vals, idx in zip(queries, top_scores, top_idx, strict=True)
+        ]
+    base, qs = torch.from_numpy(xb), torch.from_numpy(queries)
     step = max(1, _SCORE_BUDGET // max(n, 1))
     out: list[Neighbors] = []
     for start in range(0, len(queries), step):
         scores = qs[start : start + step] @ base.T  # (chunk, N)
         top_scores, top_idx = torch.topk(scores, spare, dim=1)  # (chunk, spare), sorted
         for row, vals, idx in zip(scores, top_scores.numpy(), top_idx.numpy(), strict=True):
-            cut = vals[k - 1]
-            if spare < n and vals[-1] == cut:  # ties run past what topk returned
-                idx = np.flatnonzero(row.numpy() >= cut)
-                vals = row.numpy()[idx]
-            keep = vals >= cut
-            idx, vals = idx[keep], vals[keep]
-            order = np.lexsort((ids[idx], -vals))[:k]
-            out.append(Neighbors(ids[idx[order]].astype(np.int64), vals[order].astype(np.float32)))
+            out.append(_neighbors(ids, vals, idx, k, spare < n, row.numpy))
     return out
+
+
+def _neighbors(ids, vals, idx, k: int, partial: bool, full_row, tol: float = 0.0) -> Neighbors:
+    """The ``k`` best of one query's candidates (``vals``, ``idx``: best first), ties by lower id.
+
+    When the candidates end on a tie with the k-th score (``partial``: they are not all the
+    vectors), the tie may run past them: then ``full_row()`` gives the query's (N,) scores and
+    every vector at or above its k-th best score is considered. ``tol``: scores this close to
+    the cut count as possible ties (tiled BLAS may round equal vectors' scores differently).
+    """
+    cut = vals[k - 1]
+    if partial and vals[-1] >= cut - tol:
+        row = full_row()
+        cut = np.partition(row, len(row) - k)[len(row) - k]  # the k-th best, from the row itself
+        idx = np.flatnonzero(row >= cut)
+        vals = row[idx]
+    keep = vals >= cut
+    idx, vals = idx[keep], vals[keep]
+    order = np.lexsort((ids[idx], -vals))[:k]
+    return Neighbors(ids[idx[order]].astype(np.int64), vals[order].astype(np.float32))
 
 
 def _default_search_params(index: faiss.Index) -> None:

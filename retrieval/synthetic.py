@@ -34,6 +34,13 @@ _PHRASES = {
     "below": ("{a} below {b}", "{b} with {a} below it", "{a} underneath {b}"),
 }
 
+_PARTS = {
+    "left of": ("on the left", "on the right"),
+    "right of": ("on the right", "on the left"),
+    "above": ("at the top", "at the bottom"),
+    "below": ("at the bottom", "at the top"),
+}
+
 
 @dataclass(frozen=True)
 class Scene:
@@ -56,6 +63,12 @@ class Scene:
     def captions(self) -> list[str]:
         a, b = _noun(self.a_colour, self.a_shape), _noun(self.b_colour, self.b_shape)
         return [p.format(a=a, b=b) for p in _PHRASES[self.relation]]
+
+    def part_captions(self) -> list[str]:
+        """Where each shape is, one at a time ("a red circle on the left")."""
+        a, b = _noun(self.a_colour, self.a_shape), _noun(self.b_colour, self.b_shape)
+        where_a, where_b = _PARTS[self.relation]
+        return [f"{a} {where_a}", f"{b} {where_b}"]
 
 
 def _noun(colour: str, shape: str) -> str:
@@ -104,7 +117,12 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
 
 
 def generate(
-    out_dir: str | Path, n: int = 500, seed: int = 0, size: int = 64, twins: bool = False
+    out_dir: str | Path,
+    n: int = 500,
+    seed: int = 0,
+    size: int = 64,
+    twins: bool = False,
+    parts: bool = False,
 ) -> Path:
     """Write ``n`` images and ``corpus.jsonl`` under ``out_dir``; return the corpus file's path.
 
@@ -114,6 +132,8 @@ def generate(
     ("A left of B", then "B left of A"), both with the same ``pair`` field, so that a trainer
     keeping pairs in one batch (``retrieval train --batch-group pair``) sees word order as a
     hard negative; without them a model can score well as a bag of words.
+    ``parts``: two more captions per image saying where each shape is ("a red circle on the
+    left"), which tie colours and shapes to positions without relying on word order.
     """
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -128,7 +148,7 @@ def generate(
             record = {
                 "id": f"synth-{seed}-{i:06d}",
                 "image": rel,
-                "captions": scene.captions(),
+                "captions": scene.captions() + (scene.part_captions() if parts else []),
                 "scene": scene.key,
                 "relation": scene.relation,
                 "colours": sorted({scene.a_colour, scene.b_colour}),

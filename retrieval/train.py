@@ -68,6 +68,7 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     batch_group: str | None = None  # metadata field: items sharing its value share a batch
+    save_every: int = 1  # epochs between checkpoints (the last epoch and a new best always save)
 
 
 @dataclass
@@ -167,7 +168,12 @@ def train(corpus: str | Path, out: str | Path, config: TrainConfig | None = None
             if val_set is not None:
                 row |= val_set.evaluate(model, encoder.device)
             history.append(row)
-            state["best"] = _save(out, model, optimizer, scheduler, state, history, config)
+            last = step >= total or epoch == epochs
+            better = val_set is not None and _score(row) > state["best"]
+            if last or better or epoch % config.save_every == 0:
+                state["best"] = _save(out, model, optimizer, scheduler, state, history, config)
+            else:
+                _log_metrics(out, row)
         if world.size > 1:
             dist.barrier()
         if step >= total:
@@ -347,13 +353,17 @@ def _save(out: Path, model, optimizer, scheduler, state: dict, history, config) 
     )
     for src, dst in ((name, "latest.pt"), (name.with_suffix(".state.pt"), "latest.state.pt")):
         _atomic_copy(src, ckpt / dst)
-    with (out / "metrics.jsonl").open("a", encoding="utf-8") as f:
-        f.write(json.dumps(history[-1]) + "\n")
+    _log_metrics(out, history[-1])
     score = _score(history[-1])
     if score > state["best"]:
         _atomic_copy(name, ckpt / "best.pt")
         return score
     return state["best"]
+
+
+def _log_metrics(out: Path, row: dict) -> None:
+    with (out / "metrics.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def _score(row: dict) -> float:
@@ -368,8 +378,13 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:
+    """``dst`` becomes ``src``'s content atomically: a hard link (no copy) where possible."""
     tmp = dst.with_suffix(dst.suffix + ".tmp")
-    shutil.copyfile(src, tmp)
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:  # a filesystem without hard links
+        shutil.copyfile(src, tmp)
     tmp.replace(dst)
 
 

@@ -59,3 +59,14 @@ def test_hybrid_ranks_leave_the_query_caption_out():
                 1 + sum(fused[i] >= fused[owner[q]] for i in range(len(image)) if i != owner[q])
             )
         np.testing.assert_array_equal(got, want)
+
+
+def test_grouped_hybrid_ranks_count_any_item_of_the_group():
+    image, text, owner = data(seed=4, n_img=8)
+    groups = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    got = ablation.hybrid_ranks(image, text, owner, 0.3, False, item_groups=groups)
+    plain = ablation.hybrid_ranks(image, text, owner, 0.3, False)
+    assert (got <= plain).all() and (got < plain).any()
+    # Rank 1 exactly when the best fused item is in the caption's group.
+    same = np.array(ablation.hybrid_ranks(image, text, owner, 0.3, False, item_groups=np.zeros(8)))
+    assert (same == 1).all()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 from conftest import unit_rows
@@ -25,6 +26,26 @@ def test_flat_matches_brute_force_on_awkward_sizes(n, nq, k):
     for nb, (want_ids, want_scores) in zip(got, brute_force(xb, ids, q, k), strict=True):
         np.testing.assert_array_equal(nb.ids, want_ids)
         np.testing.assert_allclose(nb.scores, want_scores, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("n", "k"), [(1001, 10), (37, 30)])
+def test_large_batches_take_faiss_blas_path_and_still_match_brute_force(n, k):
+    d, nq = 512, 251  # nq * d just past FAISS's BLAS threshold (128,000)
+    assert nq * d >= faiss.cvar.distance_compute_blas_threshold
+    xb, q = unit_rows(n, d, seed=7), unit_rows(nq, d, seed=8)
+    ids = np.random.default_rng(9).permutation(n).astype(np.int64) * 7 + 1
+    got = exact_search(xb, ids, q, k)
+    for nb, (want_ids, want_scores) in zip(got, brute_force(xb, ids, q, k), strict=True):
+        np.testing.assert_array_equal(nb.ids, want_ids)
+        np.testing.assert_allclose(nb.scores, want_scores, rtol=1e-5, atol=1e-6)
+
+
+def test_large_batches_break_ties_by_id_past_the_margin():
+    xb = np.repeat(unit_rows(3, 512, seed=2), [40, 40, 40], axis=0)
+    ids = np.random.default_rng(3).permutation(120).astype(np.int64)
+    got = exact_search(xb, ids, np.repeat(xb[:1], 300, axis=0), 5)
+    want = sorted(ids[:40].tolist())[:5]
+    assert all(nb.ids.tolist() == want for nb in got)
 
 
 def test_ties_are_broken_by_lower_id_even_at_the_cut_off():

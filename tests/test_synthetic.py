@@ -55,3 +55,19 @@ def test_twins_swap_the_shapes_of_the_previous_scene(tmp_path):
         assert odd.extra["scene"] == f"{b}|{rel}|{a}"
         assert even.extra["pair"] == odd.extra["pair"]
     assert len({r.extra["pair"] for r in records}) == 3
+
+
+def test_part_captions_say_where_each_shape_is(tmp_path):
+    from retrieval.data import read_corpus
+
+    (r,) = read_corpus(synthetic.generate(tmp_path, n=1, seed=2, parts=True))
+    a, rel, b = r.extra["scene"].split("|")
+    assert len(r.captions) == 5
+    where = {"left of": ("on the left", "on the right"), "above": ("at the top", "at the bottom")}
+    assert sorted(r.captions[3:]) == sorted(
+        [f"{_a(a)} {where[rel][0]}", f"{_a(b)} {where[rel][1]}"]
+    )
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"

@@ -165,6 +165,17 @@ def test_resume_continues_exactly(small_corpus, micro_config, tmp_path):
     assert "val_image_retrieval_recall@5" in resumed.history[-1]
 
 
+def test_save_every_skips_checkpoints_but_logs_every_epoch(small_corpus, micro_config, tmp_path):
+    run = run_train(small_corpus, tmp_path, micro_config, epochs=5, save_every=2)
+    ckpt = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpt.glob("epoch_*.pt")) == [
+        f"epoch_{e}{s}.pt" for e in (2, 4, 5) for s in ("", ".state")
+    ]
+    assert torch.load(run.latest, weights_only=True)["epoch"] == 5
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4, 5]
+
+
 def test_checkpoint_is_open_clip_compatible_and_builds_an_index(
     small_corpus, micro_config, tmp_path
 ):

@@ -1,0 +1,99 @@
+"""Options shared by the `retrieval` commands: model, index folder, corpus reading, errors."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import click
+
+from .data import FORMATS
+from .errors import RetrievalError
+from .layout import ENV_INDEX_DIR
+
+_MODEL_HELP = (
+    "open_clip model name (e.g. ViT-B-32), a shipped config (tiny-vit, small-vit) or a path to "
+    "an open_clip model-config JSON. Default: tiny-vit."
+)
+_PRETRAINED_HELP = "open_clip pretrained tag (e.g. laion2b_s34b_b79k) or a local checkpoint file."
+
+
+class ErrorGroup(click.Group):
+    """Turns the engine's errors into one line on stderr and exit status 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (RetrievalError, FileNotFoundError, FileExistsError, ValueError) as e:
+            raise click.ClickException(str(e)) from None
+
+
+def index_dir_option(f):
+    return click.option(
+        "--index-dir",
+        type=click.Path(path_type=Path),
+        envvar=ENV_INDEX_DIR,
+        default=Path("indexes"),
+        show_default=True,
+        help=f"Folder holding the indexes (env: {ENV_INDEX_DIR}).",
+    )(f)
+
+
+def model_options(default_model: str | None):
+    def wrap(f):
+        f = click.option(
+            "--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ..."
+        )(f)
+        f = click.option("--pretrained", default=None, help=_PRETRAINED_HELP)(f)
+        return click.option("--model", default=default_model, help=_MODEL_HELP)(f)
+
+    return wrap
+
+
+def read_options(f):
+    """Corpus-reading options, handed to the command as one ``read`` (a ReadOptions)."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kw):
+        from .data import ReadOptions
+
+        keys = ("fmt", "image_col", "caption_col", "id_col", "image_root", "split", "split_file")
+        values = [kw.pop(k) for k in keys]
+        return f(*args, read=ReadOptions(*values), **kw)
+
+    opts = [
+        click.option(
+            "--format",
+            "fmt",
+            type=click.Choice(FORMATS),
+            default=None,
+            help="Corpus format [autodetected].",
+        ),
+        click.option(
+            "--image-col", default="filepath", show_default=True, help="CSV image column."
+        ),
+        click.option(
+            "--caption-col", default="title", show_default=True, help="CSV caption column."
+        ),
+        click.option("--id-col", default=None, help="CSV id column [the image path]."),
+        click.option(
+            "--image-root",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Resolve relative image paths here [the corpus file's folder].",
+        ),
+        click.option(
+            "--split",
+            default=None,
+            help="Only records whose split field is this (e.g. test).",
+        ),
+        click.option(
+            "--split-file",
+            type=click.Path(exists=True, path_type=Path),
+            default=None,
+            help="Flickr8k: file listing the images to keep.",
+        ),
+    ]
+    for opt in reversed(opts):
+        wrapper = opt(wrapper)
+    return wrapper

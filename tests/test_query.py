@@ -141,8 +141,8 @@ def test_strategy_and_term_errors(searcher):
         )
 
 
-def test_default_strategy_is_hybrid_for_text_to_image_only(searcher, synth_corpus):
-    assert searcher.search(Query(text="a red circle"), k=2)["strategy"] == "hybrid"
+def test_default_strategy_is_cosine_in_every_direction(searcher, synth_corpus):
+    assert searcher.search(Query(text="a red circle"), k=2)["strategy"] == "cosine"
     image = synth_corpus.parent / "images" / "000001.png"
     assert searcher.search(Query(image=image), k=2)["strategy"] == "cosine"
     assert (

@@ -55,10 +55,10 @@ def test_json_text_search_is_the_library_answer(client, searcher):
     assert strip(out) == json.loads(json.dumps(searcher.search(Query(text=QUERY), k=7)))
     assert [x["rank"] for x in out["results"]] == list(range(1, 8))
     first = out["results"][0]
-    assert first["image_url"] == f"/items/{first['id']}/image" and set(first["scores"]) == {
-        "t2i",
-        "t2t",
-    }
+    assert first["image_url"] == f"/items/{first['id']}/image"
+    assert out["strategy"] == "cosine" and set(first["scores"]) == {"t2i"}
+    hybrid = client.post("/search", json={"text": QUERY, "k": 7, "strategy": "hybrid"}).json()
+    assert set(hybrid["results"][0]["scores"]) == {"t2i", "t2t"}
 
 
 def test_options_pass_through(client, searcher):

@@ -130,7 +130,7 @@ def test_page_text_search_shows_thumbnails(page, tmp_path):
     page.press("#text", "Enter")
     page.wait_for_selector(".result")
     assert _thumbnails_loaded(page) == 8
-    assert "hybrid" in page.locator("#status").inner_text()
+    assert "cosine" in page.locator("#status").inner_text()
     first = page.locator(".result .caption").first.inner_text()
     assert "circle" in first or "square" in first
     page.screenshot(path=str(_artifact(tmp_path, "serve-text-search.png")), full_page=True)

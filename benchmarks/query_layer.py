@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from quality import COCO_MINI, coco_model  # the sibling script: one coco recipe
 
 from retrieval import ablation, metrics, querybank, synthetic
 from retrieval import query as query_layer
@@ -35,9 +36,7 @@ from retrieval.build import BuildConfig, build
 from retrieval.data import ReadOptions
 from retrieval.encoder import Encoder, ModelSpec
 from retrieval.search import Query, Searcher
-from retrieval.train import TrainConfig, train
 
-COCO_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini"
 BETAS, MS, MIXES = (5.0, 10.0, 20.0, 50.0, 100.0), (1, 3, 10, 30), (0.1, 0.2, 0.3, 0.5)
 
 
@@ -150,22 +149,6 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def coco_model(tmp: Path, epochs: int) -> ModelSpec:
-    run = train(
-        COCO_MINI / "captions.json",
-        tmp / "coco",
-        TrainConfig(
-            epochs=epochs,
-            batch_size=53,
-            lr=1e-3,
-            warmup=10,
-            read=ReadOptions(split="val2017"),
-            progress=False,
-        ),
-    )
-    return ModelSpec("tiny-vit", str(run.latest))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pretrained", required=True, help="the synthetic (demo) model")
@@ -181,7 +164,7 @@ def main() -> None:
         bank = synthetic.generate(tmp / "bank", n=1000, seed=998)
         report["synthetic"] = sweep(held, bank, shapes, ReadOptions())
         if COCO_MINI.is_dir():
-            model = coco_model(tmp, args.coco_epochs)
+            model = coco_model(tmp / "coco", args.coco_epochs)
             report["coco-mini"] = sweep(
                 COCO_MINI / "captions.json",
                 COCO_MINI / "captions.json",

@@ -94,21 +94,8 @@ def create_app(searcher: Searcher, config: ServeConfig = ServeConfig()) -> FastA
         fields, raw = await _read_query(request, config.max_upload_bytes)
         req = _validate(fields, config.max_k)
 
-        def run() -> dict[str, Any]:
-            query = _query(searcher, req, raw, config.max_pixels)  # decoding: off the loop
-            with lock:
-                return searcher.search(
-                    query,
-                    k=req.k,
-                    target=req.target,
-                    strategy=req.strategy,
-                    where=tuple(req.where),
-                    overfetch=req.overfetch,
-                    mix=req.mix,
-                )
-
-        try:
-            out = await run_in_threadpool(run)
+        try:  # in a thread: decoding and the model must not hold up the event loop
+            out = await run_in_threadpool(_run_search, searcher, lock, req, raw, config)
         except SearchError as e:
             raise ApiError(400, str(e)) from None
         for r in out["results"]:
@@ -148,6 +135,22 @@ def create_app(searcher: Searcher, config: ServeConfig = ServeConfig()) -> FastA
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+def _run_search(
+    searcher: Searcher, lock: threading.Lock, req: SearchRequest, raw: bytes | None, config
+) -> dict[str, Any]:
+    query = _query(searcher, req, raw, config.max_pixels)
+    with lock:
+        return searcher.search(
+            query,
+            k=req.k,
+            target=req.target,
+            strategy=req.strategy,
+            where=tuple(req.where),
+            overfetch=req.overfetch,
+            mix=req.mix,
+        )
 
 
 def _search_openapi() -> dict[str, Any]:

@@ -154,6 +154,12 @@ def main() -> None:
     ap.add_argument("--pretrained", required=True, help="the synthetic (demo) model")
     ap.add_argument("--coco-epochs", type=int, default=30)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/query_layer"))
+    ap.add_argument(
+        "--latency-model",
+        default=None,
+        help="also time fused queries with this open_clip model (random weights), e.g. ViT-B-32",
+    )
+    ap.add_argument("--latency-only", action="store_true", help="skip the quality sweeps")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     shapes = ModelSpec("tiny-vit", args.pretrained)
@@ -161,29 +167,38 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         held = synthetic.generate(tmp / "held", n=1000, seed=999)
-        bank = synthetic.generate(tmp / "bank", n=1000, seed=998)
-        report["synthetic"] = sweep(held, bank, shapes, ReadOptions())
-        if COCO_MINI.is_dir():
-            model = coco_model(tmp / "coco", args.coco_epochs)
-            report["coco-mini"] = sweep(
-                COCO_MINI / "captions.json",
-                COCO_MINI / "captions.json",
-                model,
-                ReadOptions(split="train2017"),
-            )
+        if not args.latency_only:
+            bank = synthetic.generate(tmp / "bank", n=1000, seed=998)
+            report["synthetic"] = sweep(held, bank, shapes, ReadOptions())
+            if COCO_MINI.is_dir():
+                model = coco_model(tmp / "coco", args.coco_epochs)
+                report["coco-mini"] = sweep(
+                    COCO_MINI / "captions.json",
+                    COCO_MINI / "captions.json",
+                    model,
+                    ReadOptions(split="train2017"),
+                )
         report["latency"] = latency(held, shapes, tmp / "ix")
-    (args.out / "query_layer.json").write_text(json.dumps(report, indent=2) + "\n")
+        if args.latency_model:
+            small = synthetic.generate(tmp / "small", n=300, seed=999)
+            spec = ModelSpec(args.latency_model)
+            report[f"latency {args.latency_model}"] = latency(small, spec, tmp / "ix2")
+    name = "query_layer_latency" if args.latency_only else "query_layer"
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     text = "\n\n".join(
-        f"**{name}**\n\n{markdown(rows)}" for name, rows in report.items() if name != "latency"
+        f"**{name}**\n\n{markdown(rows)}"
+        for name, rows in report.items()
+        if not name.startswith("latency")
     )
-    text += "\n\n**latency (k=10, text->image)**\n\n" + "\n".join(
-        f"- {r['strategy']}: query layer p50 {r['p50_ms']:.2f} ms, mean {r['mean_ms']:.2f} ms, "
-        f"{r['ratio_to_cosine']:.2f}x cosine; whole `Searcher.search` (text encoding, "
-        f"search, fusion, LMDB) p50 {r['e2e_p50_ms']:.2f} ms, mean {r['e2e_mean_ms']:.2f} ms, "
-        f"{r['e2e_ratio_to_cosine']:.2f}x cosine"
-        for r in report["latency"]
-    )
-    (args.out / "query_layer.md").write_text(text + "\n")
+    for key in (k for k in report if k.startswith("latency")):
+        text += f"\n\n**{key} (k=10, text->image)**\n\n" + "\n".join(
+            f"- {r['strategy']}: query layer p50 {r['p50_ms']:.2f} ms, mean {r['mean_ms']:.2f} "
+            f"ms, {r['ratio_to_cosine']:.2f}x cosine; whole `Searcher.search` (text encoding, "
+            f"search, fusion, LMDB) p50 {r['e2e_p50_ms']:.2f} ms, mean {r['e2e_mean_ms']:.2f} "
+            f"ms, {r['e2e_ratio_to_cosine']:.2f}x cosine"
+            for r in report[key]
+        )
+    (args.out / f"{name}.md").write_text(text.strip() + "\n")
     print(text)
 
 

@@ -39,7 +39,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -50,11 +49,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import faiss
 import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from machine import background_cores, busy_seconds, describe
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -106,13 +105,6 @@ class Row:
 # --- measuring -----------------------------------------------------------------------------
 
 
-def _busy_jiffies() -> int:
-    """Machine-wide non-idle CPU time (user, nice, system, irq, softirq, steal), in ticks."""
-    first = Path("/proc/stat").read_text().splitlines()[0].split()
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in first[1:9])
-    return user + nice + system + irq + softirq + steal
-
-
 def _own_cpu() -> float:
     """CPU seconds of this process and its reaped descendants (DataLoader workers, subprocesses)."""
     own = resource.getrusage(resource.RUSAGE_SELF)
@@ -122,21 +114,12 @@ def _own_cpu() -> float:
 
 def timed(fn: Callable[[], dict[str, float | int | str]]) -> Run:
     """Run ``fn`` once; wall seconds, other processes' CPU meanwhile, and what ``fn`` returns."""
-    tick = os.sysconf("SC_CLK_TCK")
-    busy0, own0 = _busy_jiffies(), _own_cpu()
+    busy0, own0 = sum(busy_seconds()), _own_cpu()
     start = time.perf_counter()
     detail = fn()
     seconds = time.perf_counter() - start
-    other = (_busy_jiffies() - busy0) / tick - (_own_cpu() - own0)
+    other = sum(busy_seconds()) - busy0 - (_own_cpu() - own0)
     return Run(seconds, max(0.0, other), detail)
-
-
-def background_cpu(seconds: float = 3.0) -> float:
-    """Cores kept busy by other processes while this one sleeps (0 on a quiet machine)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    busy0 = _busy_jiffies()
-    time.sleep(seconds)
-    return (_busy_jiffies() - busy0) / tick / seconds
 
 
 # --- inputs --------------------------------------------------------------------------------
@@ -319,28 +302,6 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
 # --- report --------------------------------------------------------------------------------
 
 
-def machine() -> dict[str, str | int | float]:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count() or 0,
-        "ram_gib": round(ram, 1),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "open_clip": open_clip.__version__,
-        "faiss": faiss.__version__,
-    }
-
-
 def print_table(rows: list[Row], plain: float) -> None:
     head = f"{'row':<38} {'images':>6} {'best s':>7} {'img/s':>6} {'x plain':>7}  runs img/s"
     print(head)
@@ -389,9 +350,9 @@ def main() -> None:
     if args.repeats < 2:
         ap.error("--repeats must be at least 2")
 
-    info = machine()
+    info = describe()
     print(json.dumps(info))
-    idle = background_cpu()
+    idle = background_cores()
     print(f"other processes before the run: {idle:.2f} cores busy")
     if idle > 0.1:
         print("WARNING: the machine is not idle; the figures below will be disturbed")

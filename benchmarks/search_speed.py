@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import faiss
 import numpy as np
 import torch
+from machine import describe
 
 from retrieval.index import VectorIndex, choose_factory
 
@@ -183,14 +183,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/search_speed.json"))
     args = ap.parse_args()
     report = {
-        "machine": {
-            "cpu": _cpu(),
-            "cores": torch.get_num_threads(),
-            "numpy": np.__version__,
-            "torch": torch.__version__,
-            "faiss": faiss.__version__,
-            "python": platform.python_version(),
-        },
+        "machine": describe(),
         "gemm_gflops": round(gemm_gflops(), 1),
         "read_gbs": round(read_bandwidth_gbs(), 1),
     }
@@ -198,13 +191,6 @@ def main() -> None:
     report["sizes"] = [run_size(n, n <= args.hnsw_max) for n in args.sizes]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 if __name__ == "__main__":

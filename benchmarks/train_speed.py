@@ -42,7 +42,6 @@ import csv
 import itertools
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -51,6 +50,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from machine import busy_seconds, describe
 
 REPO = Path(__file__).resolve().parents[1]
 COCO_MINI = REPO.parent / "shared" / "data" / "coco-mini"
@@ -155,6 +156,12 @@ def write_csv(items: list[Item], path: Path) -> int:
 # ----------------------------------------------------------------------------- trainers
 
 
+def _shared_flags(h: Hyper, workers: int) -> list[str]:
+    """The flags both trainers spell the same way."""
+    values = {"batch-size": h.batch, "lr": h.lr, "warmup": h.warmup, "wd": h.wd, "seed": h.seed}
+    return [*(x for k, v in values.items() for x in (f"--{k}", str(v))), "--workers", str(workers)]
+
+
 def engine_args(
     csv_path: Path, out: Path, steps: int, workers: int, h: Hyper, save_every: int
 ) -> list[str]:
@@ -167,18 +174,7 @@ def engine_args(
         MODEL,
         "--steps",
         str(steps),
-        "--batch-size",
-        str(h.batch),
-        "--lr",
-        str(h.lr),
-        "--warmup",
-        str(h.warmup),
-        "--wd",
-        str(h.wd),
-        "--seed",
-        str(h.seed),
-        "--workers",
-        str(workers),
+        *_shared_flags(h, workers),
         "--save-every",
         str(save_every),
         "--no-progress",
@@ -199,30 +195,19 @@ def open_clip_args(csv_path: Path, logs: Path, epochs: int, workers: int, h: Hyp
         "title",
         "--model",
         MODEL,
-        "--batch-size",
-        str(h.batch),
         "--epochs",
         str(epochs),
-        "--lr",
-        str(h.lr),
-        "--warmup",
-        str(h.warmup),
-        "--wd",
-        str(h.wd),
+        *_shared_flags(h, workers),
         "--beta1",
         str(h.beta1),
         "--beta2",
         str(h.beta2),
         "--eps",
         str(h.eps),
-        "--workers",
-        str(workers),
         "--device",
         "cpu",
         "--precision",
         "fp32",
-        "--seed",
-        str(h.seed),
         "--logs",
         str(logs),
         "--name",
@@ -243,14 +228,7 @@ def open_clip_args(csv_path: Path, logs: Path, epochs: int, workers: int, h: Hyp
 def _cpu_seconds() -> tuple[float, float, float]:
     """(machine busy s, hypervisor steal s, this process's waited-for children's CPU s)."""
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    own = children.ru_utime + children.ru_stime
-    try:
-        line = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-    except OSError:
-        return float("nan"), float("nan"), own
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, line[1:9])
-    tick = os.sysconf("SC_CLK_TCK")
-    return (user + nice + system + irq + softirq) / tick, steal / tick, own
+    return (*busy_seconds(), children.ru_utime + children.ru_stime)
 
 
 def _dir_bytes(path: Path) -> int:
@@ -330,28 +308,6 @@ def recall(checkpoint: Path | None, splits: dict[str, list[Item]]) -> dict[str, 
 
 
 # ----------------------------------------------------------------------------- report
-
-
-def machine() -> dict[str, str]:
-    import open_clip
-    import torch
-
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    return {
-        "cpu": cpu,
-        "cores": str(os.cpu_count()),
-        "torch_threads": str(torch.get_num_threads()),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "open_clip_torch": open_clip.__version__,
-    }
 
 
 def _median(runs: list[Run], key: str) -> float:
@@ -445,7 +401,7 @@ def main() -> None:
     steps = epochs * oc_per_epoch
     # One checkpoint per open_clip epoch's worth of steps for both trainers.
     save_every = max(1, oc_per_epoch // max(1, engine_per_epoch))
-    info = machine()
+    info = describe()
     print(
         f"{len(train_items)} training photos ({pairs} pairs) of {n_photos}; batch {h.batch}; "
         f"{steps} steps = {epochs} open_clip epochs of {oc_per_epoch} = "

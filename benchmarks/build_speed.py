@@ -101,6 +101,19 @@ class Row:
     def best(self) -> float:
         return max(self.rates()) if self.runs else math.nan
 
+    def as_json(self) -> dict:
+        runs = [
+            {"seconds": round(x.seconds, 2), "other_cpu": round(x.other_cpu, 2), **x.detail}
+            for x in self.runs
+        ]
+        best = round(self.best, 3)
+        return {
+            "includes": self.includes,
+            "best_images_per_s": best,
+            "runs": runs,
+            "skipped": self.skipped,
+        }
+
 
 # --- measuring -----------------------------------------------------------------------------
 
@@ -335,7 +348,7 @@ def verdict(name: str, ratio: float, target: float) -> str:
     return f"{name}: {ratio:.2f}x (target >= {target}x) {met}"
 
 
-def main() -> None:
+def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=Path, default=COCO_MINI, help="folder of source JPEGs")
     ap.add_argument(
@@ -349,7 +362,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.repeats < 2:
         ap.error("--repeats must be at least 2")
+    return args
 
+
+def main() -> None:
+    args = parse()
     info = describe()
     print(json.dumps(info))
     idle = background_cores()
@@ -365,32 +382,8 @@ def main() -> None:
         n = len(setup.paths)
         print(f"{n} images in {folder}, checkpoint {setup.ckpt}, workers {setup.workers}")
 
-        plain = PlainLoop(setup.ckpt)
-        engine = EngineEncode(setup.ckpt)
-        rows = [
-            Row("plain open_clip loop", "DataLoader decode + preprocess + encode_image", n),
-            Row("engine encode phase (Python API)", "Encoder.encode_image_files", n),
-            Row("retrieval build (subprocess)", "whole command, start to exit", n),
-            Row("clip-retrieval inference (subprocess)", "whole command, start to exit", n),
-        ]
-        exe = args.clip_retrieval
-        if exe is None or not exe.is_file():
-            why = "no --clip-retrieval given" if exe is None else f"{exe} not found"
-            rows[3].skipped = why
-            print(f"clip-retrieval row skipped: {why}")
-
-        for rep in range(args.repeats):
-            rows[0].runs.append(timed(lambda: plain(setup)))
-            rows[1].runs.append(timed(lambda: engine(setup)))
-            rows[1].runs[-1].detail["min_cosine_vs_plain"] = round(
-                min_cosine(engine.embeddings, plain.embeddings), 4
-            )
-            rows[2].runs.append(timed(lambda rep=rep: retrieval_build(setup, rep)))
-            if not rows[3].skipped and exe is not None:
-                rows[3].runs.append(
-                    timed(lambda rep=rep: clip_retrieval(exe, setup, rep, plain.embeddings))
-                )
-            print(f"repeat {rep + 1}/{args.repeats} done", flush=True)
+        plain, engine = PlainLoop(setup.ckpt), EngineEncode(setup.ckpt)
+        rows = measure(setup, plain, engine, args.clip_retrieval, args.repeats)
 
     print()
     print(f"images/s = {n} images / wall-clock seconds; best of {args.repeats} runs")
@@ -417,27 +410,42 @@ def main() -> None:
                 "plain": round(plain.load_seconds, 2),
                 "engine": round(engine.load_seconds, 2),
             },
-            "rows": {
-                r.name: {
-                    "includes": r.includes,
-                    "best_images_per_s": round(r.best, 3),
-                    "runs": [
-                        {
-                            "seconds": round(x.seconds, 2),
-                            "other_cpu": round(x.other_cpu, 2),
-                            **x.detail,
-                        }
-                        for x in r.runs
-                    ],
-                    "skipped": r.skipped,
-                }
-                for r in rows
-            },
+            "rows": {r.name: r.as_json() for r in rows},
             "encode_vs_plain": round(encode_ratio, 3),
             "build_vs_clip_retrieval": None if math.isnan(build_ratio) else round(build_ratio, 3),
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def measure(
+    setup: Setup, plain: PlainLoop, engine: EngineEncode, exe: Path | None, repeats: int
+) -> list[Row]:
+    """The four rows, their repeats interleaved so that a slow spell hits every row alike."""
+    n = len(setup.paths)
+    rows = [
+        Row("plain open_clip loop", "DataLoader decode + preprocess + encode_image", n),
+        Row("engine encode phase (Python API)", "Encoder.encode_image_files", n),
+        Row("retrieval build (subprocess)", "whole command, start to exit", n),
+        Row("clip-retrieval inference (subprocess)", "whole command, start to exit", n),
+    ]
+    if exe is None or not exe.is_file():
+        why = "no --clip-retrieval given" if exe is None else f"{exe} not found"
+        rows[3].skipped = why
+        print(f"clip-retrieval row skipped: {why}")
+    for rep in range(repeats):
+        rows[0].runs.append(timed(lambda: plain(setup)))
+        rows[1].runs.append(timed(lambda: engine(setup)))
+        rows[1].runs[-1].detail["min_cosine_vs_plain"] = round(
+            min_cosine(engine.embeddings, plain.embeddings), 4
+        )
+        rows[2].runs.append(timed(lambda rep=rep: retrieval_build(setup, rep)))
+        if not rows[3].skipped and exe is not None:
+            rows[3].runs.append(
+                timed(lambda rep=rep: clip_retrieval(exe, setup, rep, plain.embeddings))
+            )
+        print(f"repeat {rep + 1}/{repeats} done", flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -378,6 +378,59 @@ def parse() -> argparse.Namespace:
     return ap.parse_args()
 
 
+def run_all(
+    repeats: int,
+    splits: dict[str, list[Item]],
+    steps: int,
+    open_clip_epochs: tuple[int, int],
+    save_every: int,
+    h: Hyper,
+) -> tuple[dict[str, list[Run]], dict[str, list[dict]]]:
+    """Both trainers ``repeats`` times, alternating which goes first; their runs and recalls."""
+    from retrieval.encoder import default_workers
+
+    workers = default_workers()
+    epochs, oc_per_epoch = open_clip_epochs
+    engine_per_epoch = len(splits["train"]) // h.batch
+    train_items = splits["train"]
+    runs: dict[str, list[Run]] = {"engine": [], "open_clip": []}
+    recalls: dict[str, list[dict]] = {"engine": [], "open_clip": [], "init": []}
+    with tempfile.TemporaryDirectory(prefix="train-speed-") as name:
+        tmp = Path(name)
+        csv_path = tmp / "train.csv"
+        write_csv(train_items, csv_path)
+        recalls["init"].append(recall(None, splits))
+        for rep in range(repeats):
+            order = ["engine", "open_clip"] if rep % 2 == 0 else ["open_clip", "engine"]
+            for kind in order:
+                work = tmp / f"rep{rep}"
+                work.mkdir(exist_ok=True)
+                if kind == "engine":
+                    out = work / "engine"
+                    argv = engine_args(csv_path, out, steps, workers, h, save_every)
+                    run = run_trainer(kind, argv, work, engine_per_epoch, out / "checkpoints")
+                else:
+                    logs = work / "open_clip"
+                    argv = open_clip_args(csv_path, logs, epochs, workers, h)
+                    run = run_trainer(kind, argv, work, oc_per_epoch, logs / "oc" / "checkpoints")
+                if run.steps != steps:
+                    raise SystemExit(f"{kind} made {run.steps} optimizer steps, not {steps}")
+                recalls[kind].append(recall(Path(run.checkpoint), splits))
+                runs[kind].append(run)
+                print(
+                    f"repeat {rep + 1} {kind}: {run.seconds:.1f} s, "
+                    f"{run.end_to_end_sps:.0f} samples/s end to end, "
+                    f"{run.steady_sps:.0f} steady; load average {run.load_before[0]:.2f} -> "
+                    f"{run.load_after[0]:.2f}, other processes {run.other_cpu_cores:.2f} cores, "
+                    f"steal {run.steal_cores:.2f}; recall {recalls[kind][-1]}",
+                    flush=True,
+                )
+                # free the disk between runs (the engine keeps every epoch's checkpoint)
+                for p in work.rglob("*.pt"):
+                    p.unlink()
+    return runs, recalls
+
+
 def main() -> None:
     if len(sys.argv) > 3 and sys.argv[1] == CHILD:
         _child(sys.argv[2], Path(sys.argv[3]), sys.argv[4:])
@@ -409,41 +462,7 @@ def main() -> None:
         f"{workers} loader worker(s); {info}",
         flush=True,
     )
-    runs: dict[str, list[Run]] = {"engine": [], "open_clip": []}
-    recalls: dict[str, list[dict]] = {"engine": [], "open_clip": [], "init": []}
-    with tempfile.TemporaryDirectory(prefix="train-speed-") as name:
-        tmp = Path(name)
-        csv_path = tmp / "train.csv"
-        write_csv(train_items, csv_path)
-        recalls["init"].append(recall(None, splits))
-        for rep in range(args.repeats):
-            order = ["engine", "open_clip"] if rep % 2 == 0 else ["open_clip", "engine"]
-            for kind in order:
-                work = tmp / f"rep{rep}"
-                work.mkdir(exist_ok=True)
-                if kind == "engine":
-                    out = work / "engine"
-                    argv = engine_args(csv_path, out, steps, workers, h, save_every)
-                    run = run_trainer(kind, argv, work, engine_per_epoch, out / "checkpoints")
-                else:
-                    logs = work / "open_clip"
-                    argv = open_clip_args(csv_path, logs, epochs, workers, h)
-                    run = run_trainer(kind, argv, work, oc_per_epoch, logs / "oc" / "checkpoints")
-                if run.steps != steps:
-                    raise SystemExit(f"{kind} made {run.steps} optimizer steps, not {steps}")
-                recalls[kind].append(recall(Path(run.checkpoint), splits))
-                runs[kind].append(run)
-                print(
-                    f"repeat {rep + 1} {kind}: {run.seconds:.1f} s, "
-                    f"{run.end_to_end_sps:.0f} samples/s end to end, "
-                    f"{run.steady_sps:.0f} steady; load average {run.load_before[0]:.2f} -> "
-                    f"{run.load_after[0]:.2f}, other processes {run.other_cpu_cores:.2f} cores, "
-                    f"steal {run.steal_cores:.2f}; recall {recalls[kind][-1]}",
-                    flush=True,
-                )
-                # free the disk between runs (the engine keeps every epoch's checkpoint)
-                for p in work.rglob("*.pt"):
-                    p.unlink()
+    runs, recalls = run_all(args.repeats, splits, steps, (epochs, oc_per_epoch), save_every, h)
     print()
     print(table(runs, recalls, list(splits)))
     if args.json:

@@ -139,10 +139,11 @@ def generate(
     (out / "images").mkdir(parents=True, exist_ok=True)
     corpus = out / "corpus.jsonl"
     with corpus.open("w", encoding="utf-8") as f:
+        scene = None
         for i in range(n):
             rng = np.random.default_rng([seed, i])
-            scene = random_scene(np.random.default_rng([seed, i - 1])) if twins and i % 2 else None
-            scene = _swapped(scene) if scene else random_scene(rng)
+            # A twin shows the previous image's scene with its shapes swapped.
+            scene = _swapped(scene) if twins and i % 2 else random_scene(rng)
             rel = f"images/{i:06d}.png"
             render(scene, size, rng).save(out / rel, optimize=False)
             record = {

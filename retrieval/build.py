@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, layout, querybank
+from . import __version__, layout, querybank, spool
 from .data import ReadOptions, Record, read_corpus, unique_records
-from .encoder import Encoder, ModelSpec, sha256_file
+from .encoder import Encoder, ModelSpec
 from .errors import IndexBuildError
 from .images import DEFAULT_MAX_PIXELS
 from .index import VectorIndex
@@ -26,6 +25,8 @@ from .querybank import BankConfig
 from .store import ItemEntry, Store
 
 log = logging.getLogger(__name__)
+
+_RESUME_HINT = "free some space and re-run with --resume to keep what was already encoded"
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,19 @@ class BuildConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     read: ReadOptions = field(default_factory=ReadOptions)
     progress: bool = True
+    shard_size: int = 2048  # records per spooled shard (a resumed build re-encodes at most one)
     bank: Path | None = None  # querybank corpus; None: the corpus's own captions and images
     querybank: BankConfig = field(default_factory=BankConfig)
+
+    def spool_options(self, resume: bool = False) -> spool.SpoolOptions:
+        return spool.SpoolOptions(
+            batch_size=self.batch_size,
+            workers=self.workers,
+            max_pixels=self.max_pixels,
+            shard_size=self.shard_size,
+            resume=resume,
+            progress=self.progress,
+        )
 
 
 @dataclass
@@ -66,7 +78,7 @@ class BuildReport:
 
 
 @dataclass
-class _Skips:
+class Skips:
     """The skip report as it grows: one JSON object per skipped record or caption."""
 
     rows: list[dict] = field(default_factory=list)
@@ -74,8 +86,29 @@ class _Skips:
     def add(self, kind: str, id_: str, reason: str, **detail) -> None:
         self.rows.append({"kind": kind, "id": id_, "reason": reason, **detail})
 
+    def dropped(self, dropped: list[tuple[str, str, str]]) -> None:
+        for id_, path, reason in dropped:
+            self.add("item", id_, reason, **({"path": path} if path else {}))
+
+    def failed(self, records: list[Record], enc: spool.Encoded) -> list[Record]:
+        """Record the images that did not decode; the records that did, in order."""
+        for pos, reason in sorted(enc.failures.items()):
+            self.add("item", records[pos].id, reason, path=str(records[pos].image))
+        return [records[p] for p in enc.positions]
+
     def counts(self) -> Counter:
         return Counter(r["reason"] for r in self.rows if r["kind"] != "truncated caption")
+
+    def truncated(self) -> int:
+        return sum(1 for r in self.rows if r["kind"] == "truncated caption")
+
+    def write(self, path: Path, previous: Path | None = None) -> None:
+        """``skipped.jsonl``: the previous version's lines (if any), then this run's."""
+        with path.open("w", encoding="utf-8") as f:
+            if previous is not None and previous.is_file():
+                f.write(previous.read_text(encoding="utf-8"))
+            for row in self.rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def build(
@@ -84,66 +117,76 @@ def build(
     config: BuildConfig | None = None,
     index_dir: str | Path | None = None,
     encoder: Encoder | None = None,
+    resume: bool = False,
+    wait: float = 0.0,
 ) -> BuildReport:
-    """Build index ``name`` from ``corpus`` and publish it atomically under ``index_dir``."""
+    """Build index ``name`` from ``corpus`` and publish it atomically under ``index_dir``.
+
+    Embeddings are spooled as they are encoded: ``resume`` re-uses what an interrupted build of
+    the same corpus spooled. ``wait``: seconds to wait for another writer of ``name``.
+    """
     config = config or BuildConfig()
     start = time.perf_counter()
-    layout.check_name(name)
     root = layout.index_root(index_dir)
-    skips = _Skips()
-    records, dropped = unique_records(read_corpus(corpus, config.read))
-    for id_, path, reason in dropped:
-        skips.add("item", id_, reason, **({"path": path} if path else {}))
-    encoder = encoder or Encoder.load(config.model, config.device)
-    emb, positions, failures = encoder.encode_image_files(
-        [r.image for r in records],
-        config.batch_size,
-        config.workers,
-        config.max_pixels,
-        progress=config.progress,
-    )
-    for pos, reason in sorted(failures.items()):
-        skips.add("item", records[pos].id, reason, path=str(records[pos].image))
-    kept = [records[p] for p in positions]
-    if not kept:
-        raise IndexBuildError(
-            f"nothing to index: all {len(records) + len(skips.rows)} records of {corpus} were "
-            f"skipped ({_reasons(skips.counts())})"
-        )
-    entries, texts = _entries(kept, encoder, skips)
-    cap_emb = encoder.encode_texts(texts, progress=config.progress)
-    root.mkdir(parents=True, exist_ok=True)
-    folder = layout.new_version(root, name)
-    try:
-        factories = _write(folder, entries, emb, cap_emb, config, encoder)
-        _write_skips(folder, skips)
-        seconds = time.perf_counter() - start
-        manifest = _manifest(
-            name, corpus, encoder, entries, texts, skips, factories, folder, config
-        )
-        manifest["build_seconds"] = round(seconds, 3)
-        layout.write_manifest(folder, manifest)
-        link = layout.publish(folder, root, name)
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
-    truncated = sum(1 for r in skips.rows if r["kind"] == "truncated caption")
+    with (
+        layout.writer_lock(root, name, wait),
+        layout.disk_guard(f"building index {name!r}", _RESUME_HINT),
+    ):
+        skips = Skips()
+        records, dropped = unique_records(read_corpus(corpus, config.read))
+        skips.dropped(dropped)
+        encoder = encoder or Encoder.load(config.model, config.device)
+        spool_dir = layout.spool_dir(root, name)
+        enc = spool.encode(records, encoder, spool_dir, config.spool_options(resume))
+        kept = skips.failed(records, enc)
+        if not kept:
+            raise IndexBuildError(
+                f"nothing to index: all {len(records) + len(dropped)} records of {corpus} were "
+                f"skipped ({_reasons(skips.counts())})"
+            )
+        entries, texts = entries_for(kept, encoder, skips)
+
+        def fill(folder: Path) -> dict:
+            factories = _write(folder, entries, enc.image_emb, enc.caption_emb, config, encoder)
+            skips.write(folder / layout.SKIPPED)
+            manifest = _manifest(name, corpus, encoder, entries, texts, skips, factories, config)
+            manifest["build_seconds"] = round(time.perf_counter() - start, 3)
+            return manifest
+
+        link = layout.commit(root, name, fill)
+        spool.discard(spool_dir)
     return BuildReport(
-        name, link, len(entries), len(texts), skips.counts(), truncated, seconds, factories
+        name,
+        link,
+        len(entries),
+        len(texts),
+        skips.counts(),
+        skips.truncated(),
+        time.perf_counter() - start,
+        {"image": _factory(link, "image"), "caption": _factory(link, "caption")},
     )
 
 
-def _entries(kept: list[Record], encoder: Encoder, skips: _Skips):
-    """Assign rows: item row = its position; caption rows in order; drop empty captions."""
+def _factory(folder: Path, kind: str) -> str:
+    return layout.read_manifest(folder)["indexes"][kind]["factory"]
+
+
+def entries_for(
+    kept: list[Record], encoder: Encoder, skips: Skips, first_row: int = 0, first_caption: int = 0
+) -> tuple[list[ItemEntry], list[str]]:
+    """Assign rows from ``first_row`` / ``first_caption`` on, in order; drop empty captions.
+
+    The caption texts come out in `spool.caption_texts` order, the order they were encoded in.
+    """
     entries, texts = [], []
-    for row, r in enumerate(kept):
+    for row, r in enumerate(kept, first_row):
         caps = []
         for i, text in enumerate(r.captions):
             cid = f"{r.id}#{i}"
             if not text:
                 skips.add("caption", cid, "empty caption", item=r.id)
                 continue
-            caps.append((cid, len(texts), text))
+            caps.append((cid, first_caption + len(texts), text))
             texts.append(text)
         entries.append(ItemEntry(r.id, row, str(r.image), tuple(caps), r.extra))
     for (cid, _, text), long in zip(
@@ -164,43 +207,70 @@ def _write(folder: Path, entries, emb, cap_emb, config: BuildConfig, encoder) ->
     device = "cuda" if encoder.device.type == "cuda" else "cpu"
     image_index = VectorIndex.build(emb, np.arange(len(emb)), config.index, device)
     cap_factory = config.index if len(cap_emb) else "Flat"
-    if len(cap_emb) == 0:
-        cap_emb = np.zeros((0, emb.shape[1]), np.float32)
     caption_index = VectorIndex.build(cap_emb, np.arange(len(cap_emb)), cap_factory, device)
     image_index.save(folder / layout.IMAGE_INDEX)
     caption_index.save(folder / layout.CAPTION_INDEX)
-    (folder / layout.EMBEDDINGS).mkdir()
-    # fp16 copies for exact re-scoring and rebuilds without re-encoding; rows = FAISS ids.
-    np.save(folder / layout.EMBEDDINGS / "image.npy", emb.astype(np.float16))
-    np.save(folder / layout.EMBEDDINGS / "caption.npy", cap_emb.astype(np.float16))
-    owner = np.array([e.row for e in entries for _ in e.captions], dtype=np.int64)
-    np.save(folder / layout.EMBEDDINGS / "caption_owner.npy", owner)  # caption row -> item row
-    bank_text, bank_images = cap_emb, emb
+    bank_images, bank_text = emb, cap_emb
     if config.bank is not None:
         bank_images, bank_text = querybank.encode_bank(config.bank, encoder, config.read)
-    np.save(
-        folder / layout.EMBEDDINGS / "image.qbnorm.npy",
-        querybank.normalisers(emb, bank_text, config.querybank),
-    )
-    np.save(
-        folder / layout.EMBEDDINGS / "caption.qbnorm.npy",
-        querybank.normalisers(cap_emb, bank_images, config.querybank),
+    owner = np.array([e.row for e in entries for _ in e.captions], dtype=np.int64)
+    save_embeddings(
+        folder,
+        Embeddings(
+            image=emb,
+            caption=cap_emb,
+            caption_owner=owner,
+            image_norm=querybank.normalisers(emb, bank_text, config.querybank),
+            caption_norm=querybank.normalisers(cap_emb, bank_images, config.querybank),
+        ),
+        bank=(bank_images, bank_text) if config.bank is not None else None,
     )
     with Store.create(folder / layout.STORE) as store:
         store.put_items(entries)
     return {"image": image_index.factory, "caption": caption_index.factory}
 
 
-def _write_skips(folder: Path, skips: _Skips) -> None:
-    with (folder / layout.SKIPPED).open("w", encoding="utf-8") as f:
-        for row in skips.rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+@dataclass
+class Embeddings:
+    """The ``embeddings/`` folder of a version; rows are FAISS ids, removed rows included."""
+
+    image: np.ndarray  # (I, D) image embeddings (stored fp16)
+    caption: np.ndarray  # (C, D) caption embeddings (stored fp16)
+    caption_owner: np.ndarray  # (C,) int64 item row of each caption row
+    image_norm: np.ndarray  # (I,) float32 querybank normalisers, text->image
+    caption_norm: np.ndarray  # (C,) float32 querybank normalisers, image->text
+
+
+def save_embeddings(folder: Path, emb: Embeddings, bank=None) -> None:
+    """Write ``embeddings/``; ``bank``: (images, captions) of a separate querybank corpus."""
+    out = folder / layout.EMBEDDINGS
+    out.mkdir()
+    # fp16 copies for exact re-scoring, verification and rebuilds without re-encoding.
+    np.save(out / "image.npy", np.asarray(emb.image, dtype=np.float16))
+    np.save(out / "caption.npy", np.asarray(emb.caption, dtype=np.float16))
+    np.save(out / "caption_owner.npy", np.asarray(emb.caption_owner, dtype=np.int64))
+    np.save(out / "image.qbnorm.npy", np.asarray(emb.image_norm, dtype=np.float32))
+    np.save(out / "caption.qbnorm.npy", np.asarray(emb.caption_norm, dtype=np.float32))
+    if bank is not None:  # kept so that `add` can normalise new items against the same bank
+        np.save(out / "bank.image.npy", np.asarray(bank[0], dtype=np.float16))
+        np.save(out / "bank.caption.npy", np.asarray(bank[1], dtype=np.float16))
+
+
+def load_embeddings(folder: Path, mmap: bool = True) -> Embeddings:
+    src = folder / layout.EMBEDDINGS
+    mode = "r" if mmap else None
+    return Embeddings(
+        image=np.load(src / "image.npy", mmap_mode=mode),
+        caption=np.load(src / "caption.npy", mmap_mode=mode),
+        caption_owner=np.load(src / "caption_owner.npy"),
+        image_norm=np.load(src / "image.qbnorm.npy"),
+        caption_norm=np.load(src / "caption.qbnorm.npy"),
+    )
 
 
 def _manifest(
-    name, corpus, encoder: Encoder, entries, texts, skips, factories, folder, config: BuildConfig
+    name, corpus, encoder: Encoder, entries, texts, skips, factories, config: BuildConfig
 ) -> dict:
-    checksums = {f: sha256_file(folder / f) for f in (layout.IMAGE_INDEX, layout.CAPTION_INDEX)}
     return {
         "name": name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -232,7 +302,6 @@ def _manifest(
             "m": config.querybank.m,
             "bank": str(config.bank) if config.bank else "corpus",
         },
-        "sha256": checksums,
     }
 
 

@@ -7,7 +7,6 @@ C-contiguous numpy array of shape (N, D).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import socket
@@ -26,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .errors import EncoderError
 from .images import DEFAULT_MAX_PIXELS, BadImage, load_image
+from .layout import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +56,6 @@ class ModelSpec:
             "pretrained": str(ckpt) if ckpt else self.pretrained,
             "checkpoint_sha256": sha256_file(ckpt) if ckpt else None,
         }
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def resolve_device(device: str | None = "auto") -> torch.device:
@@ -245,12 +237,13 @@ class Encoder:
         workers: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         progress: bool = False,
+        bar: tqdm | None = None,
     ) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
         """Decode and encode image files in batches, decoding in DataLoader workers.
 
         Returns ``(embeddings (M, D), positions (M,), failures)``: row j of ``embeddings`` is
         ``paths[positions[j]]``, in input order; ``failures`` maps the positions that could not
-        be decoded to their reason.
+        be decoded to their reason. ``bar``: a caller's progress bar to advance (else its own).
         """
         workers = default_workers() if workers is None else workers
         loader = DataLoader(
@@ -261,7 +254,9 @@ class Encoder:
             pin_memory=self.device.type == "cuda",
         )
         chunks, positions, failures = [], [], {}
-        bar = tqdm(total=len(paths), unit="img", desc="images", disable=not progress)
+        own = bar is None
+        if own:
+            bar = tqdm(total=len(paths), unit="img", desc="images", disable=not progress)
         for idx, pixels, bad in loader:
             failures.update(bad)
             if pixels is not None:
@@ -270,7 +265,8 @@ class Encoder:
                 chunks.append(self._finish(feats))
                 positions.extend(idx)
             bar.update(len(idx) + len(bad))
-        bar.close()
+        if own:
+            bar.close()
         emb = np.concatenate(chunks) if chunks else np.zeros((0, self.dim or 0), np.float32)
         return emb, np.asarray(positions, dtype=np.int64), failures
 

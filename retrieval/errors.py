@@ -24,3 +24,11 @@ class IndexBuildError(RetrievalError, ValueError):
 
 class SearchError(RetrievalError, ValueError):
     """A search that cannot run (unknown index, model mismatch, unreadable query image)."""
+
+
+class IndexBusyError(RetrievalError, RuntimeError):
+    """Another writer (build, add, remove, compact) holds the index's lock."""
+
+
+class DiskFullError(RetrievalError, OSError):
+    """The disk (or a file-size limit) ran out while writing; the previous index is intact."""

@@ -69,11 +69,15 @@ class VectorIndex:
     """A FAISS index with int64 ids; build with `VectorIndex.build` or `VectorIndex.load`."""
 
     def __init__(self, index: faiss.Index, factory: str, device: str = "cpu") -> None:
-        self.cpu_index, self.factory = index, factory
-        self._searcher = index
-        if device.startswith("cuda") and gpu_count() > 0:
-            self._searcher = _to_gpus(index)
-        self._flat = self._exact_view() if self._searcher is index else None
+        self.cpu_index, self.factory, self.device = index, factory, device
+        self._dead = np.zeros(0, np.int64)  # tombstoned ids, excluded from every search
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._searcher = self.cpu_index
+        if self.device.startswith("cuda") and gpu_count() > 0:
+            self._searcher = _to_gpus(self.cpu_index)
+        self._flat = self._exact_view() if self._searcher is self.cpu_index else None
 
     @classmethod
     def build(
@@ -109,6 +113,40 @@ class VectorIndex:
 
     def save(self, path: Path) -> None:
         faiss.write_index(self.cpu_index, str(path))
+
+    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        """Add ``vectors`` (N, D) under new ``ids`` (N,) int64 (an IVF keeps its centroids)."""
+        vectors = _check(vectors)
+        if len(vectors):
+            self.cpu_index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
+        self._refresh()
+
+    def remove(self, ids: np.ndarray) -> bool:
+        """Remove ``ids``; False when this index type cannot (HNSW, IVF): tombstone them then."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if len(ids) == 0:
+            return True
+        try:
+            self.cpu_index.remove_ids(faiss.IDSelectorBatch(ids))
+        except RuntimeError:
+            return False
+        self._refresh()
+        return True
+
+    def exclude(self, ids: np.ndarray) -> None:
+        """Leave ``ids`` (tombstones) out of every search from now on."""
+        self._dead = np.unique(np.asarray(ids, dtype=np.int64))
+
+    def ids(self) -> np.ndarray:
+        """(ntotal,) int64: every id the index holds, tombstoned ones included."""
+        return faiss.vector_to_array(self.cpu_index.id_map).astype(np.int64)
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """(len(ids), D) float32 stored vectors (approximate for compressed indexes)."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if len(ids) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        return np.ascontiguousarray(self.cpu_index.reconstruct_batch(ids), dtype=np.float32)
 
     @property
     def ntotal(self) -> int:
@@ -146,6 +184,10 @@ class VectorIndex:
         queries = _check(queries)
         if queries.shape[1] != self.dim:
             raise ValueError(f"query dim {queries.shape[1]} != index dim {self.dim}")
+        if len(self._dead) and allowed is not None:
+            allowed = np.setdiff1d(allowed, self._dead)
+        if len(self._dead) and allowed is None:
+            return self._search_live(queries, k)
         k = min(int(k), self.ntotal if allowed is None else len(allowed))
         if k <= 0:
             empty = Neighbors(np.zeros(0, np.int64), np.zeros(0, np.float32))
@@ -165,9 +207,33 @@ class VectorIndex:
         keep = labels >= 0  # FAISS pads with -1 when fewer than k are found
         return [Neighbors(lab[m], sc[m]) for lab, sc, m in zip(labels, scores, keep, strict=True)]
 
+    def _search_live(self, queries: np.ndarray, k: int) -> list[Neighbors]:
+        """Search around the tombstones: a selector on the CPU, over-fetching on a GPU."""
+        k = min(int(k), self.ntotal - len(self._dead))
+        if k <= 0:
+            empty = Neighbors(np.zeros(0, np.int64), np.zeros(0, np.float32))
+            return [empty] * len(queries)
+        if self._searcher is self.cpu_index:
+            dead = faiss.IDSelectorBatch(self._dead)  # kept referenced while the search runs
+            sel = faiss.IDSelectorNot(dead)
+            params = _selector_params(self.cpu_index, sel, k)
+            scores, labels = self.cpu_index.search(queries, k, params=params)
+        else:  # GPU indexes take no selectors: fetch enough that k live ones remain
+            fetch = min(self.ntotal, k + len(self._dead))
+            scores, labels = self._searcher.search(queries, fetch, params=None)
+        out = []
+        for lab, sc in zip(labels, scores, strict=True):
+            keep = (lab >= 0) & ~np.isin(lab, self._dead)
+            out.append(Neighbors(lab[keep][:k], sc[keep][:k]))
+        return out
 
-def _selector_params(index: faiss.Index, allowed: np.ndarray, k: int):
-    sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
+
+def _selector_params(index: faiss.Index, allowed, k: int):
+    """Search parameters restricted to ``allowed`` ids (an array, or a FAISS ID selector)."""
+    if isinstance(allowed, faiss.IDSelector):
+        sel = allowed
+    else:
+        sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
     inner = faiss.downcast_index(index.index)
     if isinstance(inner, faiss.IndexHNSW):
         return faiss.SearchParametersHNSW(sel=sel, efSearch=max(inner.hnsw.efSearch, k))

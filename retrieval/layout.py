@@ -5,20 +5,29 @@ folder that holds the files. A build writes a new version folder, writes ``manif
 then swaps the link with one ``rename`` (atomic on POSIX): a reader resolves the link once and
 sees the previous index or the new one, never a half-written one. The previous version is kept
 so that readers still holding it finish their work; older ones are removed.
+
+Writers (build, add, remove, compact) take ``<index_dir>/.locks/<name>.lock`` (`writer_lock`)
+for their whole run, so two never interleave; readers take no lock and are never blocked. A
+version folder without a manifest is a writer that died: the next writer deletes it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import hashlib
 import json
 import os
 import re
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import SearchError
+from .errors import DiskFullError, IndexBusyError, SearchError
 
 ENV_INDEX_DIR = "RETRIEVAL_INDEX_DIR"
 DEFAULT_INDEX_DIR = Path("indexes")
@@ -58,6 +67,130 @@ def new_version(root: Path, name: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def writer_lock(root: Path, name: str, wait: float = 0.0):
+    """Hold the write lock of index ``name`` (waiting up to ``wait`` seconds), then clean up.
+
+    The lock is an ``flock`` on a file, so the kernel releases it when its holder dies, even
+    by SIGKILL. Under the lock, version folders without a manifest are dead writers' leftovers.
+    """
+    locks = root / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    fd = os.open(locks / f"{check_name(name)}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                    raise IndexBusyError(
+                        f"index {name!r} is being changed by another process (pid {holder}); "
+                        "try again when it finishes, or pass --wait SECONDS"
+                    ) from None
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        _remove_unfinished(root, name)
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor releases the flock
+
+
+def _remove_unfinished(root: Path, name: str) -> None:
+    versions = root / ".versions" / name
+    if versions.is_dir():
+        for old in versions.iterdir():
+            if not (old / MANIFEST).exists():
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def sync_tree(folder: Path) -> None:
+    """fsync every file and folder under ``folder``: the version is on disk before publishing."""
+    for path in sorted(folder.rglob("*"), reverse=True):
+        if path.is_file():
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+        elif path.is_dir():
+            _fsync_dir(path)
+    _fsync_dir(folder)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Share an immutable file between versions (hard link), or copy it where links fail."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether ``e`` says the disk or a file-size limit ran out (also from FAISS and LMDB)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return True
+    text = str(e)
+    return any(s in text for s in ("No space left", "File too large", "Disk quota", "ENOSPC"))
+
+
+def disk_full_error(what: str, e: BaseException, hint: str = "") -> DiskFullError:
+    detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    return DiskFullError(
+        f"out of disk space (or over the file-size limit) while {what} ({detail}); nothing "
+        f"was published, the previous index is intact{'; ' + hint if hint else ''}"
+    )
+
+
+@contextlib.contextmanager
+def disk_guard(what: str, hint: str = ""):
+    """Turn a full disk, however FAISS, LMDB or numpy report it, into a `DiskFullError`."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as e:
+        if disk_full(e):
+            raise disk_full_error(what, e, hint) from None
+        raise
+
+
+def spool_dir(root: Path, name: str) -> Path:
+    """Where a build or an add of ``name`` spools its embeddings until they are published."""
+    return root / ".spool" / check_name(name)
+
+
+def commit(root: Path, name: str, fill: Callable[[Path], dict[str, Any]]) -> Path:
+    """Write a new version of ``name`` with ``fill(folder) -> manifest`` and publish it.
+
+    Every file is fsynced and checksummed into the manifest, which is written last; then the
+    link is swapped. Whatever fails before the swap (a full disk included) leaves the published
+    version as it was and removes the half-written one. Call under `writer_lock`.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    folder = new_version(root, name)
+    try:
+        manifest = fill(folder)
+        sync_tree(folder)
+        manifest["sha256"] = checksums(folder)
+        write_manifest(folder, manifest)
+        return publish(folder, root, name)
+    except BaseException as e:
+        shutil.rmtree(folder, ignore_errors=True)
+        if disk_full(e):
+            raise disk_full_error(f"writing index {name!r}", e) from None
+        raise
+
+
+def checksums(folder: Path) -> dict[str, str]:
+    """sha256 of every file of a version but the manifest and LMDB's lock file."""
+    return {
+        p.relative_to(folder).as_posix(): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in (MANIFEST, MANIFEST + ".tmp", "lock.mdb")
+    }
+
+
 def publish(version: Path, root: Path, name: str) -> Path:
     """Point ``root/name`` at ``version`` atomically and prune versions no reader can reach."""
     link = root / name
@@ -75,6 +208,14 @@ def publish(version: Path, root: Path, name: str) -> Path:
         if old.resolve() not in keep and stale:
             shutil.rmtree(old, ignore_errors=True)
     return link
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:

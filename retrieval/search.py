@@ -23,10 +23,11 @@ from PIL import Image
 
 from . import filters, layout
 from . import query as query_layer
-from .encoder import Encoder, ModelSpec, sha256_file
+from .encoder import Encoder, ModelSpec
 from .errors import SearchError
 from .images import BadImage, load_image
 from .index import VectorIndex
+from .layout import sha256_file
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,8 @@ def check_model(manifest: dict, spec: ModelSpec | None) -> None:
         )
 
 
-def _spec_from_manifest(manifest: dict) -> ModelSpec:
+def spec_from_manifest(manifest: dict) -> ModelSpec:
+    """The model an index was built with; its checkpoint must still be there, unchanged."""
     pretrained, sha = manifest.get("pretrained"), manifest.get("checkpoint_sha256")
     if sha:
         path = Path(pretrained)
@@ -118,7 +120,7 @@ class Searcher:
     def __init__(self, folder: Path, encoder: Encoder | None = None, device: str = "auto") -> None:
         self.folder = folder
         self.manifest = layout.read_manifest(folder)
-        self.encoder = encoder or Encoder.load(_spec_from_manifest(self.manifest), device)
+        self.encoder = encoder or Encoder.load(spec_from_manifest(self.manifest), device)
         faiss_device = "cuda" if self.encoder.device.type == "cuda" else "cpu"
         idx = self.manifest["indexes"]
         self.images = VectorIndex.load(
@@ -128,6 +130,9 @@ class Searcher:
             folder / layout.CAPTION_INDEX, idx["caption"]["factory"], faiss_device
         )
         self.store = Store.open(folder / layout.STORE)
+        # Removed items that HNSW / IVF indexes still hold: never returned (until compact).
+        self.images.exclude(self.store.tombstones("image"))
+        self.captions.exclude(self.store.tombstones("caption"))
         self.corpus = _corpus(folder, self.manifest, self.images, self.captions)
         self._allowed: dict[tuple, np.ndarray] = {}  # filter -> allowed item rows
 

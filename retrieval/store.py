@@ -4,7 +4,12 @@ External ids are the corpus's own strings. FAISS only holds int64 rows, so the s
 directions: ``item id -> {row, path, captions, extra}``, ``caption id -> {row, item, text}``, and
 ``row -> id`` for each of the two indexes. Row numbers never leave `store` and `index`.
 
-Sub-databases: ``items``, ``captions``, ``image_rows``, ``caption_rows``, ``meta``.
+Sub-databases: ``items``, ``captions``, ``image_rows``, ``caption_rows``, ``meta``, and
+``image_tombstones`` / ``caption_tombstones``: rows of removed items that an index type without
+removal (HNSW, IVF) still holds; searches exclude them until ``retrieval compact``.
+
+A published store is never written again: `retrieval.lifecycle` copies it into the next version
+(`Store.copy_to`) and changes the copy.
 """
 
 from __future__ import annotations
@@ -17,8 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import lmdb
+import numpy as np
 
-_DBS = (b"items", b"captions", b"image_rows", b"caption_rows", b"meta")
+_DBS = (
+    b"items",
+    b"captions",
+    b"image_rows",
+    b"caption_rows",
+    b"meta",
+    b"image_tombstones",
+    b"caption_tombstones",
+)
 # LMDB reserves address space, not disk: the file only grows with what is written.
 _MAP_SIZE = 1 << 37
 
@@ -47,9 +61,13 @@ class Store:
 
     def __init__(self, env: lmdb.Environment) -> None:
         self.env = env
-        self._db = {
-            name.decode(): env.open_db(name, create=not env.flags()["readonly"]) for name in _DBS
-        }
+        readonly = env.flags()["readonly"]
+        self._db = {}
+        for name in _DBS:
+            try:
+                self._db[name.decode()] = env.open_db(name, create=not readonly)
+            except lmdb.NotFoundError:  # a store written before tombstones existed
+                self._db[name.decode()] = None
 
     @classmethod
     def create(cls, path: Path) -> Store:
@@ -86,6 +104,52 @@ class Store:
                     txn.put(cid.encode(), _dump(cval), db=self._db["captions"])
                     txn.put(_row_key(crow), cid.encode(), db=self._db["caption_rows"])
 
+    def remove_items(self, item_ids: Iterable[str]) -> tuple[list[int], list[int]]:
+        """Delete items with their captions and row maps, in one transaction.
+
+        Returns the ``(image rows, caption rows)`` they held; unknown ids are ignored.
+        """
+        image_rows, caption_rows = [], []
+        with self.env.begin(write=True) as txn:
+            for item_id in item_ids:
+                raw = txn.pop(item_id.encode(), db=self._db["items"])
+                if raw is None:
+                    continue
+                item = json.loads(raw)
+                image_rows.append(item["row"])
+                txn.delete(_row_key(item["row"]), db=self._db["image_rows"])
+                for cap in item["captions"]:
+                    crow = json.loads(txn.pop(cap["id"].encode(), db=self._db["captions"]))["row"]
+                    caption_rows.append(crow)
+                    txn.delete(_row_key(crow), db=self._db["caption_rows"])
+        return image_rows, caption_rows
+
+    def add_tombstones(self, kind: str, rows: Iterable[int]) -> None:
+        """Record rows of removed items (``kind`` "image") or captions that FAISS still holds."""
+        with self.env.begin(write=True, db=self._db[f"{kind}_tombstones"]) as txn:
+            for row in rows:
+                txn.put(_row_key(int(row)), b"")
+
+    def tombstones(self, kind: str) -> np.ndarray:
+        """Sorted (T,) int64 rows of removed items (``kind`` "image") or captions still in FAISS."""
+        db = self._db[f"{kind}_tombstones"]
+        if db is None:
+            return np.zeros(0, np.int64)
+        with self.env.begin(db=db) as txn:
+            rows = [struct.unpack(">q", key)[0] for key in txn.cursor().iternext(values=False)]
+        return np.array(rows, dtype=np.int64)
+
+    def rows(self, kind: str) -> np.ndarray:
+        """Sorted (R,) int64 rows of the live items (``kind`` "image") or captions."""
+        with self.env.begin(db=self._db[f"{kind}_rows"]) as txn:
+            rows = [struct.unpack(">q", key)[0] for key in txn.cursor().iternext(values=False)]
+        return np.array(rows, dtype=np.int64)
+
+    def copy_to(self, path: Path) -> None:
+        """A compacted copy of the whole store at ``path`` (a new, empty folder)."""
+        Path(path).mkdir(parents=True, exist_ok=True)
+        self.env.copy(str(path), compact=True)
+
     def put_meta(self, key: str, value: Any) -> None:
         with self.env.begin(write=True) as txn:
             txn.put(key.encode(), _dump(value), db=self._db["meta"])
@@ -121,8 +185,13 @@ class Store:
         return json.loads(raw) if raw is not None else None
 
     def counts(self) -> dict[str, int]:
+        """Live items and captions, and the tombstoned rows of each."""
         with self.env.begin() as txn:
-            return {name: txn.stat(self._db[name])["entries"] for name in ("items", "captions")}
+            out = {name: txn.stat(self._db[name])["entries"] for name in ("items", "captions")}
+            for kind in ("image", "caption"):
+                db = self._db[f"{kind}_tombstones"]
+                out[f"{kind}_tombstones"] = txn.stat(db)["entries"] if db is not None else 0
+        return out
 
     def iter_items(self) -> Iterator[dict[str, Any]]:
         with self.env.begin(db=self._db["items"]) as txn:

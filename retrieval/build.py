@@ -64,6 +64,7 @@ class BuildReport:
     truncated: int
     seconds: float
     factories: dict[str, str]
+    resumed_shards: int = 0  # spooled shards re-used from an interrupted run
 
     def summary(self) -> str:
         skipped = sum(self.skipped.values())
@@ -74,6 +75,7 @@ class BuildReport:
             f"{self.truncated} captions truncated to the context length; "
             f"indexes {self.factories['image']} (images), {self.factories['caption']} "
             f"(captions); at {self.path}"
+            + (f"; resumed {self.resumed_shards} spooled shards" if self.resumed_shards else "")
         )
 
 
@@ -130,7 +132,7 @@ def build(
     root = layout.index_root(index_dir)
     with (
         layout.writer_lock(root, name, wait),
-        layout.disk_guard(f"building index {name!r}", _RESUME_HINT),
+        layout.disk_guard(root, f"building index {name!r}", _RESUME_HINT),
     ):
         skips = Skips()
         records, dropped = unique_records(read_corpus(corpus, config.read))
@@ -164,6 +166,7 @@ def build(
         skips.truncated(),
         time.perf_counter() - start,
         {"image": _factory(link, "image"), "caption": _factory(link, "caption")},
+        enc.reused,
     )
 
 

@@ -9,8 +9,14 @@ from pathlib import Path
 
 import click
 
-from . import cli_train
-from .cli_options import ErrorGroup, index_dir_option, model_options, read_options
+from . import cli_index, cli_train
+from .cli_options import (
+    ErrorGroup,
+    encoding_options,
+    index_dir_option,
+    model_options,
+    read_options,
+)
 from .query import STRATEGIES
 
 
@@ -34,32 +40,24 @@ def main(verbose: int) -> None:
     show_default=True,
     help="auto (exact below 100k vectors, HNSW above) or a FAISS factory string.",
 )
-@click.option("--batch-size", default=64, show_default=True)
-@click.option("--workers", type=int, default=None, help="Image-decoding processes [cores-1].")
-@click.option(
-    "--max-pixels",
-    default=40_000_000,
-    show_default=True,
-    help="Refuse images with more pixels (decompression bombs).",
-)
 @click.option(
     "--bank",
     type=click.Path(exists=True, path_type=Path),
     default=None,
     help="Querybank corpus for qbnorm [the corpus's own captions and images].",
 )
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@encoding_options
 @read_options
 @index_dir_option
-def build(corpus, name, model, pretrained, no_progress, index_dir, **options):
-    """Build index NAME from CORPUS (any format: see --format)."""
+def build(corpus, name, model, pretrained, no_progress, index_dir, resume, wait, **options):
+    """Build index NAME from CORPUS (any format: see --format), replacing any index NAME."""
     from .build import BuildConfig
     from .build import build as run_build
     from .encoder import ModelSpec
 
     # The other options are named after their BuildConfig fields.
     config = BuildConfig(model=ModelSpec(model, pretrained), progress=not no_progress, **options)
-    report = run_build(corpus, name, config, index_dir=index_dir)
+    report = run_build(corpus, name, config, index_dir=index_dir, resume=resume, wait=wait)
     click.echo(report.summary())
     if sum(report.skipped.values()):
         click.echo(f"skipped records and their reasons: {report.path / 'skipped.jsonl'}")
@@ -251,8 +249,9 @@ def demo(workdir, n, model, pretrained, device, index_dir):
         click.echo(_table(out))
 
 
-for _command in cli_train.commands.commands.values():
-    main.add_command(_command)
+for _group in (cli_train.commands, cli_index.commands):
+    for _command in _group.commands.values():
+        main.add_command(_command)
 
 if __name__ == "__main__":  # torchrun -m retrieval.cli ...
     main()

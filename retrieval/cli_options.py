@@ -97,3 +97,44 @@ def read_options(f):
     for opt in reversed(opts):
         wrapper = opt(wrapper)
     return wrapper
+
+
+def encoding_options(f):
+    """How records are decoded, encoded and spooled (build and add); named as in BuildConfig."""
+    opts = [
+        click.option("--batch-size", default=64, show_default=True),
+        click.option(
+            "--workers", type=int, default=None, help="Image-decoding processes [cores-1]."
+        ),
+        click.option(
+            "--max-pixels",
+            default=40_000_000,
+            show_default=True,
+            help="Refuse images with more pixels (decompression bombs).",
+        ),
+        click.option(
+            "--shard-size",
+            default=2048,
+            show_default=True,
+            help="Records per spooled shard: what an interrupted run can lose at most.",
+        ),
+        click.option(
+            "--resume",
+            is_flag=True,
+            help="Re-use what an interrupted run of the same command spooled.",
+        ),
+        click.option("--no-progress", is_flag=True, help="No progress bars."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return wait_option(f)
+
+
+def wait_option(f):
+    return click.option(
+        "--wait",
+        type=float,
+        default=0.0,
+        show_default=True,
+        help="Seconds to wait while another command changes the same index [fail at once].",
+    )(f)

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import shutil
 import time
 import uuid
@@ -39,6 +40,7 @@ STORE = "meta.lmdb"
 EMBEDDINGS = "embeddings"
 SKIPPED = "skipped.jsonl"
 FORMAT_VERSION = 1
+_LOW_SPACE = 64 << 20  # bytes free below which an I/O error is taken for a full disk
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -126,12 +128,28 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def disk_full(e: BaseException) -> bool:
-    """Whether ``e`` says the disk or a file-size limit ran out (also from FAISS and LMDB)."""
+def disk_full(e: BaseException, where: Path) -> bool:
+    """Whether ``e`` says the disk or a file-size limit under ``where`` ran out.
+
+    numpy and Python raise ENOSPC / EFBIG; FAISS passes the C library's text on; LMDB reports
+    a short write as a bare I/O error, so for that one the disk itself is asked.
+    """
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         return True
     text = str(e)
-    return any(s in text for s in ("No space left", "File too large", "Disk quota", "ENOSPC"))
+    if any(s in text for s in ("No space left", "File too large", "Disk quota")):
+        return True
+    return "Input/output error" in text and _short_of_space(where)
+
+
+def _short_of_space(where: Path) -> bool:
+    if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+        return True
+    try:
+        st = os.statvfs(where)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < _LOW_SPACE
 
 
 def disk_full_error(what: str, e: BaseException, hint: str = "") -> DiskFullError:
@@ -143,14 +161,15 @@ def disk_full_error(what: str, e: BaseException, hint: str = "") -> DiskFullErro
 
 
 @contextlib.contextmanager
-def disk_guard(what: str, hint: str = ""):
-    """Turn a full disk, however FAISS, LMDB or numpy report it, into a `DiskFullError`."""
+def disk_guard(root: Path, what: str, hint: str = ""):
+    """Turn a full disk under ``root``, however FAISS, LMDB or numpy say so, into a
+    `DiskFullError`."""
     try:
         yield
     except DiskFullError:
         raise
     except Exception as e:
-        if disk_full(e):
+        if disk_full(e, root):
             raise disk_full_error(what, e, hint) from None
         raise
 
@@ -177,7 +196,7 @@ def commit(root: Path, name: str, fill: Callable[[Path], dict[str, Any]]) -> Pat
         return publish(folder, root, name)
     except BaseException as e:
         shutil.rmtree(folder, ignore_errors=True)
-        if disk_full(e):
+        if disk_full(e, root):
             raise disk_full_error(f"writing index {name!r}", e) from None
         raise
 

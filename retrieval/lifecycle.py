@@ -93,7 +93,7 @@ def add(
     """
     config, start = config or BuildConfig(), time.perf_counter()
     root = layout.index_root(index_dir)
-    guard = layout.disk_guard(f"adding to index {name!r}", "free some space and retry")
+    guard = layout.disk_guard(root, f"adding to index {name!r}", "free some space and retry")
     with layout.writer_lock(root, name, wait), guard:
         current = layout.resolve(name, root)
         manifest = layout.read_manifest(current)
@@ -221,7 +221,7 @@ def remove(
 ) -> ChangeReport:
     """Remove items ``ids`` (with their captions) from index ``name``."""
     start, root = time.perf_counter(), layout.index_root(index_dir)
-    guard = layout.disk_guard(f"removing from index {name!r}", "free some space and retry")
+    guard = layout.disk_guard(root, f"removing from index {name!r}", "free some space and retry")
     with layout.writer_lock(root, name, wait), guard:
         current = layout.resolve(name, root)
         with Store.open(current / layout.STORE) as old:
@@ -256,7 +256,7 @@ def _drop(store: Store, indexes: dict[str, VectorIndex], item_ids: list[str]) ->
 def compact(name: str, index_dir: str | Path | None = None, wait: float = 0.0) -> ChangeReport:
     """Rebuild index ``name`` without its tombstones and removed rows, from stored vectors."""
     start, root = time.perf_counter(), layout.index_root(index_dir)
-    guard = layout.disk_guard(f"compacting index {name!r}", "free some space and retry")
+    guard = layout.disk_guard(root, f"compacting index {name!r}", "free some space and retry")
     with layout.writer_lock(root, name, wait), guard:
         current = layout.resolve(name, root)
         old = load_embeddings(current)

@@ -14,6 +14,7 @@ Results follow one shape everywhere (Python, ``--json``, HTTP)::
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,8 +118,14 @@ def spec_from_manifest(manifest: dict) -> ModelSpec:
 class Searcher:
     """An open index: FAISS indexes, the store and the model, loaded once, then queried."""
 
-    def __init__(self, folder: Path, encoder: Encoder | None = None, device: str = "auto") -> None:
-        self.folder = folder
+    def __init__(
+        self,
+        folder: Path,
+        encoder: Encoder | None = None,
+        device: str = "auto",
+        link: Path | None = None,
+    ) -> None:
+        self.folder, self.link = folder, link  # link: the name's symlink, to follow updates
         self.manifest = layout.read_manifest(folder)
         self.encoder = encoder or Encoder.load(spec_from_manifest(self.manifest), device)
         faiss_device = "cuda" if self.encoder.device.type == "cuda" else "cpu"
@@ -130,6 +137,8 @@ class Searcher:
             folder / layout.CAPTION_INDEX, idx["caption"]["factory"], faiss_device
         )
         self.store = Store.open(folder / layout.STORE)
+        # A searcher replaced by `latest` is closed when its last request lets go of it.
+        self._close = weakref.finalize(self, self.store.close)
         # Removed items that HNSW / IVF indexes still hold: never returned (until compact).
         self.images.exclude(self.store.tombstones("image"))
         self.captions.exclude(self.store.tombstones("caption"))
@@ -146,12 +155,37 @@ class Searcher:
         encoder: Encoder | None = None,
     ) -> Searcher:
         """Open index ``name``; ``model``, when given, must be the one the index was built with."""
-        folder = layout.resolve(name, index_dir)
-        check_model(layout.read_manifest(folder), model)
-        return cls(folder, encoder=encoder, device=device)
+        link = layout.index_root(index_dir) / name
+        for attempt in range(3):
+            folder = layout.resolve(name, index_dir)
+            check_model(layout.read_manifest(folder), model)
+            try:
+                return cls(folder, encoder=encoder, device=device, link=link)
+            except (FileNotFoundError, RuntimeError):
+                # Two writers' publications in a row prune the version we had just resolved.
+                if attempt == 2 or folder.exists():
+                    raise
+        raise AssertionError("unreachable")
+
+    def latest(self) -> Searcher:
+        """This searcher, or one on the version published since it opened (same model)."""
+        if self.link is None:
+            return self
+        try:
+            folder = self.link.resolve(strict=True)
+        except OSError:
+            return self
+        if folder == self.folder or not (folder / layout.MANIFEST).is_file():
+            return self
+        try:
+            newer = Searcher(folder, encoder=self.encoder, link=self.link)
+        except (FileNotFoundError, RuntimeError):  # already replaced again: next time
+            return self
+        log.info("index %s: switched to the newly published version %s", self.link.name, folder)
+        return newer
 
     def close(self) -> None:
-        self.store.close()
+        self._close()
 
     def __enter__(self) -> Searcher:
         return self

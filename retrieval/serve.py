@@ -83,10 +83,24 @@ class SearchRequest(BaseModel):
     mix: float = Field(DEFAULT_MIX, ge=0, le=1)
 
 
+class _Latest:
+    """The searcher of the index's published version: after an add or a remove publishes a new
+    one, the next request opens it (sharing the model); requests under way finish on the old."""
+
+    def __init__(self, searcher: Searcher) -> None:
+        self.searcher, self._lock = searcher, threading.Lock()
+
+    def __call__(self) -> Searcher:
+        with self._lock:
+            self.searcher = self.searcher.latest()
+            return self.searcher
+
+
 def create_app(searcher: Searcher, config: ServeConfig = ServeConfig()) -> FastAPI:
-    """The application serving ``searcher``'s index."""
+    """The application serving ``searcher``'s index, and its later versions."""
     app = FastAPI(title="retrieval", version=__version__, summary="Search images by text & image")
     lock = threading.Lock()
+    current = _Latest(searcher)
     _add_error_handlers(app)
 
     @app.post("/search", openapi_extra=_search_openapi())
@@ -95,7 +109,7 @@ def create_app(searcher: Searcher, config: ServeConfig = ServeConfig()) -> FastA
         req = _validate(fields, config.max_k)
 
         try:  # in a thread: decoding and the model must not hold up the event loop
-            out = await run_in_threadpool(_run_search, searcher, lock, req, raw, config)
+            out = await run_in_threadpool(_run_search, current(), lock, req, raw, config)
         except SearchError as e:
             raise ApiError(400, str(e)) from None
         for r in out["results"]:
@@ -108,7 +122,7 @@ def create_app(searcher: Searcher, config: ServeConfig = ServeConfig()) -> FastA
     def item_image(
         item_id: str, size: int | None = QueryParam(None, ge=16, le=config.max_thumb)
     ) -> Response:
-        path = _item_path(searcher, item_id)
+        path = _item_path(current(), item_id)
         if size is None:
             media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
             return FileResponse(path, media_type=media)
@@ -116,18 +130,18 @@ def create_app(searcher: Searcher, config: ServeConfig = ServeConfig()) -> FastA
 
     @app.get("/items/{item_id:path}")
     def item(item_id: str) -> dict[str, Any]:
-        found = searcher.store.item(item_id)
+        found = current().store.item(item_id)
         if found is None:
             raise ApiError(404, f"no item {item_id!r} in this index")
         return {"id": item_id, **found, "image_url": _image_url(item_id)}
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "index": searcher.manifest["name"]}
+        return {"status": "ok", "index": current().manifest["name"]}
 
     @app.get("/stats")
     def stats() -> dict[str, Any]:
-        return _stats(searcher)
+        return _stats(current())
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -337,6 +351,7 @@ def _stats(searcher: Searcher) -> dict[str, Any]:
         "counts": searcher.store.counts(),
         "indexes": {k: v.get("factory") for k, v in m["indexes"].items()},
         "created": m.get("created"),
+        "updated": m.get("updated"),
         "strategies": list(STRATEGIES),
         "default_strategy": {f"{q}->{t}": s for (q, t), s in DEFAULT_STRATEGY.items()},
         "version": __version__,

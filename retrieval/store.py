@@ -15,7 +15,9 @@ A published store is never written again: `retrieval.lifecycle` copies it into t
 from __future__ import annotations
 
 import json
+import shutil
 import struct
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,11 +58,50 @@ class ItemEntry:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class _Readers:
+    """Read-only environments, one per store folder, shared by every reader in the process.
+
+    py-lmdb refuses to open one environment twice in a process, and two searchers (or a
+    searcher and `verify`) may well read the same version. A published store is immutable, so
+    sharing is safe, and readers need no lock file (nor write access). The last reader to
+    close a store closes its environment.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[Path, list] = {}  # resolved folder -> [environment, readers]
+
+    def acquire(self, path: Path) -> lmdb.Environment:
+        key = path.resolve()
+        with self._lock:
+            if key not in self._open:
+                env = lmdb.open(str(key), readonly=True, lock=False, max_dbs=len(_DBS))
+                self._open[key] = [env, 0]
+            self._open[key][1] += 1
+            return self._open[key][0]
+
+    def release(self, path: Path) -> None:
+        key = path.resolve()
+        with self._lock:
+            entry = self._open.get(key)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._open[key]
+                entry[0].close()
+
+
+# Process-wide because the constraint it works around (one environment per file) is.
+_READERS = _Readers()
+
+
 class Store:
     """An LMDB environment; open with `Store.create` to write or `Store.open` to read."""
 
     def __init__(self, env: lmdb.Environment) -> None:
         self.env = env
+        self._reader: Path | None = None  # set for shared read-only environments
         readonly = env.flags()["readonly"]
         self._db = {}
         for name in _DBS:
@@ -78,12 +119,16 @@ class Store:
     def open(cls, path: Path) -> Store:
         if not (Path(path) / "data.mdb").is_file():
             raise FileNotFoundError(f"no metadata store at {path}")
-        # A published index is immutable, so readers need no lock file (and no write access).
-        env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=len(_DBS))
-        return cls(env)
+        store = cls(_READERS.acquire(Path(path)))
+        store._reader = Path(path)
+        return store
 
     def close(self) -> None:
-        self.env.close()
+        if self._reader is not None:
+            _READERS.release(self._reader)
+            self._reader = None
+        else:
+            self.env.close()
 
     def __enter__(self) -> Store:
         return self
@@ -146,9 +191,13 @@ class Store:
         return np.array(rows, dtype=np.int64)
 
     def copy_to(self, path: Path) -> None:
-        """A compacted copy of the whole store at ``path`` (a new, empty folder)."""
+        """A copy of the whole store at ``path`` (a new, empty folder).
+
+        A plain file copy: a published store is never written, so its file is consistent, and
+        a full disk surfaces as the OSError it is (LMDB's own copy reports it as EINVAL).
+        """
         Path(path).mkdir(parents=True, exist_ok=True)
-        self.env.copy(str(path), compact=True)
+        shutil.copyfile(Path(self.env.path()) / "data.mdb", Path(path) / "data.mdb")
 
     def put_meta(self, key: str, value: Any) -> None:
         with self.env.begin(write=True) as txn:

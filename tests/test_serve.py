@@ -136,7 +136,12 @@ def test_items_and_their_images(client, searcher):
 def test_health_stats_and_docs(client, searcher):
     assert client.get("/health").json()["status"] == "ok"
     stats = client.get("/stats").json()
-    assert stats["counts"] == {"items": 40, "captions": 120}
+    assert stats["counts"] == {
+        "items": 40,
+        "captions": 120,
+        "image_tombstones": 0,
+        "caption_tombstones": 0,
+    }
     assert stats["model"] == "tiny-vit" and stats["indexes"] == {"image": "Flat", "caption": "Flat"}
     assert "hybrid" in stats["strategies"]
     assert client.get("/docs").status_code == 200

@@ -196,7 +196,16 @@ def info(name, as_json, index_dir):
     click.echo(f"items     {c['items']}  ({ix['image']['factory']})")
     click.echo(f"captions  {c['captions']}  ({ix['caption']['factory']})")
     click.echo(f"skipped   {c['skipped']}  {c['skipped_by_reason'] or ''}")
+    tombstones = c.get("tombstones", {})
+    if any(tombstones.values()):
+        click.echo(
+            f"removed   {tombstones['image']} items still in the {ix['image']['factory']} index "
+            "as tombstones (retrieval compact drops them)"
+        )
     click.echo(f"created   {manifest['created']}  by retrieval {manifest['package_version']}")
+    for change in manifest.get("history", []):
+        detail = ", ".join(f"{k} {v}" for k, v in change.items() if k not in ("op", "at"))
+        click.echo(f"{change['op']:<9} {change['at']}  {detail}")
 
 
 @main.command()

@@ -122,6 +122,36 @@ def test_info_and_errors_are_one_line(corpora, tmp_path, monkeypatch):
         assert "Traceback" not in result.output
 
 
+def test_add_remove_compact_verify(corpora, tmp_path, monkeypatch):
+    monkeypatch.setenv("RETRIEVAL_INDEX_DIR", str(tmp_path))
+    quiet = ("--no-progress", "--workers", "0")
+    run("build", corpora["jsonl"], "--name", "j", "--index", "HNSW8", *quiet)
+    more = write_jsonl(
+        tmp_path / "more.jsonl",
+        [{"id": "extra", "image": str(corpora["folder"] / "red.jpg"), "caption": "more red"}],
+    )
+    out = run("add", "j", more, *quiet).output
+    assert "added 1, replaced 0" in out
+    assert "skipped 1 (id already in the index" in run("add", "j", more, *quiet).output
+    assert "added 0, replaced 1" in run("add", "j", more, "--upsert", *quiet).output
+    (tmp_path / "ids.txt").write_text("extra\n\nnot-there\n")
+    out = run("remove", "j", "--ids-file", tmp_path / "ids.txt").output
+    assert (
+        "removed 1; not in the index: 1 (not-there)" in out and "2 tombstones" in out
+    )  # the upserted row, too
+    info = run("info", "j").output
+    assert "items     3" in info and "2 items still in the HNSW8 index as tombstones" in info
+    assert "remove    " in info
+    assert "verified: all checks passed" in run("verify", "j", "--sample", "3").output
+    assert "0 tombstones" in run("compact", "j").output
+    result = run("remove", "j", ok=False)
+    assert "give the items to remove" in result.output
+    folder = tmp_path / "j"
+    (folder / "image.faiss").write_bytes((folder / "image.faiss").read_bytes()[:-8])
+    out = run("verify", "j", "--sample", "0", ok=False).output
+    assert "FAIL checksums: image.faiss changed" in out and "check(s) FAILED" in out
+
+
 def test_synth_and_demo(tmp_path):
     out = run("demo", "--workdir", tmp_path / "d", "-n", "24", "--index-dir", tmp_path).output
     assert "trained weights" in out and "tiny-vit-shapes.pt" in out

@@ -216,3 +216,26 @@ def test_items_refuse_unknown_ids_and_paths(client, searcher):
         r = client.get(f"/items/{item_id}/image", params={"size": size})
         assert r.status_code == 422 and "size" in r.json()["error"]
     assert client.get("/nowhere").json() == {"error": "Not Found"}
+
+
+def test_a_running_server_follows_adds_and_removes(tmp_path, synth_corpus, encoder):
+    from retrieval import lifecycle, synthetic
+
+    config = BuildConfig(progress=False, workers=0)
+    build(synth_corpus, "live", config, tmp_path, encoder=encoder)
+    more = synthetic.generate(tmp_path / "more", n=5, seed=11)
+    with (
+        Searcher.open("live", tmp_path, encoder=encoder) as s,
+        TestClient(create_app(s)) as c,
+    ):
+        assert c.get("/stats").json()["counts"]["items"] == 40
+        lifecycle.add(more, "live", tmp_path, config, encoder=encoder)
+        assert c.get("/stats").json()["counts"]["items"] == 45
+        new = c.get("/items/synth-11-000002").json()
+        assert new["id"] == "synth-11-000002"
+        ids = [r["id"] for r in c.post("/search", json={"text": QUERY, "k": 50}).json()["results"]]
+        assert "synth-11-000002" in ids
+        lifecycle.remove("live", ["synth-11-000002"], tmp_path)
+        assert c.get("/items/synth-11-000002").status_code == 404
+        ids = [r["id"] for r in c.post("/search", json={"text": QUERY, "k": 50}).json()["results"]]
+        assert len(ids) == 44 and "synth-11-000002" not in ids

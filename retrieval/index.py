@@ -137,6 +137,11 @@ class VectorIndex:
         """Leave ``ids`` (tombstones) out of every search from now on."""
         self._dead = np.unique(np.asarray(ids, dtype=np.int64))
 
+    @property
+    def dead(self) -> np.ndarray:
+        """(T,) int64 tombstoned ids this index leaves out of searches."""
+        return self._dead
+
     def ids(self) -> np.ndarray:
         """(ntotal,) int64: every id the index holds, tombstoned ones included."""
         return faiss.vector_to_array(self.cpu_index.id_map).astype(np.int64)

@@ -191,7 +191,7 @@ def commit(root: Path, name: str, fill: Callable[[Path], dict[str, Any]]) -> Pat
     try:
         manifest = fill(folder)
         sync_tree(folder)
-        manifest["sha256"] = checksums(folder)
+        manifest["sha256"] = checksums(folder, root / name)
         write_manifest(folder, manifest)
         return publish(folder, root, name)
     except BaseException as e:
@@ -201,13 +201,23 @@ def commit(root: Path, name: str, fill: Callable[[Path], dict[str, Any]]) -> Pat
         raise
 
 
-def checksums(folder: Path) -> dict[str, str]:
-    """sha256 of every file of a version but the manifest and LMDB's lock file."""
-    return {
-        p.relative_to(folder).as_posix(): sha256_file(p)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name not in (MANIFEST, MANIFEST + ".tmp", "lock.mdb")
-    }
+def checksums(folder: Path, previous: Path | None = None) -> dict[str, str]:
+    """sha256 of every file of a version but the manifest and LMDB's lock file.
+
+    Files hard-linked from the ``previous`` version keep the digest its manifest recorded.
+    """
+    known: dict[str, str] = {}
+    if previous is not None and (previous / MANIFEST).is_file():
+        known = read_manifest(previous).get("sha256", {})
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file() or p.name in (MANIFEST, MANIFEST + ".tmp", "lock.mdb"):
+            continue
+        rel = p.relative_to(folder).as_posix()
+        old = previous / rel if previous is not None else None
+        same = rel in known and old is not None and old.exists() and old.samefile(p)
+        out[rel] = known[rel] if same else sha256_file(p)
+    return out
 
 
 def publish(version: Path, root: Path, name: str) -> Path:

@@ -146,7 +146,8 @@ class _Addition:
         with Store.create(folder / layout.STORE) as store:
             _drop(store, indexes, self.replaced)
             store.put_items(entries)
-            live = {kind: store.rows(kind) for kind in _KINDS}
+            for kind in _KINDS:
+                indexes[kind].exclude(store.tombstones(kind))
         indexes["image"].add(self.enc.image_emb, np.array([e.row for e in entries]))
         caption_rows = np.array([c[1] for e in entries for c in e.captions], dtype=np.int64)
         indexes["caption"].add(self.enc.caption_emb, caption_rows)
@@ -160,7 +161,9 @@ class _Addition:
             image_norm=old.image_norm,
             caption_norm=old.caption_norm,
         )
-        _normalise_new(emb, live, current, self.config.querybank, len(old.image), len(old.caption))
+        _normalise_new(
+            emb, indexes, current, self.config.querybank, len(old.image), len(old.caption)
+        )
         save_embeddings(folder, emb, bank=_bank(current))
         self.skips.write(folder / layout.SKIPPED, previous=current / layout.SKIPPED)
         history = {
@@ -176,31 +179,23 @@ class _Addition:
         return manifest
 
 
-def _normalise_new(emb: Embeddings, live, current: Path, config, first_image, first_caption):
+def _normalise_new(emb: Embeddings, indexes, current: Path, config, first_image, first_caption):
     """Querybank normalisers of the new rows, against the build's bank or the live corpus.
 
-    Old rows keep theirs (computed against the bank as it was); `compact` recomputes none
-    either: the bank drifts only as much as the corpus does.
+    The live corpus is already indexed: its FAISS indexes (tombstones excluded) are the bank.
+    Old rows keep their normalisers, computed against the bank as it was then.
     """
+    new_images = _unit(emb.image[first_image:])
+    new_captions = _unit(emb.caption[first_caption:])
     bank = _bank(current)
-    bank_images, bank_text = (
-        bank
-        if bank is not None
-        else (
-            emb.image[live["image"]],
-            emb.caption[live["caption"]],
-        )
-    )
-    bank_images = np.asarray(bank_images, dtype=np.float32)
-    bank_text = np.asarray(bank_text, dtype=np.float32)
-    new_images = np.asarray(emb.image[first_image:], dtype=np.float32)
-    new_captions = np.asarray(emb.caption[first_caption:], dtype=np.float32)
-    emb.image_norm = np.concatenate(
-        [emb.image_norm, querybank.normalisers(_unit(new_images), _unit(bank_text), config)]
-    )
-    emb.caption_norm = np.concatenate(
-        [emb.caption_norm, querybank.normalisers(_unit(new_captions), _unit(bank_images), config)]
-    )
+    if bank is not None:
+        image_norm = querybank.normalisers(new_images, _unit(bank[1]), config)
+        caption_norm = querybank.normalisers(new_captions, _unit(bank[0]), config)
+    else:
+        image_norm = querybank.normalisers_in(new_images, indexes["caption"], config)
+        caption_norm = querybank.normalisers_in(new_captions, indexes["image"], config)
+    emb.image_norm = np.concatenate([emb.image_norm, image_norm])
+    emb.caption_norm = np.concatenate([emb.caption_norm, caption_norm])
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -36,7 +36,15 @@ def normalisers(candidates: np.ndarray, bank: np.ndarray, config: BankConfig) ->
     index = VectorIndex.build(
         bank, np.arange(len(bank)), "Flat" if len(bank) < 200_000 else "HNSW32"
     )
-    m = min(config.m, len(bank))
+    return normalisers_in(candidates, index, config)
+
+
+def normalisers_in(candidates: np.ndarray, index: VectorIndex, config: BankConfig) -> np.ndarray:
+    """(C,) normalisers of ``candidates`` (C, D) against a bank already indexed in ``index``."""
+    live = index.ntotal - len(index.dead)
+    if live <= 0:
+        return np.zeros(len(candidates), dtype=np.float32)
+    m = min(config.m, live)
     sims = np.full((len(candidates), m), -np.inf, dtype=np.float64)  # (C, m)
     for i, nb in enumerate(index.search(candidates, m)):
         sims[i, : len(nb.scores)] = nb.scores

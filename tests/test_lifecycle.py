@@ -11,7 +11,7 @@ from badinputs import EXPECTED, make_catalogue
 from conftest import write_jsonl
 
 from retrieval import layout, lifecycle, spool, synthetic
-from retrieval.build import BuildConfig, build
+from retrieval.build import BuildConfig, build, load_embeddings
 from retrieval.data import read_corpus, unique_records
 from retrieval.errors import IndexBusyError
 from retrieval.index import VectorIndex
@@ -229,3 +229,24 @@ def test_readers_see_the_old_state_or_the_new_one_never_a_mix(tmp_path, corpora,
     assert (
         long_lived.latest().search(Query(text="a red square"), k=1000)["results"][0]["id"] == new[0]
     )
+
+
+def test_added_rows_get_the_querybank_normalisers_a_whole_build_gives_them(
+    tmp_path, corpora, encoder
+):
+    a, b = corpora
+    rows = [json.loads(line) for line in a.read_text().splitlines()]
+    rows = [{**r, "image": str(a.parent / r["image"])} for r in rows]
+    rows += [
+        {**r, "image": str(b.parent / r["image"])}
+        for r in (json.loads(line) for line in b.read_text().splitlines())
+    ]
+    both = write_jsonl(tmp_path / "both.jsonl", rows)
+    build(both, "whole", _config(), tmp_path, encoder=encoder)
+    build(a, "x", _config(), tmp_path, encoder=encoder)
+    lifecycle.add(b, "x", tmp_path, _config(), encoder=encoder)
+    whole = load_embeddings(layout.resolve("whole", tmp_path))
+    added = load_embeddings(layout.resolve("x", tmp_path))
+    n, c = 30, 90  # corpus a's items and captions come first in both
+    np.testing.assert_allclose(added.image_norm[n:], whole.image_norm[n:], atol=2e-3)
+    np.testing.assert_allclose(added.caption_norm[c:], whole.caption_norm[c:], atol=2e-3)

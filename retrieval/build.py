@@ -6,11 +6,12 @@ Bad records never stop a build and never vanish: each one is written with its re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +19,13 @@ import numpy as np
 from . import __version__, layout, querybank, spool
 from .data import ReadOptions, Record, read_corpus, unique_records
 from .encoder import Encoder, ModelSpec
-from .errors import IndexBuildError
+from .errors import IndexBuildError, IndexBusyError
 from .images import DEFAULT_MAX_PIXELS
 from .index import VectorIndex
 from .querybank import BankConfig
 from .store import ItemEntry, Store
+from .world import World, barrier, from_rank0
+from .world import join as join_world
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,7 @@ class BuildReport:
     seconds: float
     factories: dict[str, str]
     resumed_shards: int = 0  # spooled shards re-used from an interrupted run
+    processes: int = 1  # torchrun processes that shared the encoding
 
     def summary(self) -> str:
         skipped = sum(self.skipped.values())
@@ -76,6 +80,7 @@ class BuildReport:
             f"indexes {self.factories['image']} (images), {self.factories['caption']} "
             f"(captions); at {self.path}"
             + (f"; resumed {self.resumed_shards} spooled shards" if self.resumed_shards else "")
+            + (f"; encoded by {self.processes} processes" if self.processes > 1 else "")
         )
 
 
@@ -121,24 +126,32 @@ def build(
     encoder: Encoder | None = None,
     resume: bool = False,
     wait: float = 0.0,
-) -> BuildReport:
+) -> BuildReport | None:
     """Build index ``name`` from ``corpus`` and publish it atomically under ``index_dir``.
 
     Embeddings are spooled as they are encoded: ``resume`` re-uses what an interrupted build of
-    the same corpus spooled. ``wait``: seconds to wait for another writer of ``name``.
+    the same corpus spooled. ``wait``: seconds to wait for another writer of ``name``. Under
+    torchrun, every process encodes its share of the shards, then rank 0 builds the index from
+    all of them and publishes it; the other ranks return None.
     """
     config = config or BuildConfig()
     start = time.perf_counter()
     root = layout.index_root(index_dir)
+    world, device = join_world(config.device)
     with (
-        layout.writer_lock(root, name, wait),
+        _rank0_lock(root, name, wait, world),
         layout.disk_guard(root, f"building index {name!r}", _RESUME_HINT),
     ):
         skips = Skips()
         records, dropped = unique_records(read_corpus(corpus, config.read))
         skips.dropped(dropped)
-        encoder = encoder or Encoder.load(config.model, config.device)
+        encoder = encoder or Encoder.load(config.model, device)
         spool_dir = layout.spool_dir(root, name)
+        if world.size > 1:
+            _encode_share(records, encoder, spool_dir, config.spool_options(resume), world)
+            if world.rank != 0:
+                return None
+            resume = True  # rank 0 reads back every rank's shards
         enc = spool.encode(records, encoder, spool_dir, config.spool_options(resume))
         kept = skips.failed(records, enc)
         if not kept:
@@ -166,8 +179,39 @@ def build(
         skips.truncated(),
         time.perf_counter() - start,
         {"image": _factory(link, "image"), "caption": _factory(link, "caption")},
-        enc.reused,
+        enc.reused if world.size == 1 else 0,
+        world.size,
     )
+
+
+@contextlib.contextmanager
+def _rank0_lock(root: Path, name: str, wait: float, world: World):
+    """The writer lock, taken by rank 0 only; every rank fails if rank 0 cannot take it."""
+    if world.size == 1:
+        with layout.writer_lock(root, name, wait):
+            yield
+        return
+    with contextlib.ExitStack() as stack:
+        error = None
+        if world.rank == 0:
+            try:
+                stack.enter_context(layout.writer_lock(root, name, wait))
+            except IndexBusyError as e:
+                error = str(e)
+        error = from_rank0(world, error)
+        if error:
+            raise IndexBusyError(error)
+        yield
+
+
+def _encode_share(records, encoder, spool_dir: Path, options: spool.SpoolOptions, world: World):
+    """Each rank spools shards rank, rank + size, ...; all return once every shard is there."""
+    if world.rank == 0:
+        spool.prepare(spool_dir, encoder, options)
+    barrier(world)
+    options = replace(options, progress=options.progress and world.rank == 0)
+    spool.encode(records, encoder, spool_dir, options, part=(world.rank, world.size))
+    barrier(world)
 
 
 def _factory(folder: Path, kind: str) -> str:

@@ -18,6 +18,7 @@ from .cli_options import (
     read_options,
 )
 from .query import STRATEGIES
+from .webdataset import CorpusPath
 
 
 @click.group(cls=ErrorGroup)
@@ -30,7 +31,7 @@ def main(verbose: int) -> None:
 
 
 @main.command()
-@click.argument("corpus", type=click.Path(exists=True, path_type=Path))
+@click.argument("corpus", type=CorpusPath(exists=True, path_type=Path))
 @click.option("--name", required=True, help="Name of the index to create or replace.")
 @model_options("tiny-vit")
 @click.option(
@@ -58,6 +59,8 @@ def build(corpus, name, model, pretrained, no_progress, index_dir, resume, wait,
     # The other options are named after their BuildConfig fields.
     config = BuildConfig(model=ModelSpec(model, pretrained), progress=not no_progress, **options)
     report = run_build(corpus, name, config, index_dir=index_dir, resume=resume, wait=wait)
+    if report is None:  # a torchrun rank other than 0: it encoded its share, rank 0 reports
+        return
     click.echo(report.summary())
     if sum(report.skipped.values()):
         click.echo(f"skipped records and their reasons: {report.path / 'skipped.jsonl'}")

@@ -16,21 +16,13 @@ then yields the gradient of the one-process loss over the global batch.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
 from .loss import clip_loss, positive_mask
-
-
-@dataclass(frozen=True)
-class World:
-    """This process's place among the training processes."""
-
-    rank: int = 0
-    size: int = 1
+from .world import World
 
 
 def _gather_with_grad(x: torch.Tensor, world: World) -> torch.Tensor:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import webdataset
 from .data import Record
 
 log = logging.getLogger(__name__)
@@ -57,34 +58,64 @@ def caption_texts(records: Sequence[Record]) -> list[str]:
     return [c for r in records for c in r.captions if c]
 
 
-def encode(records: Sequence[Record], encoder, folder: Path, options: SpoolOptions) -> Encoded:
-    """Encode ``records`` through the spool in ``folder`` (see the module's docstring)."""
-    size = -(-max(1, options.shard_size) // options.batch_size) * options.batch_size
+def encode(
+    records: Sequence[Record],
+    encoder,
+    folder: Path,
+    options: SpoolOptions,
+    part: tuple[int, int] = (0, 1),
+) -> Encoded | None:
+    """Encode ``records`` through the spool in ``folder`` (see the module's docstring).
+
+    ``part=(rank, size)``: encode only shards ``rank, rank + size, ...`` into a spool that
+    `prepare` made ready, and return None: each of ``size`` processes spools its share, then
+    one of them reads them all back (``part`` left at its default, ``resume`` set).
+    """
+    rank, size = part
+    shard = _shard_size(options)
+    if size == 1:
+        prepare(folder, encoder, options)
+    bar = tqdm(total=len(records), unit="img", desc="encoding", disable=not options.progress)
+    parts, reused = [], 0
+    for number, start in enumerate(range(0, len(records), shard)):
+        chunk = records[start : start + shard]
+        if number % size != rank:
+            continue
+        path = folder / f"shard-{number:06d}.npz"
+        fingerprint = _fingerprint(chunk)
+        found = _read(path, fingerprint)
+        if found is None:
+            found = _encode(chunk, encoder, options, bar)
+            _write(path, found, fingerprint)
+        else:
+            reused += 1
+            bar.update(len(chunk))
+        parts.append((start, found))
+    bar.close()
+    if size > 1:
+        log.info(
+            "process %d of %d: spooled %d shards (%d were there)", rank, size, len(parts), reused
+        )
+        return None
+    if reused:
+        log.info("resumed: %d of %d shards were already encoded", reused, len(parts))
+    return _join(parts, encoder.dim, reused)
+
+
+def _shard_size(options: SpoolOptions) -> int:
+    """``shard_size`` rounded up to whole batches: the same batches, interrupted or not."""
+    return -(-max(1, options.shard_size) // options.batch_size) * options.batch_size
+
+
+def prepare(folder: Path, encoder, options: SpoolOptions) -> None:
+    """Make ``folder`` ready: keep what a resumable run spooled, else start afresh."""
     key = {
         **encoder.spec.describe(),
         "max_pixels": options.max_pixels,
         "batch_size": options.batch_size,
-        "shard_size": size,
+        "shard_size": _shard_size(options),
     }
     _prepare(folder, key, options.resume)
-    bar = tqdm(total=len(records), unit="img", desc="encoding", disable=not options.progress)
-    parts, reused = [], 0
-    for start in range(0, len(records), size):
-        chunk = records[start : start + size]
-        path = folder / f"shard-{start // size:06d}.npz"
-        fingerprint = _fingerprint(chunk)
-        shard = _read(path, fingerprint)
-        if shard is None:
-            shard = _encode(chunk, encoder, options, bar)
-            _write(path, shard, fingerprint)
-        else:
-            reused += 1
-            bar.update(len(chunk))
-        parts.append((start, shard))
-    bar.close()
-    if reused:
-        log.info("resumed: %d of %d shards were already encoded", reused, len(parts))
-    return _join(parts, encoder.dim, reused)
 
 
 def discard(folder: Path) -> None:
@@ -114,7 +145,7 @@ def _fingerprint(chunk: Sequence[Record]) -> str:
     h = hashlib.sha256()
     for r in chunk:
         try:
-            st = Path(r.image).stat()
+            st = webdataset.backing_file(r.image).stat()  # a tar member: its shard
             stamp = [st.st_size, st.st_mtime_ns]
         except OSError:
             stamp = None

@@ -34,9 +34,11 @@ from tqdm.auto import tqdm
 from .data import ReadOptions, read_corpus, unique_records
 from .encoder import Encoder, ModelSpec, default_workers
 from .errors import RetrievalError
-from .gradcache import World, contrastive_step
+from .gradcache import contrastive_step
 from .loss import clamp_logit_scale
 from .trainset import TrainSet, load_trainset, split_records
+from .world import World
+from .world import join as join_world
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +81,6 @@ class TrainResult:
     latest: Path
     history: list[dict]
     samples_per_s: float
-
-
-def _world(device: str) -> tuple[World, str]:
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size == 1:
-        return World(), device
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available() and device in ("auto", "cuda")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return World(rank, size), (f"cuda:{local}" if cuda else "cpu")
 
 
 def param_groups(model: torch.nn.Module, wd: float) -> list[dict]:
@@ -137,7 +128,7 @@ def train(corpus: str | Path, out: str | Path, config: TrainConfig | None = None
     """Fine-tune ``config.model`` on ``corpus``; write checkpoints under ``out``."""
     config = config or TrainConfig()
     out = Path(out)
-    world, device = _world(config.device)
+    world, device = join_world(config.device)
     torch.manual_seed(config.seed)
     encoder = Encoder.load(config.model, device)
     model = encoder.model

@@ -1,0 +1,45 @@
+"""Distributed encoding: `torchrun -m retrieval.cli build` with 2 CPU processes (gloo)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from retrieval import layout, synthetic
+from retrieval.build import BuildConfig, build
+from retrieval.index import VectorIndex
+from retrieval.store import Store
+
+
+def _state(root, name):
+    folder = layout.resolve(name, root)
+    with Store.open(folder / layout.STORE) as store:
+        items = sorted((it["id"], it["row"]) for it in store.iter_items())
+    vectors = {}
+    for kind, file in (("image", layout.IMAGE_INDEX), ("caption", layout.CAPTION_INDEX)):
+        index = VectorIndex.load(folder / file, "Flat")
+        vectors[kind] = index.vectors(np.sort(index.ids()))
+    return items, vectors
+
+
+def test_two_processes_build_the_index_one_process_builds(tmp_path, encoder):
+    corpus = synthetic.generate(tmp_path / "c", n=45, seed=8)  # 6 shards of 8: uneven shares
+    options = ["--shard-size", "8", "--batch-size", "8", "--workers", "0", "--no-progress"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(29900 + os.getpid() % 90), "-m", "retrieval.cli", "build"]
+    cmd += [str(corpus), "--name", "two", "--index-dir", str(tmp_path / "ix"), *options]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("index 'two': 45 images") == 1  # rank 0 alone reports
+    assert "encoded by 2 processes" in done.stdout
+    config = BuildConfig(progress=False, workers=0, shard_size=8, batch_size=8)
+    build(corpus, "one", config, tmp_path / "ix", encoder=encoder)
+    two, one = _state(tmp_path / "ix", "two"), _state(tmp_path / "ix", "one")
+    assert two[0] == one[0]  # same ids on the same rows
+    for kind in one[1]:
+        np.testing.assert_allclose(two[1][kind], one[1][kind], atol=1e-5)
+    assert not layout.spool_dir(tmp_path / "ix", "two").exists()

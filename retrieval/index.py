@@ -108,8 +108,19 @@ class VectorIndex:
         return cls(index, factory, device)
 
     @classmethod
-    def load(cls, path: Path, factory: str, device: str = "cpu") -> VectorIndex:
-        return cls(faiss.read_index(str(path)), factory=factory, device=device)
+    def load(cls, path: Path, factory: str, device: str = "cpu", mmap: bool = False) -> VectorIndex:
+        """Read an index; ``mmap``: map it read-only instead (pages load as searches touch
+        them, are shared between processes, and need not fit in RAM)."""
+        if not mmap:
+            return cls(faiss.read_index(str(path)), factory=factory, device=device)
+        # IVF lists map with IO_FLAG_MMAP; flat codes (Flat, HNSW storage) with MMAP_IFC.
+        flag = faiss.IO_FLAG_MMAP if "IVF" in factory else faiss.IO_FLAG_MMAP_IFC
+        try:
+            index = faiss.read_index(str(path), flag | faiss.IO_FLAG_READ_ONLY)
+        except RuntimeError as e:
+            log.info("reading %s into memory: it cannot be memory-mapped (%s)", path.name, e)
+            index = faiss.read_index(str(path))
+        return cls(index, factory=factory, device=device)
 
     def save(self, path: Path) -> None:
         faiss.write_index(self.cpu_index, str(path))

@@ -130,11 +130,13 @@ class Searcher:
         self.encoder = encoder or Encoder.load(spec_from_manifest(self.manifest), device)
         faiss_device = "cuda" if self.encoder.device.type == "cuda" else "cpu"
         idx = self.manifest["indexes"]
+        # Memory-mapped: a published index is read-only, so pages load on demand, are shared
+        # by every process serving it, and an index larger than RAM still serves.
         self.images = VectorIndex.load(
-            folder / layout.IMAGE_INDEX, idx["image"]["factory"], faiss_device
+            folder / layout.IMAGE_INDEX, idx["image"]["factory"], faiss_device, mmap=True
         )
         self.captions = VectorIndex.load(
-            folder / layout.CAPTION_INDEX, idx["caption"]["factory"], faiss_device
+            folder / layout.CAPTION_INDEX, idx["caption"]["factory"], faiss_device, mmap=True
         )
         self.store = Store.open(folder / layout.STORE)
         # A searcher replaced by `latest` is closed when its last request lets go of it.

@@ -123,3 +123,23 @@ def test_allowed_ids_restrict_results_exactly_when_selective(factory, n_allowed)
             assert g.ids.tolist() == w.ids.tolist()
         else:  # broad filters go through FAISS's selector: approximate, but mostly right
             assert len(set(g.ids) & set(w.ids)) >= 5
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW16", "IVF16,Flat", "IVF16,PQ8"])
+def test_memory_mapped_indexes_answer_like_loaded_ones(tmp_path, factory):
+    xb, q = unit_rows(1500, 32, seed=1), unit_rows(37, 32, seed=2)
+    ids = np.arange(1500) * 3 + 5
+    VectorIndex.build(xb, ids, factory).save(tmp_path / "x.faiss")
+    loaded = VectorIndex.load(tmp_path / "x.faiss", factory)
+    mapped = VectorIndex.load(tmp_path / "x.faiss", factory, mmap=True)
+    for a, b in zip(loaded.search(q, 10), mapped.search(q, 10), strict=True):
+        assert a.ids.tolist() == b.ids.tolist()
+        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-6)
+    mapped.exclude(ids[:700])
+    assert not any(np.isin(n.ids, ids[:700]).any() for n in mapped.search(q, 10))
+    empty = VectorIndex.build(np.zeros((0, 8), np.float32), np.zeros(0), "Flat")
+    empty.save(tmp_path / "e.faiss")
+    assert (
+        VectorIndex.load(tmp_path / "e.faiss", "Flat", mmap=True).search(q[:1, :8], 3)[0].ids.size
+        == 0
+    )

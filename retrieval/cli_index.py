@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from .cli_options import encoding_options, index_dir_option, read_options, wait_option
+from .webdataset import CorpusPath
 
 
 @click.group()
@@ -16,7 +17,7 @@ def commands() -> None:
 
 @commands.command()
 @click.argument("name")
-@click.argument("corpus", type=click.Path(exists=True, path_type=Path))
+@click.argument("corpus", type=CorpusPath(exists=True, path_type=Path))
 @click.option("--upsert", is_flag=True, help="Replace items whose id is already indexed.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, ...")
 @encoding_options

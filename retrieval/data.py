@@ -9,6 +9,8 @@ Formats (autodetected by `read_corpus`):
 - jsonl (or a .json list of the same objects): ``{"image", "caption" | "captions", "id"?, ...}``;
   every other key is kept as the item's metadata.
 - coco: a COCO captions file (``images`` + ``annotations``).
+- webdataset: tar shards as img2dataset writes them (one .tar, a folder of them, or a brace
+  pattern ``shards/{00000..00009}.tar``); read by `retrieval.webdataset`.
 
 Relative image paths resolve against ``image_root`` when given, else the corpus file's folder;
 COCO-style layouts that keep photos in an ``images/`` folder beside the annotation file are found
@@ -31,7 +33,7 @@ from .errors import CorpusError
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-FORMATS = ("folder", "csv", "jsonl", "coco", "karpathy", "flickr8k")
+FORMATS = ("folder", "csv", "jsonl", "coco", "karpathy", "flickr8k", "webdataset")
 _FLICKR8K_LINE = re.compile(r"^(\S+?\.(?:jpe?g|png))#(\d+)\t(.*)$", re.IGNORECASE)
 
 
@@ -61,6 +63,10 @@ class ReadOptions:
 
 def detect_format(path: Path) -> str:
     """Name the layout of ``path`` (one of `FORMATS`), or raise `CorpusError`."""
+    from . import webdataset  # here: webdataset imports this module's Record
+
+    if webdataset.is_shards(path):  # before is_dir: a folder of shards is not a folder of images
+        return "webdataset"
     if path.is_dir():
         return "folder"
     if not path.is_file():
@@ -83,8 +89,8 @@ def detect_format(path: Path) -> str:
                 return "flickr8k"
     raise CorpusError(
         f"cannot tell the corpus format of {path}: expected a folder, .csv/.tsv, .jsonl, "
-        "a .json list of records, a COCO captions or Karpathy split .json, or a Flickr8k "
-        "token file"
+        "a .json list of records, a COCO captions or Karpathy split .json, a Flickr8k "
+        "token file, or WebDataset .tar shards"
     )
 
 
@@ -94,6 +100,8 @@ def read_corpus(path: str | Path, options: ReadOptions | None = None) -> Iterato
     Records may repeat an id (the build reports and skips the repeats) and may point to missing
     or broken images (the decoder reports those); captions are stripped but not filtered.
     """
+    from . import webdataset  # here: webdataset imports this module's Record
+
     options = options or ReadOptions()
     path = Path(path).expanduser()
     fmt = options.format or detect_format(path)
@@ -104,6 +112,7 @@ def read_corpus(path: str | Path, options: ReadOptions | None = None) -> Iterato
         "coco": _read_coco,
         "karpathy": _read_karpathy,
         "flickr8k": _read_flickr8k,
+        "webdataset": webdataset.read_shards,
     }
     if fmt not in readers:
         raise CorpusError(f"unknown corpus format {fmt!r}; choose one of {', '.join(FORMATS)}")

@@ -9,11 +9,14 @@ transparency, grayscale) and EXIF orientations real photo collections contain.
 from __future__ import annotations
 
 import contextlib
+import io
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from . import webdataset
 
 # A photo of 40 MP is large but real; past that we refuse rather than risk decompressing a bomb.
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -30,7 +33,13 @@ class BadImage(Exception):
 
 
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open ``path`` and return it as an upright 8-bit RGB image, or raise `BadImage`."""
+    """Open ``path`` and return it as an upright 8-bit RGB image, or raise `BadImage`.
+
+    ``path`` may also be a reference to a member of a WebDataset tar (see `retrieval.webdataset`).
+    """
+    data = _member_bytes(path)
+    if data is not None:
+        return decode(io.BytesIO(data), max_pixels=max_pixels, name=str(path))
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -44,6 +53,21 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         raise BadImage("empty file", str(path))
     with path.open("rb") as f:
         return decode(f, max_pixels=max_pixels, name=str(path))
+
+
+def _member_bytes(path: str | Path) -> bytes | None:
+    """The bytes of a tar member reference, None for a plain path; problems as `BadImage`."""
+    try:
+        data = webdataset.member_bytes(path)
+    except FileNotFoundError:
+        raise BadImage("missing file", str(webdataset.backing_file(path))) from None
+    except EOFError as e:  # the shard was truncated or rewritten since it was read
+        raise BadImage("corrupt image", str(e)) from None
+    except OSError as e:
+        raise BadImage("unreadable file", str(e)) from None
+    if data is not None and not data:
+        raise BadImage("empty file", str(path))
+    return data
 
 
 def decode(fp, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "<bytes>") -> Image.Image:

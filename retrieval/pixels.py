@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm.auto import tqdm
 
+from . import webdataset
 from .images import BadImage, load_image
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def _fingerprint(paths: Sequence[Path], size: int) -> str:
     h = hashlib.sha256(f"v1 {size}".encode())
     for p in paths:
         try:
-            st = p.stat()
+            st = webdataset.backing_file(p).stat()  # a tar member: its tar
             h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         except OSError:
             h.update(f"{p}\0missing\n".encode())

@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import __version__, images
+from . import __version__, images, webdataset
 from .errors import SearchError
 from .query import STRATEGIES
 from .search import DEFAULT_MIX, DEFAULT_STRATEGY, Query, Searcher
@@ -122,11 +122,20 @@ def create_app(searcher: Searcher, config: ServeConfig = ServeConfig()) -> FastA
     def item_image(
         item_id: str, size: int | None = QueryParam(None, ge=16, le=config.max_thumb)
     ) -> Response:
-        path = _item_path(current(), item_id)
-        if size is None:
-            media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        searcher = current()
+        found = searcher.store.item(item_id)
+        member = webdataset.parse_reference(found["path"]) if found else None
+        path = Path(str(member)) if member else _item_path(searcher, item_id)
+        if size is not None:  # images.load_image reads tar members too
+            return Response(_thumbnail(path, size, config.max_pixels), media_type="image/jpeg")
+        name = member.name if member else path.name
+        media = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        if member is None:
             return FileResponse(path, media_type=media)
-        return Response(_thumbnail(path, size, config.max_pixels), media_type="image/jpeg")
+        try:  # an image inside a WebDataset shard has no file of its own to hand over
+            return Response(webdataset.member_bytes(member), media_type=media)
+        except (OSError, EOFError) as e:
+            raise ApiError(404, f"the image of item {item_id!r} cannot be read: {e}") from None
 
     @app.get("/items/{item_id:path}")
     def item(item_id: str) -> dict[str, Any]:
@@ -311,7 +320,7 @@ def _item_path(searcher: Searcher, item_id: str) -> Path:
     if found is None:
         raise ApiError(404, f"no item {item_id!r} in this index")
     path = Path(found["path"])
-    if not path.is_file():
+    if not webdataset.backing_file(path).is_file():  # a tar member's tar, or the file itself
         raise ApiError(404, f"the image of item {item_id!r} is no longer on disk")
     return path
 

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, layout, querybank, spool
+from . import __version__, autoindex, layout, querybank, spool
 from .data import ReadOptions, Record, read_corpus, unique_records
 from .encoder import Encoder, ModelSpec
 from .errors import IndexBuildError, IndexBusyError
 from .images import DEFAULT_MAX_PIXELS
-from .index import VectorIndex
 from .querybank import BankConfig
 from .store import ItemEntry, Store
 from .world import World, barrier, from_rank0
@@ -36,6 +35,8 @@ _RESUME_HINT = "free some space and re-run with --resume to keep what was alread
 class BuildConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
     index: str = "auto"  # "auto" or a FAISS factory string, used for both indexes
+    max_memory: int | None = None  # bytes of FAISS memory for both indexes ("auto" chooses)
+    target_recall: float = autoindex.TARGET_RECALL  # recall@10 search knobs are tuned to
     batch_size: int = 64
     workers: int | None = None  # image-decoding processes; None: cores - 1
     device: str = "auto"
@@ -250,13 +251,13 @@ def entries_for(
     return entries, texts
 
 
-def _write(folder: Path, entries, emb, cap_emb, config: BuildConfig, encoder) -> dict[str, str]:
+def _write(folder: Path, entries, emb, cap_emb, config: BuildConfig, encoder) -> dict[str, dict]:
     device = "cuda" if encoder.device.type == "cuda" else "cpu"
-    image_index = VectorIndex.build(emb, np.arange(len(emb)), config.index, device)
-    cap_factory = config.index if len(cap_emb) else "Flat"
-    caption_index = VectorIndex.build(cap_emb, np.arange(len(cap_emb)), cap_factory, device)
-    image_index.save(folder / layout.IMAGE_INDEX)
-    caption_index.save(folder / layout.CAPTION_INDEX)
+    indexes, described = autoindex.build_pair(
+        emb, cap_emb, config.index, config.max_memory, config.target_recall, device
+    )
+    indexes["image"].save(folder / layout.IMAGE_INDEX)
+    indexes["caption"].save(folder / layout.CAPTION_INDEX)
     bank_images, bank_text = emb, cap_emb
     if config.bank is not None:
         bank_images, bank_text = querybank.encode_bank(config.bank, encoder, config.read)
@@ -274,7 +275,7 @@ def _write(folder: Path, entries, emb, cap_emb, config: BuildConfig, encoder) ->
     )
     with Store.create(folder / layout.STORE) as store:
         store.put_items(entries)
-    return {"image": image_index.factory, "caption": caption_index.factory}
+    return described
 
 
 @dataclass
@@ -326,17 +327,14 @@ def _manifest(
         "dim": encoder.dim,
         "context_length": encoder.context_length,
         "indexes": {
-            "image": {
-                "file": layout.IMAGE_INDEX,
-                "factory": factories["image"],
-                "count": len(entries),
-            },
+            "image": {"file": layout.IMAGE_INDEX, **factories["image"], "count": len(entries)},
             "caption": {
                 "file": layout.CAPTION_INDEX,
-                "factory": factories["caption"],
+                **factories["caption"],
                 "count": len(texts),
             },
         },
+        "max_memory": config.max_memory,
         "counts": {
             "items": len(entries),
             "captions": len(texts),

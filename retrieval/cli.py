@@ -11,6 +11,7 @@ import click
 
 from . import cli_index, cli_train
 from .cli_options import (
+    ByteSize,
     ErrorGroup,
     encoding_options,
     index_dir_option,
@@ -39,7 +40,20 @@ def main(verbose: int) -> None:
     "index",
     default="auto",
     show_default=True,
-    help="auto (exact below 100k vectors, HNSW above) or a FAISS factory string.",
+    help="auto (exact below 100k vectors; above, HNSW, IVF or IVF-PQ, whatever fits "
+    "--max-memory) or a FAISS factory string.",
+)
+@click.option(
+    "--max-memory",
+    type=ByteSize(),
+    default=None,
+    help="FAISS memory budget for both indexes (e.g. 2GB) when --index is auto [no limit].",
+)
+@click.option(
+    "--target-recall",
+    default=0.95,
+    show_default=True,
+    help="Recall@10 that approximate indexes' search effort is tuned to at build time.",
 )
 @click.option(
     "--bank",
@@ -196,8 +210,8 @@ def info(name, as_json, index_dir):
     click.echo(f"index     {manifest['name']}  ({manifest['folder']})")
     click.echo(f"model     {manifest['model']}  pretrained: {manifest.get('pretrained') or 'none'}")
     click.echo(f"dim       {manifest['dim']}")
-    click.echo(f"items     {c['items']}  ({ix['image']['factory']})")
-    click.echo(f"captions  {c['captions']}  ({ix['caption']['factory']})")
+    click.echo(f"items     {c['items']}  ({ix['image']['factory']}{_tuned(ix['image'])})")
+    click.echo(f"captions  {c['captions']}  ({ix['caption']['factory']}{_tuned(ix['caption'])})")
     click.echo(f"skipped   {c['skipped']}  {c['skipped_by_reason'] or ''}")
     tombstones = c.get("tombstones", {})
     if any(tombstones.values()):
@@ -209,6 +223,16 @@ def info(name, as_json, index_dir):
     for change in manifest.get("history", []):
         detail = ", ".join(f"{k} {v}" for k, v in change.items() if k not in ("op", "at"))
         click.echo(f"{change['op']:<9} {change['at']}  {detail}")
+
+
+def _tuned(index: dict) -> str:
+    search = index.get("search")
+    if not search:
+        return ""
+    return (
+        f", {search['knob']} {search['value']}: recall@10 {search['recall@10']:.3f} on "
+        f"{search['queries']} held-out queries"
+    )
 
 
 @main.command()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import ClassVar
 
 import click
 
@@ -138,3 +139,20 @@ def wait_option(f):
         show_default=True,
         help="Seconds to wait while another command changes the same index [fail at once].",
     )(f)
+
+
+class ByteSize(click.ParamType):
+    """``2GB``, ``512MiB``, ``1.5G``, ``300000``: a number of bytes (K/M/G/T powers of 1024)."""
+
+    name = "size"
+    _UNITS: ClassVar[dict[str, int]] = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower().removesuffix("b").removesuffix("i")
+        number, unit = text.rstrip("kmgt"), text[len(text.rstrip("kmgt")) :]
+        try:
+            return int(float(number) * self._UNITS[unit])
+        except (ValueError, KeyError):
+            self.fail(f"{value!r} is not a size (e.g. 2GB, 512MiB, 300000)", param, ctx)

@@ -81,10 +81,19 @@ class VectorIndex:
 
     @classmethod
     def build(
-        cls, vectors: np.ndarray, ids: np.ndarray, factory: str = "auto", device: str = "cpu"
+        cls,
+        vectors: np.ndarray,
+        ids: np.ndarray,
+        factory: str = "auto",
+        device: str = "cpu",
+        train: np.ndarray | None = None,
     ) -> VectorIndex:
-        """Index ``vectors`` (N, D) under ``ids`` (N,); ``factory``: ``auto`` or FAISS syntax."""
+        """Index ``vectors`` (N, D) under ``ids`` (N,); ``factory``: ``auto`` or FAISS syntax.
+
+        ``train`` (T, D): what a quantiser learns from (default: ``vectors``).
+        """
         vectors = _check(vectors)
+        train = vectors if train is None else _check(train)
         n, d = vectors.shape
         factory = choose_factory(n) if factory == "auto" else factory
         try:
@@ -96,7 +105,7 @@ class VectorIndex:
             if n == 0:
                 raise IndexBuildError(f"index {factory!r} needs training vectors; none were given")
             try:
-                inner.train(vectors)
+                inner.train(train)
             except RuntimeError as e:
                 msg = str(e).strip().splitlines()[-1]
                 raise IndexBuildError(f"cannot train {factory!r} on {n} vectors: {msg}") from None
@@ -147,6 +156,38 @@ class VectorIndex:
     def exclude(self, ids: np.ndarray) -> None:
         """Leave ``ids`` (tombstones) out of every search from now on."""
         self._dead = np.unique(np.asarray(ids, dtype=np.int64))
+
+    def knob(self) -> str | None:
+        """The search-effort parameter of this index type: efSearch, nprobe, or None (exact)."""
+        inner = faiss.downcast_index(self.cpu_index.index)
+        if hasattr(inner, "hnsw"):
+            return "efSearch"
+        return "nprobe" if self._ivf() is not None else None
+
+    def set_knob(self, value: int) -> None:
+        inner = faiss.downcast_index(self.cpu_index.index)
+        if hasattr(inner, "hnsw"):
+            inner.hnsw.efSearch = int(value)
+        elif (ivf := self._ivf()) is not None:
+            ivf.nprobe = int(value)
+        self._refresh()  # a GPU copy takes the value with it
+
+    def knob_value(self) -> int | None:
+        inner = faiss.downcast_index(self.cpu_index.index)
+        if hasattr(inner, "hnsw"):
+            return int(inner.hnsw.efSearch)
+        ivf = self._ivf()
+        return int(ivf.nprobe) if ivf is not None else None
+
+    def nlist(self) -> int:
+        ivf = self._ivf()
+        return int(ivf.nlist) if ivf is not None else 0
+
+    def _ivf(self):
+        try:
+            return faiss.extract_index_ivf(self.cpu_index)
+        except RuntimeError:
+            return None
 
     @property
     def dead(self) -> np.ndarray:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import layout, querybank, spool
+from . import autoindex, layout, querybank, spool
 from .build import (
     BuildConfig,
     Embeddings,
@@ -287,12 +287,21 @@ def _renumbered(store: Store, live: dict[str, np.ndarray]) -> list[ItemEntry]:
 def _rebuild(current: Path, folder: Path, live, entries, old: Embeddings) -> dict:
     manifest = layout.read_manifest(current)
     indexes = _load_indexes(current)
-    rebuilt = {}
-    for kind in _KINDS:
-        stored = old.image if kind == "image" else old.caption
-        vectors = _stored_vectors(indexes[kind], live[kind], stored, manifest, kind)
-        factory = manifest["indexes"][kind]["factory"] if len(vectors) else "Flat"
-        rebuilt[kind] = VectorIndex.build(vectors, np.arange(len(vectors)), factory)
+    vectors = {
+        kind: _stored_vectors(
+            indexes[kind], live[kind], old.image if kind == "image" else old.caption, manifest, kind
+        )
+        for kind in _KINDS
+    }
+    train = autoindex.training_sample(vectors["image"], vectors["caption"])
+    rebuilt, searches = {}, {}
+    for kind, other in (("image", "caption"), ("caption", "image")):
+        factory = manifest["indexes"][kind]["factory"] if len(vectors[kind]) else "Flat"
+        rebuilt[kind] = VectorIndex.build(
+            vectors[kind], np.arange(len(vectors[kind])), factory, train=train
+        )
+        target = (manifest["indexes"][kind].get("search") or {}).get("target", 0.95)
+        searches[kind] = autoindex.tune(rebuilt[kind], vectors[kind], vectors[other], target)
     _save_indexes(rebuilt, folder)
     owner = np.empty(len(live["caption"]), np.int64)
     for e in entries:
@@ -308,9 +317,12 @@ def _rebuild(current: Path, folder: Path, live, entries, old: Embeddings) -> dic
     with Store.create(folder / layout.STORE) as store:
         store.put_items(sorted(entries, key=lambda e: e.row))
     _link(current, folder, layout.SKIPPED)
-    return _manifest(
+    out = _manifest(
         current, folder, rebuilt, "compact", {"dropped": len(old.image) - len(live["image"])}
     )
+    for kind in _KINDS:
+        out["indexes"][kind]["search"] = searches[kind]
+    return out
 
 
 def _stored_vectors(index: VectorIndex, rows, stored, manifest: dict, kind: str) -> np.ndarray:
@@ -324,7 +336,10 @@ def _stored_vectors(index: VectorIndex, rows, stored, manifest: dict, kind: str)
 def _load_indexes(folder: Path) -> dict[str, VectorIndex]:
     manifest = layout.read_manifest(folder)
     return {
-        kind: VectorIndex.load(folder / _FILES[kind], manifest["indexes"][kind]["factory"])
+        kind: autoindex.apply(
+            VectorIndex.load(folder / _FILES[kind], manifest["indexes"][kind]["factory"]),
+            manifest["indexes"][kind],
+        )
         for kind in _KINDS
     }
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import filters, layout
+from . import autoindex, filters, layout
 from . import query as query_layer
 from .encoder import Encoder, ModelSpec
 from .errors import SearchError
@@ -132,11 +132,12 @@ class Searcher:
         idx = self.manifest["indexes"]
         # Memory-mapped: a published index is read-only, so pages load on demand, are shared
         # by every process serving it, and an index larger than RAM still serves.
-        self.images = VectorIndex.load(
-            folder / layout.IMAGE_INDEX, idx["image"]["factory"], faiss_device, mmap=True
-        )
-        self.captions = VectorIndex.load(
-            folder / layout.CAPTION_INDEX, idx["caption"]["factory"], faiss_device, mmap=True
+        self.images, self.captions = (
+            autoindex.apply(
+                VectorIndex.load(folder / file, idx[kind]["factory"], faiss_device, mmap=True),
+                idx[kind],  # the search knob tuned at build time
+            )
+            for kind, file in (("image", layout.IMAGE_INDEX), ("caption", layout.CAPTION_INDEX))
         )
         self.store = Store.open(folder / layout.STORE)
         # A searcher replaced by `latest` is closed when its last request lets go of it.

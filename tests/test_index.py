@@ -125,7 +125,7 @@ def test_allowed_ids_restrict_results_exactly_when_selective(factory, n_allowed)
             assert len(set(g.ids) & set(w.ids)) >= 5
 
 
-@pytest.mark.parametrize("factory", ["Flat", "HNSW16", "IVF16,Flat", "IVF16,PQ8"])
+@pytest.mark.parametrize("factory", ["Flat", "HNSW16", "IVF16,Flat", "IVF16,PQ8x4"])
 def test_memory_mapped_indexes_answer_like_loaded_ones(tmp_path, factory):
     xb, q = unit_rows(1500, 32, seed=1), unit_rows(37, 32, seed=2)
     ids = np.arange(1500) * 3 + 5

@@ -55,6 +55,11 @@ def bytes_per_vector(factory: str, d: int) -> float:
     return 4 * d + _ID_BYTES
 
 
+def compressed(factory: str) -> bool:
+    """Whether ``factory`` keeps approximations of the vectors rather than the vectors."""
+    return any(code in factory for code in ("PQ", "SQ", "LSH", "RaBitQ"))
+
+
 def nlist_for(n: int) -> int:
     """About 4 sqrt(N) lists, a power of two, with >= 39 training points each (FAISS's floor)."""
     want = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))

@@ -221,7 +221,8 @@ def remove(
         current = layout.resolve(name, root)
         with Store.open(current / layout.STORE) as old:
             present = list(dict.fromkeys(i for i in ids if old.item(i) is not None))
-        missing = list(dict.fromkeys(i for i in ids if i not in set(present)))
+        found = set(present)
+        missing = list(dict.fromkeys(i for i in ids if i not in found))
         report = ChangeReport(name, "remove", root / name, removed=len(present), missing=missing)
         if present:
 
@@ -328,7 +329,7 @@ def _rebuild(current: Path, folder: Path, live, entries, old: Embeddings) -> dic
 def _stored_vectors(index: VectorIndex, rows, stored, manifest: dict, kind: str) -> np.ndarray:
     """(R, D) float32 vectors of ``rows``: FAISS's own copy when it is exact, else fp16 rows."""
     factory = manifest["indexes"][kind]["factory"]
-    if not any(code in factory for code in ("PQ", "SQ", "LSH", "RaBitQ")):
+    if not autoindex.compressed(factory):
         return index.vectors(rows)
     return _unit(stored[rows])
 

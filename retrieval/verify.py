@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import layout
+from . import autoindex, layout
 from .build import load_embeddings
 from .encoder import Encoder
 from .index import VectorIndex
@@ -26,7 +26,6 @@ _KINDS = ("image", "caption")
 _FILES = {"image": layout.IMAGE_INDEX, "caption": layout.CAPTION_INDEX}
 # fp16 storage keeps ~3 significant digits; a wrong vector is far below this.
 MIN_COSINE = 0.995
-_COMPRESSED = ("PQ", "SQ", "LSH", "RaBitQ")
 
 
 @dataclass
@@ -203,7 +202,7 @@ def _embeddings(indexes, live, emb, manifest) -> list[str]:
     """FAISS's vectors of a sample of live rows against the stored fp16 rows."""
     problems = []
     for kind in _KINDS:
-        if any(c in manifest["indexes"][kind]["factory"] for c in _COMPRESSED):
+        if autoindex.compressed(manifest["indexes"][kind]["factory"]):
             continue  # a compressed index keeps approximations only
         rows = live[kind][:: max(1, len(live[kind]) // 256)]
         stored = np.asarray((emb.image if kind == "image" else emb.caption)[rows], np.float32)

@@ -148,12 +148,9 @@ def build(
         skips.dropped(dropped)
         encoder = encoder or Encoder.load(config.model, device)
         spool_dir = layout.spool_dir(root, name)
-        if world.size > 1:
-            _encode_share(records, encoder, spool_dir, config.spool_options(resume), world)
-            if world.rank != 0:
-                return None
-            resume = True  # rank 0 reads back every rank's shards
-        enc = spool.encode(records, encoder, spool_dir, config.spool_options(resume))
+        enc = _encode(records, encoder, spool_dir, config.spool_options(resume), world)
+        if enc is None:  # a torchrun rank other than 0: its share is spooled
+            return None
         kept = skips.failed(records, enc)
         if not kept:
             raise IndexBuildError(
@@ -162,10 +159,13 @@ def build(
             )
         entries, texts = entries_for(kept, encoder, skips)
 
+        factories: dict[str, str] = {}
+
         def fill(folder: Path) -> dict:
-            factories = _write(folder, entries, enc.image_emb, enc.caption_emb, config, encoder)
+            described = _write(folder, entries, enc.image_emb, enc.caption_emb, config, encoder)
+            factories.update({kind: d["factory"] for kind, d in described.items()})
             skips.write(folder / layout.SKIPPED)
-            manifest = _manifest(name, corpus, encoder, entries, texts, skips, factories, config)
+            manifest = _manifest(name, corpus, encoder, entries, texts, skips, described, config)
             manifest["build_seconds"] = round(time.perf_counter() - start, 3)
             return manifest
 
@@ -179,7 +179,7 @@ def build(
         skips.counts(),
         skips.truncated(),
         time.perf_counter() - start,
-        {"image": _factory(link, "image"), "caption": _factory(link, "caption")},
+        factories,
         enc.reused if world.size == 1 else 0,
         world.size,
     )
@@ -205,18 +205,22 @@ def _rank0_lock(root: Path, name: str, wait: float, world: World):
         yield
 
 
-def _encode_share(records, encoder, spool_dir: Path, options: spool.SpoolOptions, world: World):
-    """Each rank spools shards rank, rank + size, ...; all return once every shard is there."""
+def _encode(
+    records, encoder, spool_dir: Path, options: spool.SpoolOptions, world: World
+) -> spool.Encoded | None:
+    """Encode through the spool; under torchrun each rank spools shards rank, rank + size, ...
+    and, once every shard is there, rank 0 reads them all back (the others get None)."""
+    if world.size == 1:
+        return spool.encode(records, encoder, spool_dir, options)
     if world.rank == 0:
         spool.prepare(spool_dir, encoder, options)
     barrier(world)
-    options = replace(options, progress=options.progress and world.rank == 0)
-    spool.encode(records, encoder, spool_dir, options, part=(world.rank, world.size))
+    share = replace(options, progress=options.progress and world.rank == 0)
+    spool.encode(records, encoder, spool_dir, share, part=(world.rank, world.size))
     barrier(world)
-
-
-def _factory(folder: Path, kind: str) -> str:
-    return layout.read_manifest(folder)["indexes"][kind]["factory"]
+    if world.rank != 0:
+        return None
+    return spool.encode(records, encoder, spool_dir, replace(options, resume=True))
 
 
 def entries_for(

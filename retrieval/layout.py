@@ -36,6 +36,7 @@ DEFAULT_INDEX_DIR = Path("indexes")
 MANIFEST = "manifest.json"
 IMAGE_INDEX = "image.faiss"
 CAPTION_INDEX = "caption.faiss"
+INDEX_FILES = {"image": IMAGE_INDEX, "caption": CAPTION_INDEX}  # kind -> FAISS file
 STORE = "meta.lmdb"
 EMBEDDINGS = "embeddings"
 SKIPPED = "skipped.jsonl"

@@ -37,7 +37,6 @@ from .search import check_model, spec_from_manifest
 from .store import ItemEntry, Store
 
 _KINDS = ("image", "caption")
-_FILES = {"image": layout.IMAGE_INDEX, "caption": layout.CAPTION_INDEX}
 
 
 @dataclass
@@ -338,7 +337,9 @@ def _load_indexes(folder: Path) -> dict[str, VectorIndex]:
     manifest = layout.read_manifest(folder)
     return {
         kind: autoindex.apply(
-            VectorIndex.load(folder / _FILES[kind], manifest["indexes"][kind]["factory"]),
+            VectorIndex.load(
+                folder / layout.INDEX_FILES[kind], manifest["indexes"][kind]["factory"]
+            ),
             manifest["indexes"][kind],
         )
         for kind in _KINDS
@@ -347,7 +348,7 @@ def _load_indexes(folder: Path) -> dict[str, VectorIndex]:
 
 def _save_indexes(indexes: dict[str, VectorIndex], folder: Path) -> None:
     for kind in _KINDS:
-        indexes[kind].save(folder / _FILES[kind])
+        indexes[kind].save(folder / layout.INDEX_FILES[kind])
 
 
 def _copy_store(current: Path, folder: Path) -> None:

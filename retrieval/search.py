@@ -137,7 +137,7 @@ class Searcher:
                 VectorIndex.load(folder / file, idx[kind]["factory"], faiss_device, mmap=True),
                 idx[kind],  # the search knob tuned at build time
             )
-            for kind, file in (("image", layout.IMAGE_INDEX), ("caption", layout.CAPTION_INDEX))
+            for kind, file in layout.INDEX_FILES.items()
         )
         self.store = Store.open(folder / layout.STORE)
         # A searcher replaced by `latest` is closed when its last request lets go of it.

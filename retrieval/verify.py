@@ -23,7 +23,6 @@ from .search import spec_from_manifest
 from .store import Store
 
 _KINDS = ("image", "caption")
-_FILES = {"image": layout.IMAGE_INDEX, "caption": layout.CAPTION_INDEX}
 # fp16 storage keeps ~3 significant digits; a wrong vector is far below this.
 MIN_COSINE = 0.995
 
@@ -84,7 +83,9 @@ def verify(
 
 def _consistency(report: VerifyReport, folder: Path, manifest, sample, encoder, seed) -> None:
     indexes = {
-        kind: VectorIndex.load(folder / _FILES[kind], manifest["indexes"][kind]["factory"])
+        kind: VectorIndex.load(
+            folder / layout.INDEX_FILES[kind], manifest["indexes"][kind]["factory"]
+        )
         for kind in _KINDS
     }
     emb = load_embeddings(folder)

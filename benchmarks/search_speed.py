@@ -25,10 +25,11 @@ import numpy as np
 import torch
 from machine import describe
 
+from retrieval import index as engine_index
 from retrieval.index import VectorIndex, choose_factory
 
 D, K = 512, 10
-BATCHES = (1, 16, 64, 256, 1000)
+BATCHES = (1, 16, 32, 64, 128, 256, 1000)
 
 
 def embeddings(n: int, seed: int, gap: float = 0.0) -> np.ndarray:
@@ -61,6 +62,26 @@ def gemm_gflops() -> float:
         a @ b
         best = min(best, time.perf_counter() - start)
     return 2 * 4096 * D * 8192 / best / 1e9
+
+
+def shape_gemm_gflops(xb: np.ndarray, queries: np.ndarray) -> dict[int, float]:
+    """GFLOP/s of the bare product, no top-k, at exact search's own shapes (N x D by D x nq):
+    what BLAS itself reaches on a skinny product, the best of numpy and torch, both
+    orientations."""
+    base, out = torch.from_numpy(xb), {}
+    for nq in BATCHES[1:]:
+        q = np.ascontiguousarray(queries[:nq])
+        qt = torch.from_numpy(q)
+        operands = ((xb, q.T), (q, xb.T), (base, qt.T), (qt, base.T))
+        best = np.inf
+        for a, b in operands:
+            a @ b  # warm-up
+            for _ in range(3):
+                start = time.perf_counter()
+                a @ b
+                best = min(best, time.perf_counter() - start)
+        out[nq] = round(2 * nq * len(xb) * D / best / 1e9, 1)
+    return out
 
 
 def read_bandwidth_gbs() -> float:
@@ -159,7 +180,18 @@ def faiss_default_flat(xb, queries, truth) -> dict:
     )
 
 
-def run_size(n: int, with_hnsw: bool) -> dict:
+def untiled_exact(xb, queries, truth) -> dict:
+    """The engine's exact search as it was before: below FAISS's BLAS threshold, one BLAS
+    product over all N vectors and torch's top-k instead of FAISS's tiled search."""
+    saved, engine_index.TILED_MIN_QUERIES = engine_index.TILED_MIN_QUERIES, 1 << 62
+    try:
+        [row] = engine_rows(xb, queries, truth, [("exact, untiled (before)", "Flat", None)])
+    finally:
+        engine_index.TILED_MIN_QUERIES = saved
+    return row
+
+
+def run_size(n: int, with_hnsw: bool, exact_only: bool) -> dict:
     xb, queries = embeddings(n, seed=1), embeddings(5000, seed=2, gap=0.3)
     exact = VectorIndex.build(xb, np.arange(n), "Flat")
     truth = [nb.ids for nb in exact.search(queries[:1000], K)]
@@ -171,15 +203,17 @@ def run_size(n: int, with_hnsw: bool) -> dict:
     ]
     if with_hnsw:
         factories.insert(2, ("hnsw", "HNSW32", [("efSearch", e) for e in (32, 64, 128, 256)]))
-    rows = engine_rows(xb, queries, truth, factories)
+    rows = engine_rows(xb, queries, truth, factories[:1] if exact_only else factories)
+    rows.append(untiled_exact(xb, queries, truth))
     rows.append(faiss_default_flat(xb, queries, truth))
-    return {"n": n, "rows": rows}
+    return {"n": n, "rows": rows, "shape_gemm_gflops": shape_gemm_gflops(xb, queries)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--hnsw-max", type=int, default=200_000, help="skip HNSW builds above this N")
+    ap.add_argument("--exact-only", action="store_true", help="only the exact-search rows")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/search_speed.json"))
     args = ap.parse_args()
     report = {
@@ -188,7 +222,8 @@ def main() -> None:
         "read_gbs": round(read_bandwidth_gbs(), 1),
     }
     print("GEMM GFLOP/s:", report["gemm_gflops"], "read GB/s:", report["read_gbs"])
-    report["sizes"] = [run_size(n, n <= args.hnsw_max) for n in args.sizes]
+    report["sizes"] = [run_size(n, n <= args.hnsw_max, args.exact_only) for n in args.sizes]
+    report["gemm_gflops_after"] = round(gemm_gflops(), 1)  # drift of the machine over the run
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 

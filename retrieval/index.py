@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +22,17 @@ import torch
 from .errors import IndexBuildError
 
 log = logging.getLogger(__name__)
+_TILED_LOCK = threading.Lock()  # guards FAISS's process-wide BLAS switch (`_tiled_blas`)
 
 EXACT_LIMIT = 100_000  # below this many vectors exact search is both fast and perfect
 SUBSET_LIMIT = 20_000  # filters allowing at most this many ids are searched exactly
 _SCORE_BUDGET = 64 << 20  # floats per chunk of the (queries x vectors) score matrix
 _BLAS_ULPS = 1e-6  # equal vectors' scores can differ by an ulp or two between BLAS tiles
+# From this many queries up, exact search is FAISS's tiled BLAS search, also below FAISS's own
+# switch to it: BLAS copies ("packs") its operands into tiles first, and FAISS's tiles of
+# 1,024 vectors stay in cache where one product over all N goes out to memory and back, and
+# no (Q, N) score matrix is written (1.2-2x faster at 16-249 queries, benchmarks/README.md).
+TILED_MIN_QUERIES = 16
 # FAISS builds graphs at efConstruction 40; 128 (usearch's default; hnswlib's is 200) gives a
 # graph that reaches the same recall at a lower efSearch. It doubles the graph build, which
 # stays small beside encoding the images (benchmarks/README.md, "ANN against its peers").
@@ -323,35 +330,57 @@ def _selector_params(index: faiss.Index, allowed, k: int):
 def exact_search(xb: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> list[Neighbors]:
     """Exact top-``k`` by inner product of ``queries`` (Q, D) against ``xb`` (N, D).
 
-    Small batches: one BLAS product per chunk of queries, then a partial top-k selection
-    (torch's, several times faster than numpy's partition on wide rows); chunks keep the
-    (chunk, N) score matrix within a fixed memory budget. FAISS's own flat search would run
-    these without BLAS (below ``distance_compute_blas_threshold`` = nq x d), several times
-    slower. Large batches: FAISS's tiled BLAS search, which never materialises the matrix.
-    Both fetch a few more than ``k`` and break ties by lower id, also at the cut-off, so results
+    Fewer than `TILED_MIN_QUERIES`: one BLAS product per chunk of queries, then a partial top-k
+    selection (torch's, several times faster than numpy's partition on wide rows); chunks keep
+    the (chunk, N) score matrix within a fixed memory budget. More: FAISS's tiled BLAS search,
+    which never materialises the matrix. (FAISS's own flat search runs batches below
+    ``distance_compute_blas_threshold`` = nq x d without BLAS, several times slower.) Both
+    fetch a few more than ``k`` and break ties by lower id, also at the cut-off, so results
     are deterministic.
     """
     n = xb.shape[0]
     k = min(k, n)
     spare = min(n, k + 8)  # a few more than k, to see ties at the cut-off without a full scan
-    if queries.size >= faiss.cvar.distance_compute_blas_threshold and n > spare:
-        # Large batches: FAISS's tiled BLAS + heap scan beats a full score matrix + top-k.
-        top_scores, top_idx = faiss.knn(queries, xb, spare, metric=faiss.METRIC_INNER_PRODUCT)
+    tiled = len(queries) >= TILED_MIN_QUERIES
+    if (tiled or queries.size >= faiss.cvar.distance_compute_blas_threshold) and n > spare:
+        with _tiled_blas():
+            top_scores, top_idx = faiss.knn(queries, xb, spare, metric=faiss.METRIC_INNER_PRODUCT)
         return [
             _neighbors(ids, vals, idx, k, True, lambda q=q: xb @ q, tol=_BLAS_ULPS)
             for q, vals, idx in zip(queries, top_scores, top_idx, strict=True)
         ]
-    base, qs = torch.from_numpy(xb), torch.from_numpy(queries)
     step = max(1, _SCORE_BUDGET // max(n, 1))
     out: list[Neighbors] = []
     for start in range(0, len(queries), step):
-        chunk = qs[start : start + step]
-        # Skinny products run faster in BLAS as (N, D) x (D, chunk) than (chunk, D) x (D, N).
-        scores = (base @ chunk.T).T.contiguous() if len(chunk) <= 64 else chunk @ base.T
+        scores = _scores(xb, queries[start : start + step])  # (chunk, N)
         top_scores, top_idx = torch.topk(scores, spare, dim=1)  # (chunk, spare), sorted
         for row, vals, idx in zip(scores, top_scores.numpy(), top_idx.numpy(), strict=True):
-            out.append(_neighbors(ids, vals, idx, k, spare < n, row.numpy))
+            out.append(_neighbors(ids, vals, idx, k, spare < n, row.numpy, tol=_BLAS_ULPS))
     return out
+
+
+def _scores(xb: np.ndarray, queries: np.ndarray) -> torch.Tensor:
+    """(Q, N) inner products of a few ``queries`` (Q, D) with ``xb`` (N, D)."""
+    base, qs = torch.from_numpy(xb), torch.from_numpy(queries)
+    # Skinny products run faster in BLAS as (N, D) x (D, Q) than (Q, D) x (D, N).
+    return (base @ qs.T).T.contiguous()
+
+
+@contextlib.contextmanager
+def _tiled_blas():
+    """FAISS's flat search through BLAS at any batch size, for the duration of one search.
+
+    FAISS keeps that switch in one process-wide variable, so it is set and put back under a
+    lock. A FAISS search elsewhere in the process meanwhile may take BLAS too: it gets the
+    same neighbours, at a different speed.
+    """
+    with _TILED_LOCK:
+        saved = faiss.cvar.distance_compute_blas_threshold
+        faiss.cvar.distance_compute_blas_threshold = 0
+        try:
+            yield
+        finally:
+            faiss.cvar.distance_compute_blas_threshold = saved
 
 
 def _neighbors(ids, vals, idx, k: int, partial: bool, full_row, tol: float = 0.0) -> Neighbors:

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from conftest import unit_rows
 
+from retrieval import index as index_module
 from retrieval.errors import IndexBuildError
 from retrieval.index import VectorIndex, choose_factory, exact_search
 
@@ -38,6 +39,28 @@ def test_large_batches_take_faiss_blas_path_and_still_match_brute_force(n, k):
     for nb, (want_ids, want_scores) in zip(got, brute_force(xb, ids, q, k), strict=True):
         np.testing.assert_array_equal(nb.ids, want_ids)
         np.testing.assert_allclose(nb.scores, want_scores, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("n", "nq", "k"), [(3_075, 17, 10), (1_025, 16, 3), (2_049, 200, 25)])
+def test_tiled_batches_below_faiss_threshold_match_brute_force(n, nq, k):
+    assert nq >= index_module.TILED_MIN_QUERIES
+    assert nq * 24 < faiss.cvar.distance_compute_blas_threshold
+    xb, q = unit_rows(n, 24, seed=n), unit_rows(nq, 24, seed=n + 1)
+    ids = np.random.default_rng(n).permutation(n).astype(np.int64) * 2 + 1
+    got = exact_search(xb, ids, q, k)
+    for nb, (want_ids, want_scores) in zip(got, brute_force(xb, ids, q, k), strict=True):
+        np.testing.assert_array_equal(nb.ids, want_ids)
+        np.testing.assert_allclose(nb.scores, want_scores, rtol=1e-5, atol=1e-6)
+
+
+def test_tiled_search_breaks_ties_by_lower_id_across_tiles():
+    xb = np.repeat(unit_rows(3, 16, seed=6), [1500, 1500, 1001], axis=0)  # ties span blocks
+    ids = np.random.default_rng(7).permutation(len(xb)).astype(np.int64)
+    threshold = faiss.cvar.distance_compute_blas_threshold
+    got = exact_search(xb, ids, np.repeat(xb[:1], 20, axis=0), 4)
+    want = sorted(ids[:1500].tolist())[:4]
+    assert all(nb.ids.tolist() == want for nb in got)
+    assert faiss.cvar.distance_compute_blas_threshold == threshold  # FAISS's switch put back
 
 
 def test_large_batches_break_ties_by_id_past_the_margin():

@@ -59,7 +59,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import machine
 
 from retrieval import autoindex
-from retrieval.index import HNSW_EF_CONSTRUCTION, exact_search
+from retrieval.exact import exact_search
+from retrieval.index import HNSW_EF_CONSTRUCTION
 
 D, K, TARGET = 128, 10, 0.95
 LADDER = autoindex._EF  # the engine's efSearch ladder, used for every library

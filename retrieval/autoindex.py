@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import IndexBuildError
-from .index import EXACT_LIMIT, VectorIndex, exact_search
+from .exact import exact_search
+from .index import EXACT_LIMIT, VectorIndex
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,8 @@ from retrieval import autoindex, layout
 from retrieval.autoindex import bytes_per_vector, choose, nlist_for, tune
 from retrieval.build import BuildConfig, build
 from retrieval.errors import IndexBuildError
-from retrieval.index import VectorIndex, exact_search
+from retrieval.exact import exact_search
+from retrieval.index import VectorIndex
 from retrieval.search import Query, Searcher
 from retrieval.verify import verify
 

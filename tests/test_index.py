@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 from conftest import unit_rows
 
-from retrieval import index as index_module
+from retrieval import exact
 from retrieval.errors import IndexBuildError
-from retrieval.index import VectorIndex, choose_factory, exact_search
+from retrieval.exact import exact_search
+from retrieval.index import VectorIndex, choose_factory
 
 
 def brute_force(xb, ids, q, k):
@@ -43,7 +44,7 @@ def test_large_batches_take_faiss_blas_path_and_still_match_brute_force(n, k):
 
 @pytest.mark.parametrize(("n", "nq", "k"), [(3_075, 17, 10), (1_025, 16, 3), (2_049, 200, 25)])
 def test_tiled_batches_below_faiss_threshold_match_brute_force(n, nq, k):
-    assert nq >= index_module.TILED_MIN_QUERIES
+    assert nq >= exact.TILED_MIN_QUERIES
     assert nq * 24 < faiss.cvar.distance_compute_blas_threshold
     xb, q = unit_rows(n, 24, seed=n), unit_rows(nq, 24, seed=n + 1)
     ids = np.random.default_rng(n).permutation(n).astype(np.int64) * 2 + 1

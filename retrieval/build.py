@@ -119,6 +119,17 @@ class Skips:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def _usable(skips: Skips, records, enc, total: int, corpus) -> list:
+    """The records whose image encoded; an error when none did (nothing to index)."""
+    kept = skips.failed(records, enc)
+    if not kept:
+        raise IndexBuildError(
+            f"nothing to index: all {total} records of {corpus} were skipped "
+            f"({_reasons(skips.counts())})"
+        )
+    return kept
+
+
 def build(
     corpus: str | Path,
     name: str,
@@ -151,12 +162,7 @@ def build(
         enc = _encode(records, encoder, spool_dir, config.spool_options(resume), world)
         if enc is None:  # a torchrun rank other than 0: its share is spooled
             return None
-        kept = skips.failed(records, enc)
-        if not kept:
-            raise IndexBuildError(
-                f"nothing to index: all {len(records) + len(dropped)} records of {corpus} were "
-                f"skipped ({_reasons(skips.counts())})"
-            )
+        kept = _usable(skips, records, enc, len(records) + len(dropped), corpus)
         entries, texts = entries_for(kept, encoder, skips)
 
         factories: dict[str, str] = {}

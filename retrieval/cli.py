@@ -244,11 +244,22 @@ def _tuned(index: dict) -> str:
     "--twins", is_flag=True, help="Every other image: the previous scene with its shapes swapped."
 )
 @click.option("--parts", is_flag=True, help="Add one caption per shape saying where it is.")
-def synth(out, n, seed, size, twins, parts):
+@click.option(
+    "--relations",
+    default="left of,right of,above,below",
+    show_default=True,
+    help="Comma-separated relations to draw scenes from.",
+)
+def synth(out, n, seed, size, twins, parts, relations):
     """Write the synthetic shapes corpus (images + corpus.jsonl) to OUT."""
     from .synthetic import generate
 
-    click.echo(f"wrote {generate(out, n=n, seed=seed, size=size, twins=twins, parts=parts)}")
+    rels = tuple(r.strip() for r in relations.split(",") if r.strip())
+    try:
+        corpus = generate(out, n=n, seed=seed, size=size, twins=twins, parts=parts, relations=rels)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    click.echo(f"wrote {corpus}")
 
 
 @main.command()

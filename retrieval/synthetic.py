@@ -10,6 +10,7 @@ their first images.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,13 +76,13 @@ def _noun(colour: str, shape: str) -> str:
     return f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape}"
 
 
-def random_scene(rng: np.random.Generator) -> Scene:
+def random_scene(rng: np.random.Generator, relations: Sequence[str] = RELATIONS) -> Scene:
     colours, shapes = list(COLOURS), list(SHAPES)
     while True:
         a = (colours[rng.integers(len(colours))], shapes[rng.integers(len(shapes))])
         b = (colours[rng.integers(len(colours))], shapes[rng.integers(len(shapes))])
         if a != b:
-            return Scene(a[0], a[1], RELATIONS[rng.integers(len(RELATIONS))], b[0], b[1])
+            return Scene(a[0], a[1], relations[rng.integers(len(relations))], b[0], b[1])
 
 
 def render(scene: Scene, size: int, rng: np.random.Generator) -> Image.Image:
@@ -123,6 +124,7 @@ def generate(
     size: int = 64,
     twins: bool = False,
     parts: bool = False,
+    relations: Sequence[str] = RELATIONS,
 ) -> Path:
     """Write ``n`` images and ``corpus.jsonl`` under ``out_dir``; return the corpus file's path.
 
@@ -134,7 +136,14 @@ def generate(
     hard negative; without them a model can score well as a bag of words.
     ``parts``: two more captions per image saying where each shape is ("a red circle on the
     left"), which tie colours and shapes to positions without relying on word order.
+    ``relations``: draw scenes with these relations only; ``("left of", "above")`` gives a
+    corpus where the first-named shape is always left or on top (a training curriculum's
+    first stage: a model learns which shape is where before it must also learn that "A right
+    of B" is "B left of A").
     """
+    unknown = sorted(set(relations) - set(RELATIONS))
+    if unknown or not relations:
+        raise ValueError(f"unknown relations {unknown}; known: {', '.join(RELATIONS)}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     corpus = out / "corpus.jsonl"
@@ -143,7 +152,7 @@ def generate(
         for i in range(n):
             rng = np.random.default_rng([seed, i])
             # A twin shows the previous image's scene with its shapes swapped.
-            scene = _swapped(scene) if twins and i % 2 else random_scene(rng)
+            scene = _swapped(scene) if twins and i % 2 else random_scene(rng, relations)
             rel = f"images/{i:06d}.png"
             render(scene, size, rng).save(out / rel, optimize=False)
             record = {

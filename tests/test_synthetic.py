@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from retrieval import synthetic
 
@@ -71,3 +72,11 @@ def test_part_captions_say_where_each_shape_is(tmp_path):
 
 def _a(noun: str) -> str:
     return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
+
+def test_relations_restrict_the_scenes_drawn(tmp_path):
+    corpus = synthetic.generate(tmp_path, n=40, seed=3, relations=("left of", "above"))
+    rows = [json.loads(x) for x in corpus.read_text().splitlines()]
+    assert {row["relation"] for row in rows} == {"left of", "above"}
+    with pytest.raises(ValueError, match="beside"):
+        synthetic.generate(tmp_path / "bad", n=2, relations=("beside",))

@@ -2,7 +2,9 @@
 
 The split is generated with a seed the training corpus did not use, so it shares no image with
 it. Besides the standard per-image metrics it reports text->image recall counting every image
-whose scene matches the caption as correct (the issue's target for the demo model).
+whose scene matches the caption as correct (the issue's target for the demo model), and
+mirror accuracy: how often a caption scores its own scene above the same scene with its two
+shapes swapped ("A left of B" against "B left of A"); a bag-of-words model is at 0.5.
 
     python benchmarks/synthetic_quality.py --model tiny-vit --pretrained retrieval/models/demo.pt
 """
@@ -36,7 +38,28 @@ def evaluate(model: str, pretrained: str | None, n: int, seed: int) -> dict[str,
     ranks = grouped_text_to_image_ranks(images, captions, scenes, scenes[owner])
     for k, v in recall_at_k(ranks, (1, 5, 10)).items():
         out[f"scene_image_retrieval_recall@{k}"] = v
+    out["mirror_accuracy"] = mirror_accuracy(encoder, n=min(n, 400), seed=seed)
     return {k: round(v, 4) for k, v in out.items()}
+
+
+def mirror_accuracy(encoder: Encoder, n: int, seed: int) -> float:
+    """Share of ``n`` random scenes (all relations, every phrasing in turn) whose caption
+    scores the scene's image above an image of its mirror (the two shapes swapped)."""
+    scenes = [synthetic.random_scene(np.random.default_rng([seed, 1, i])) for i in range(n)]
+    mirrors = [
+        synthetic.Scene(s.b_colour, s.b_shape, s.relation, s.a_colour, s.a_shape) for s in scenes
+    ]
+    own = encoder.encode_pil(
+        [synthetic.render(s, 64, np.random.default_rng([seed, 2, i])) for i, s in enumerate(scenes)]
+    )
+    swapped = encoder.encode_pil(
+        [
+            synthetic.render(s, 64, np.random.default_rng([seed, 3, i]))
+            for i, s in enumerate(mirrors)
+        ]
+    )
+    texts = encoder.encode_texts([s.captions()[i % 3] for i, s in enumerate(scenes)])
+    return float(np.mean((texts * own).sum(1) > (texts * swapped).sum(1)))
 
 
 def main() -> None:

@@ -46,9 +46,7 @@ def mirror_accuracy(encoder: Encoder, n: int, seed: int) -> float:
     """Share of ``n`` random scenes (all relations, every phrasing in turn) whose caption
     scores the scene's image above an image of its mirror (the two shapes swapped)."""
     scenes = [synthetic.random_scene(np.random.default_rng([seed, 1, i])) for i in range(n)]
-    mirrors = [
-        synthetic.Scene(s.b_colour, s.b_shape, s.relation, s.a_colour, s.a_shape) for s in scenes
-    ]
+    mirrors = [s.swapped() for s in scenes]
     own = encoder.encode_pil(
         [synthetic.render(s, 64, np.random.default_rng([seed, 2, i])) for i, s in enumerate(scenes)]
     )

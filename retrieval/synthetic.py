@@ -65,6 +65,10 @@ class Scene:
         a, b = _noun(self.a_colour, self.a_shape), _noun(self.b_colour, self.b_shape)
         return [p.format(a=a, b=b) for p in _PHRASES[self.relation]]
 
+    def swapped(self) -> Scene:
+        """The mirror scene: the same relation with the two shapes swapped ("B left of A")."""
+        return Scene(self.b_colour, self.b_shape, self.relation, self.a_colour, self.a_shape)
+
     def part_captions(self) -> list[str]:
         """Where each shape is, one at a time ("a red circle on the left")."""
         a, b = _noun(self.a_colour, self.a_shape), _noun(self.b_colour, self.b_shape)
@@ -143,7 +147,8 @@ def generate(
     """
     unknown = sorted(set(relations) - set(RELATIONS))
     if unknown or not relations:
-        raise ValueError(f"unknown relations {unknown}; known: {', '.join(RELATIONS)}")
+        given = f"unknown relations {', '.join(unknown)}" if unknown else "no relations given"
+        raise ValueError(f"{given}; known: {', '.join(RELATIONS)}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     corpus = out / "corpus.jsonl"
@@ -152,7 +157,7 @@ def generate(
         for i in range(n):
             rng = np.random.default_rng([seed, i])
             # A twin shows the previous image's scene with its shapes swapped.
-            scene = _swapped(scene) if twins and i % 2 else random_scene(rng, relations)
+            scene = scene.swapped() if twins and i % 2 else random_scene(rng, relations)
             rel = f"images/{i:06d}.png"
             render(scene, size, rng).save(out / rel, optimize=False)
             record = {
@@ -167,7 +172,3 @@ def generate(
             }
             f.write(json.dumps(record) + "\n")
     return corpus
-
-
-def _swapped(scene: Scene) -> Scene:
-    return Scene(scene.b_colour, scene.b_shape, scene.relation, scene.a_colour, scene.a_shape)

@@ -161,6 +161,9 @@ def test_synth_and_demo(tmp_path):
     ).output
     assert "UNTRAINED" in untrained
     assert "wrote" in run("synth", tmp_path / "s", "-n", "3").output
+    bad = run("synth", tmp_path / "b", "--relations", "beside", ok=False).output
+    assert "unknown relations beside" in bad and "Traceback" not in bad
+    assert not (tmp_path / "b").exists()
 
 
 def test_shipped_demo_model_finds_the_scene(tmp_path):
@@ -191,9 +194,7 @@ def test_shipped_demo_model_reads_word_order():
 
     enc = Encoder.load(ModelSpec("tiny-vit", str(SHIPPED_MODEL)), device="cpu")
     scenes = [synthetic.random_scene(np.random.default_rng([77, i])) for i in range(40)]
-    mirrors = [
-        synthetic.Scene(s.b_colour, s.b_shape, s.relation, s.a_colour, s.a_shape) for s in scenes
-    ]
+    mirrors = [s.swapped() for s in scenes]
     images = enc.encode_pil(
         [synthetic.render(s, 64, np.random.default_rng(i)) for i, s in enumerate(scenes)]
     )

@@ -183,9 +183,7 @@ def train(corpus: str | Path, out: str | Path, config: TrainConfig | None = None
 
 def _adamw(model, config: TrainConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, config.wd)
-    try:
-        # The fused kernel updates every parameter in one pass: the same update, ~6x faster
-        # than the default on a CPU (tiny-vit: 30 -> 4.5 ms a step, ~8% of a step).
+    try:  # the same update in one kernel: tiny-vit on a CPU 4.5 ms a step instead of 30
         return torch.optim.AdamW(groups, lr=config.lr, fused=True)
     except (RuntimeError, TypeError, ValueError):  # a device or torch without it
         return torch.optim.AdamW(groups, lr=config.lr)

@@ -122,20 +122,7 @@ def create_app(searcher: Searcher, config: ServeConfig = ServeConfig()) -> FastA
     def item_image(
         item_id: str, size: int | None = QueryParam(None, ge=16, le=config.max_thumb)
     ) -> Response:
-        searcher = current()
-        found = searcher.store.item(item_id)
-        member = webdataset.parse_reference(found["path"]) if found else None
-        path = Path(str(member)) if member else _item_path(searcher, item_id)
-        if size is not None:  # images.load_image reads tar members too
-            return Response(_thumbnail(path, size, config.max_pixels), media_type="image/jpeg")
-        name = member.name if member else path.name
-        media = mimetypes.guess_type(name)[0] or "application/octet-stream"
-        if member is None:
-            return FileResponse(path, media_type=media)
-        try:  # an image inside a WebDataset shard has no file of its own to hand over
-            return Response(webdataset.member_bytes(member), media_type=media)
-        except (OSError, EOFError) as e:
-            raise ApiError(404, f"the image of item {item_id!r} cannot be read: {e}") from None
+        return _image_response(current(), item_id, size, config.max_pixels)
 
     @app.get("/items/{item_id:path}")
     def item(item_id: str) -> dict[str, Any]:
@@ -158,6 +145,23 @@ def create_app(searcher: Searcher, config: ServeConfig = ServeConfig()) -> FastA
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+def _image_response(searcher: Searcher, item_id: str, size: int | None, max_pixels: int):
+    """An item's image: the file itself, a tar member's bytes, or a JPEG thumbnail of ``size``."""
+    found = searcher.store.item(item_id)
+    member = webdataset.parse_reference(found["path"]) if found else None
+    path = Path(str(member)) if member else _item_path(searcher, item_id)
+    if size is not None:  # images.load_image reads tar members too
+        return Response(_thumbnail(path, size, max_pixels), media_type="image/jpeg")
+    name = member.name if member else path.name
+    media = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    if member is None:
+        return FileResponse(path, media_type=media)
+    try:  # an image inside a WebDataset shard has no file of its own to hand over
+        return Response(webdataset.member_bytes(member), media_type=media)
+    except (OSError, EOFError) as e:
+        raise ApiError(404, f"the image of item {item_id!r} cannot be read: {e}") from None
 
 
 def _run_search(

@@ -43,21 +43,11 @@ def evaluate(model: str, pretrained: str | None, n: int, seed: int) -> dict[str,
 
 
 def mirror_accuracy(encoder: Encoder, n: int, seed: int) -> float:
-    """Share of ``n`` random scenes (all relations, every phrasing in turn) whose caption
-    scores the scene's image above an image of its mirror (the two shapes swapped)."""
-    scenes = [synthetic.random_scene(np.random.default_rng([seed, 1, i])) for i in range(n)]
-    mirrors = [s.swapped() for s in scenes]
-    own = encoder.encode_pil(
-        [synthetic.render(s, 64, np.random.default_rng([seed, 2, i])) for i, s in enumerate(scenes)]
-    )
-    swapped = encoder.encode_pil(
-        [
-            synthetic.render(s, 64, np.random.default_rng([seed, 3, i]))
-            for i, s in enumerate(mirrors)
-        ]
-    )
-    texts = encoder.encode_texts([s.captions()[i % 3] for i, s in enumerate(scenes)])
-    return float(np.mean((texts * own).sum(1) > (texts * swapped).sum(1)))
+    """Share of ``n`` random scenes whose caption scores the scene's image above its mirror's."""
+    captions, own, swapped = synthetic.mirror_pairs(n, seed)
+    texts = encoder.encode_texts(captions)
+    own_s = (texts * encoder.encode_pil(own)).sum(1)
+    return float(np.mean(own_s > (texts * encoder.encode_pil(swapped)).sum(1)))
 
 
 def main() -> None:

@@ -193,15 +193,9 @@ def test_shipped_demo_model_reads_word_order():
     from retrieval.encoder import Encoder, ModelSpec
 
     enc = Encoder.load(ModelSpec("tiny-vit", str(SHIPPED_MODEL)), device="cpu")
-    scenes = [synthetic.random_scene(np.random.default_rng([77, i])) for i in range(40)]
-    mirrors = [s.swapped() for s in scenes]
-    images = enc.encode_pil(
-        [synthetic.render(s, 64, np.random.default_rng(i)) for i, s in enumerate(scenes)]
-    )
-    flipped = enc.encode_pil(
-        [synthetic.render(s, 64, np.random.default_rng(i)) for i, s in enumerate(mirrors)]
-    )
-    texts = enc.encode_texts([s.captions()[i % 3] for i, s in enumerate(scenes)])
+    captions, images, flipped = synthetic.mirror_pairs(40, seed=77)
+    texts = enc.encode_texts(captions)
+    images, flipped = enc.encode_pil(images), enc.encode_pil(flipped)
     own, other = (texts * images).sum(1), (texts * flipped).sum(1)
     assert (own > other).mean() >= 0.85, (own > other).mean()
 

@@ -1,5 +1,5 @@
 # Set-up and entry points. `make demo` and `make test` each create the virtual environment
-# on first use (and again when pyproject.toml changes), so both work on a fresh clone.
+# on first use (and again when pyproject.toml, setup.py or the C kernel change), so both work on a fresh clone.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv demo test lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py retrieval/_skinny.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from machine import describe
 
-from retrieval import exact
+from retrieval import exact, index
 from retrieval.index import VectorIndex, choose_factory
 
 D, K = 512, 10
@@ -141,6 +141,12 @@ def engine_rows(xb: np.ndarray, queries: np.ndarray, truth, factories) -> list[d
         vi = VectorIndex.build(xb, np.arange(len(xb)), factory)
         build_s = time.perf_counter() - start
         nbytes = faiss.serialize_index(vi.cpu_index).nbytes
+        start = time.perf_counter()
+        vi.search(queries[:16], K)  # a flat index packs its vectors on its first batch
+        first_batch_s = time.perf_counter() - start
+        if vi._packed is not None:
+            print(f"{name}: packed for batches in {first_batch_s:.2f} s (first batch of 16)")
+            nbytes += vi._packed.blocks.nbytes
         for label, value in knob or [(None, None)]:
             if label:
                 _set_knob(vi, label, value)
@@ -181,13 +187,25 @@ def faiss_default_flat(xb, queries, truth) -> dict:
 
 
 def untiled_exact(xb, queries, truth) -> dict:
-    """The engine's exact search as it was before: below FAISS's BLAS threshold, one BLAS
+    """The engine's exact search two steps back: below FAISS's BLAS threshold, one BLAS
     product over all N vectors and torch's top-k instead of FAISS's tiled search."""
-    saved, exact.TILED_MIN_QUERIES = exact.TILED_MIN_QUERIES, 1 << 62
+    saved = exact.TILED_MIN_QUERIES, index.PACK_MIN_VECTORS
+    exact.TILED_MIN_QUERIES = index.PACK_MIN_VECTORS = 1 << 62
     try:
         [row] = engine_rows(xb, queries, truth, [("exact, untiled (before)", "Flat", None)])
     finally:
-        exact.TILED_MIN_QUERIES = saved
+        exact.TILED_MIN_QUERIES, index.PACK_MIN_VECTORS = saved
+    return row
+
+
+def tiled_exact(xb, queries, truth) -> dict:
+    """The engine's exact search one step back: FAISS's tiled BLAS search from 16 queries up,
+    no packed base."""
+    saved, index.PACK_MIN_VECTORS = index.PACK_MIN_VECTORS, 1 << 62
+    try:
+        [row] = engine_rows(xb, queries, truth, [("exact, FAISS tiled (before)", "Flat", None)])
+    finally:
+        index.PACK_MIN_VECTORS = saved
     return row
 
 
@@ -204,6 +222,7 @@ def run_size(n: int, with_hnsw: bool, exact_only: bool) -> dict:
     if with_hnsw:
         factories.insert(2, ("hnsw", "HNSW32", [("efSearch", e) for e in (32, 64, 128, 256)]))
     rows = engine_rows(xb, queries, truth, factories[:1] if exact_only else factories)
+    rows.append(tiled_exact(xb, queries, truth))
     rows.append(untiled_exact(xb, queries, truth))
     rows.append(faiss_default_flat(xb, queries, truth))
     return {"n": n, "rows": rows, "shape_gemm_gflops": shape_gemm_gflops(xb, queries)}

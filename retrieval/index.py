@@ -3,7 +3,9 @@
 With `exact`, the only module that touches FAISS. Callers give (N, D) float32 unit vectors
 with int64 row ids and get back, per query, the ids and scores of its neighbours, best first,
 without FAISS's -1 padding. Exact (flat) indexes are searched by `exact.exact_search`, several
-times faster than FAISS's own flat search on small batches.
+times faster than FAISS's own flat search on small batches; a flat index of `PACK_MIN_VECTORS`
+or more packs a copy of its vectors for batches (`packed.PackedBase`) on its first batched
+search, which doubles its memory.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from . import packed
 from .errors import IndexBuildError
-from .exact import Neighbors, exact_search
+from .exact import TILED_MIN_QUERIES, Neighbors, exact_search
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +29,7 @@ SUBSET_LIMIT = 20_000  # filters allowing at most this many ids are searched exa
 # graph that reaches the same recall at a lower efSearch. It doubles the graph build, which
 # stays small beside encoding the images (benchmarks/README.md, "ANN against its peers").
 HNSW_EF_CONSTRUCTION = 128
+PACK_MIN_VECTORS = 8192  # below this a batch's BLAS product is quick enough as it is
 
 
 def choose_factory(n: int) -> str:
@@ -72,6 +76,7 @@ class VectorIndex:
         if self.device.startswith("cuda") and gpu_count() > 0:
             self._searcher = _to_gpus(self.cpu_index)
         self._flat = self._exact_view() if self._searcher is self.cpu_index else None
+        self._packed: packed.PackedBase | None = None  # made on the first batched search
 
     @classmethod
     def build(
@@ -256,13 +261,23 @@ class VectorIndex:
             if allowed is not None:
                 keep = np.isin(ids, allowed)
                 xb, ids = xb[keep], ids[keep]
-            return exact_search(xb, ids, queries, k)
+            return exact_search(xb, ids, queries, k, self._packed_base(len(queries), allowed))
         if allowed is not None and len(allowed) <= SUBSET_LIMIT:
             allowed = np.ascontiguousarray(allowed, dtype=np.int64)
             xb = self.cpu_index.reconstruct_batch(allowed)  # IDMap2 keeps id -> vector
             return exact_search(np.ascontiguousarray(xb), allowed, queries, k)
         params = _selector_params(self.cpu_index, allowed, k) if allowed is not None else None
         return _unpadded(*self._searcher.search(queries, k, params=params))
+
+    def _packed_base(self, nq: int, allowed) -> packed.PackedBase | None:
+        """The flat vectors packed for batches, when this search is one that uses them."""
+        xb = self._flat[0]
+        if allowed is not None or nq < TILED_MIN_QUERIES or len(xb) < PACK_MIN_VECTORS:
+            return None
+        if self._packed is None and packed.available():
+            # Two threads may both pack on a first concurrent search: same result, one kept.
+            self._packed = packed.PackedBase.pack(xb)
+        return self._packed
 
     def _search_live(self, queries: np.ndarray, k: int) -> list[Neighbors]:
         """Search around the tombstones: a selector on the CPU, over-fetching on a GPU."""

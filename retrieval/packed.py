@@ -1,0 +1,97 @@
+"""A base packed for exact search's skinny products: 16 to a few hundred queries at a time.
+
+A BLAS product of a few dozen queries against N x D vectors reaches 25-75% of the machine's
+GEMM throughput here: BLAS copies ("packs") the N x D operand into its own layout on every
+call, and reads it row by row. Packing it once, six rows interleaved by dimension, lets the
+`_skinny` C kernel stream each block of six rows sequentially and keep a 6 x 16 block of
+scores in registers, with the top-k kept in a heap per query as it goes (no score matrix).
+That reaches 85-100% of GEMM from 16 queries up (benchmarks/README.md). The packed copy costs
+as much memory as the vectors themselves, so indexes make it on first batched search.
+
+The kernel needs x86-64 with AVX2 and FMA and a C compiler at install time; `available()`
+says whether it is there, and exact search falls back to BLAS when it is not.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+try:
+    from . import _skinny
+except ImportError:  # built without a C compiler: exact search uses BLAS alone
+    _skinny = None
+
+ROWS = 6  # base rows per packed block: 6 x 16 accumulators fill 12 of the 16 AVX2 registers
+GROUP = 16  # queries per register block (two AVX2 vectors)
+CHUNK = 64  # queries per pass over the base: their (64, D) block stays in L2 cache
+
+
+def available() -> bool:
+    """Whether the packed kernel was built and this CPU runs it (AVX2 + FMA)."""
+    return _skinny is not None and bool(_skinny.available())
+
+
+@dataclass(frozen=True)
+class PackedBase:
+    """``blocks`` (ceil(N/6), D, 6) float32: rows 6b..6b+5 of an (N, D) base, by dimension."""
+
+    blocks: np.ndarray
+    n: int
+
+    @classmethod
+    def pack(cls, xb: np.ndarray) -> PackedBase:
+        """Pack ``xb`` (N, D) float32; the last block is padded with zero rows."""
+        n, d = xb.shape
+        blocks = np.zeros((-(-n // ROWS), d, ROWS), np.float32)
+        whole = n // ROWS * ROWS
+        blocks[: whole // ROWS] = xb[:whole].reshape(-1, ROWS, d).transpose(0, 2, 1)
+        if whole < n:
+            blocks[-1, :, : n - whole] = xb[whole:].T
+        return cls(blocks, n)
+
+    @property
+    def dim(self) -> int:
+        return self.blocks.shape[1]
+
+    def top(self, queries: np.ndarray, k: int, threads: int = 2) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` best rows by inner product for each of ``queries`` (Q, D), k < N.
+
+        Returns scores (Q, k) float32 and rows (Q, k) int64, best first; rows index the
+        packed base. Equal scores come in no particular order: callers break ties.
+        """
+        scores = np.empty((len(queries), k), np.float32)
+        rows = np.empty((len(queries), k), np.int64)
+        for start in range(0, len(queries), CHUNK):
+            chunk = queries[start : start + CHUNK]
+            s, r = self._chunk_top(chunk, k, threads)
+            scores[start : start + len(chunk)], rows[start : start + len(chunk)] = s, r
+        return scores, rows
+
+    def _chunk_top(self, queries: np.ndarray, k: int, threads: int):
+        """One pass over the base for up to `CHUNK` queries, rows split between threads."""
+        groups = -(-len(queries) // GROUP)
+        padded = np.zeros((groups * GROUP, self.dim), np.float32)  # zero queries: discarded
+        padded[: len(queries)] = queries
+        qp = np.ascontiguousarray(padded.reshape(groups, GROUP, -1).transpose(0, 2, 1))
+        nblocks = len(self.blocks)
+        cuts = [min(self.n, b * ROWS) for b in np.linspace(0, nblocks, threads + 1).astype(int)]
+        heaps = [
+            (np.full((groups * GROUP, k), -np.inf, np.float32), np.full((groups * GROUP, k), -1))
+            for _ in range(threads)
+        ]
+
+        def scan(t: int) -> None:
+            hs, hr = heaps[t]
+            args = (self.blocks, self.n, self.dim, qp, groups, cuts[t], cuts[t + 1], k, hs, hr)
+            _skinny.topk(*args)  # releases the GIL: the threads run in parallel
+
+        with ThreadPoolExecutor(threads) as pool:
+            for done in [pool.submit(scan, t) for t in range(threads)]:
+                done.result()  # re-raises a thread's error here
+        hs = np.concatenate([h[0] for h in heaps], axis=1)[: len(queries)]  # (Q, threads * k)
+        hr = np.concatenate([h[1] for h in heaps], axis=1)[: len(queries)]
+        best = np.argsort(-hs, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(hs, best, 1), np.take_along_axis(hr, best, 1)

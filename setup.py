@@ -1,0 +1,17 @@
+"""Build of the one C extension, `retrieval._skinny` (everything else is in pyproject.toml).
+
+Optional: without a C compiler the package installs anyway and exact search uses BLAS alone.
+"""
+
+import sys
+
+from setuptools import Extension, setup
+
+flags = [] if sys.platform == "win32" else ["-O3"]
+setup(
+    ext_modules=[
+        Extension(
+            "retrieval._skinny", ["retrieval/_skinny.c"], extra_compile_args=flags, optional=True
+        )
+    ]
+)

@@ -1,0 +1,126 @@
+"""The packed skinny-product kernel against brute force: awkward sizes, ties, bad buffers."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import unit_rows
+
+from retrieval import packed
+from retrieval.exact import exact_search
+from retrieval.index import PACK_MIN_VECTORS, VectorIndex
+from retrieval.packed import PackedBase
+
+needs_kernel = pytest.mark.skipif(not packed.available(), reason="packed kernel not built here")
+
+
+def _cpu_has_avx2() -> bool:
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.exists() and {"avx2", "fma"} <= set(cpuinfo.read_text().split())
+
+
+@pytest.mark.skipif(
+    not (sys.platform == "linux" and platform.machine() == "x86_64" and _cpu_has_avx2()),
+    reason="the kernel is built and run on x86-64 Linux with AVX2 + FMA only",
+)
+def test_kernel_is_built_where_the_cpu_can_run_it():
+    # The extension is optional at install time; here it must have been built, or the
+    # tests below would be skipped and exact search would silently be the slower BLAS path.
+    assert packed.available()
+
+
+def integer_rows(n: int, d: int, seed: int) -> np.ndarray:
+    """Small integers as float32: every inner product is exact, in any summation order."""
+    return np.random.default_rng(seed).integers(-4, 5, (n, d)).astype(np.float32)
+
+
+@pytest.mark.parametrize("n", [1, 5, 6, 7, 1003])
+def test_pack_interleaves_six_rows_by_dimension_and_pads_with_zeros(n):
+    xb = integer_rows(n, 13, seed=n)
+    blocks = PackedBase.pack(xb).blocks
+    assert blocks.shape == (-(-n // 6), 13, 6)
+    rows = blocks.transpose(0, 2, 1).reshape(-1, 13)
+    np.testing.assert_array_equal(rows[:n], xb)
+    assert not rows[n:].any()
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("n", "d", "nq", "k", "threads"),
+    [(7, 3, 1, 6, 2), (1003, 13, 17, 10, 2), (601, 64, 70, 25, 3), (2_000, 1, 130, 9, 1)],
+)
+def test_top_matches_brute_force_scores_on_awkward_sizes(n, d, nq, k, threads):
+    xb, q = integer_rows(n, d, seed=n), integer_rows(nq, d, seed=n + 1)
+    scores, rows = PackedBase.pack(xb).top(q, k, threads)
+    full = q @ xb.T  # (nq, n), exact
+    want = -np.sort(-full, axis=1)[:, :k]
+    np.testing.assert_array_equal(scores, want)  # the k best scores, best first
+    np.testing.assert_array_equal(np.take_along_axis(full, rows, 1), scores)  # of those rows
+    assert all(len(set(r)) == k for r in rows.tolist())  # no row twice
+
+
+def brute_force_ids(xb, ids, q, k):
+    s = q @ xb.T
+    return [ids[sorted(range(len(row)), key=lambda j: (-row[j], ids[j]))[:k]] for row in s]
+
+
+@needs_kernel
+@pytest.mark.parametrize(("n", "nq", "k"), [(1_001, 16, 10), (3_000, 65, 3), (500, 20, 100)])
+def test_exact_search_through_the_packed_base_matches_brute_force(n, nq, k):
+    xb, q = unit_rows(n, 40, seed=n), unit_rows(nq, 40, seed=n + 1)
+    ids = np.random.default_rng(n).permutation(n).astype(np.int64) * 3 + 1
+    got = exact_search(xb, ids, q, k, PackedBase.pack(xb))
+    row_of = {int(i): r for r, i in enumerate(ids)}
+    for query, nb, want in zip(q, got, brute_force_ids(xb, ids, q, k), strict=True):
+        np.testing.assert_array_equal(nb.ids, want)
+        want_scores = xb[[row_of[int(i)] for i in want]] @ query
+        np.testing.assert_allclose(nb.scores, want_scores, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_ties_across_blocks_and_threads_go_to_the_lower_id():
+    xb = np.repeat(unit_rows(3, 16, seed=6), [1500, 1500, 1001], axis=0)
+    ids = np.random.default_rng(7).permutation(len(xb)).astype(np.int64)
+    got = exact_search(xb, ids, np.repeat(xb[:1], 20, axis=0), 4, PackedBase.pack(xb))
+    assert all(nb.ids.tolist() == sorted(ids[:1500].tolist())[:4] for nb in got)
+
+
+@needs_kernel
+def test_flat_index_packs_on_first_batch_and_matches_the_unpacked_search():
+    n = PACK_MIN_VECTORS + 5
+    xb, q = unit_rows(n, 24, seed=1), unit_rows(33, 24, seed=2)
+    ids = np.arange(n, dtype=np.int64) * 2
+    index = VectorIndex.build(xb, ids, "Flat")
+    single = [index.search(q[i : i + 1], 7)[0] for i in range(len(q))]  # BLAS, no packing
+    assert index._packed is None
+    batched = index.search(q, 7)
+    assert index._packed is not None
+    for a, b in zip(single, batched, strict=True):
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-6)
+    new = unit_rows(1, 24, seed=3)
+    index.add(new, np.array([10**9], np.int64))
+    assert index._packed is None  # stale after an add: packed again on the next batch
+    assert all(nb.ids.tolist() == [10**9] for nb in index.search(np.repeat(new, 16, 0), 1))
+    assert index._packed is not None and index._packed.n == n + 1
+
+
+@needs_kernel
+def test_bad_buffers_raise_instead_of_reading_past_them():
+    base = PackedBase.pack(unit_rows(12, 8, seed=0))
+    qp = np.zeros((1, 8, 16), np.float32)
+    hs, hr = np.full((16, 3), -np.inf, np.float32), np.full((16, 3), -1)
+    with pytest.raises(ValueError, match="packed base"):
+        packed._skinny.topk(base.blocks, 13, 8, qp, 1, 0, 12, 3, hs, hr)
+    with pytest.raises(ValueError, match="heap rows"):
+        packed._skinny.topk(base.blocks, 12, 8, qp, 1, 0, 12, 3, hs, hr[:, :2].copy())
+    with pytest.raises(ValueError, match="row range"):
+        packed._skinny.topk(base.blocks, 12, 8, qp, 1, 1, 12, 3, hs, hr)
+    frozen = hs.copy()
+    frozen.flags.writeable = False
+    with pytest.raises(TypeError):
+        packed._skinny.topk(base.blocks, 12, 8, qp, 1, 0, 12, 3, frozen, hr)

@@ -191,6 +191,11 @@ def commit(root: Path, name: str, fill: Callable[[Path], dict[str, Any]]) -> Pat
     folder = new_version(root, name)
     try:
         manifest = fill(folder)
+        # Readers open a version's LMDB without locking (it never changes once published), but
+        # py-lmdb >= 3 still registers lock.mdb's inode as theirs; once the version is pruned
+        # that inode is free, and a new file that reuses it would be refused as "already open
+        # in this process". A published version has no writer, so it needs no lock file.
+        (folder / STORE / "lock.mdb").unlink(missing_ok=True)
         sync_tree(folder)
         manifest["sha256"] = checksums(folder, root / name)
         write_manifest(folder, manifest)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 
 import numpy as np
@@ -250,3 +251,24 @@ def test_added_rows_get_the_querybank_normalisers_a_whole_build_gives_them(
     n, c = 30, 90  # corpus a's items and captions come first in both
     np.testing.assert_allclose(added.image_norm[n:], whole.image_norm[n:], atol=2e-3)
     np.testing.assert_allclose(added.caption_norm[c:], whole.caption_norm[c:], atol=2e-3)
+
+
+def test_a_reader_of_a_published_version_never_blocks_a_writer_after_pruning(tmp_path):
+    # py-lmdb refuses to open files whose inodes an open environment registered. A reader
+    # (read-only, no locking) must register only files it holds open: otherwise, once its
+    # version is pruned, a writer's new file that reuses a freed inode fails to open.
+    def fill(folder):
+        with Store.create(folder / layout.STORE):
+            pass
+        return {}
+
+    store_dir = layout.commit(tmp_path, "x", fill).resolve() / layout.STORE
+    assert not (store_dir / "lock.mdb").exists()
+    with Store.open(store_dir):
+        fresh = tmp_path / "fresh.lmdb"
+        fresh.mkdir()
+        for f in store_dir.iterdir():  # the reuse, made certain: the same inodes, new paths
+            if f.name != "data.mdb":
+                os.link(f, fresh / f.name)
+        with Store.create(fresh):
+            pass

@@ -19,11 +19,12 @@ gap, as users send), split by scene into a tuning set (500 queries, on which eve
 chooses its search effort) and an evaluation set (the other scenes) on which all is reported.
 
 Rows: exact search (the engine's `VectorIndex` "Flat", whose search is `exact_search`); the
-engine's `auto` choice for N, built with `VectorIndex.build` and tuned by `autoindex.tune`;
-hnswlib and usearch with the same M and construction effort (the engine's
-`HNSW_EF_CONSTRUCTION`, 128), their effort tuned by the same rule (the smallest value of the
-engine's efSearch ladder reaching recall@10 0.95 on the tuning queries); with
-``--high-efc E``, all three again built at effort E (200 is hnswlib's default). 2 threads
+engine's `auto` choice for N, built with `VectorIndex.build` and tuned by `autoindex.tune`
+(a graph over fp16 vectors), and the same graph over fp32 vectors for comparison; hnswlib and
+usearch with the same M and construction effort (the engine's `HNSW_EF_CONSTRUCTION`, 200),
+their effort tuned by the same rule (the smallest value of the engine's efSearch ladder
+reaching recall@10 0.95 on the tuning queries); with ``--high-efc E``, the engine, hnswlib and
+usearch again built at effort E (any other effort, e.g. 128, usearch's default). 2 threads
 everywhere, set explicitly in each library. `auto` is judged against every peer row.
 
 Each row is built in its own subprocess: build s; peak memory per phase (build, tune, search:
@@ -226,11 +227,17 @@ def row_specs(n: int, high_efc: int) -> tuple[list[dict], str]:
     factory, note = plan.factory, ""
     if not factory.startswith("HNSW"):
         factory, note = "HNSW32", f"auto chooses {plan.factory} at N={n:,}; HNSW32 measured"
-    m = int(factory[4:] or 32)
+    m = int(factory[4:].split(",")[0] or 32)
     efc = HNSW_EF_CONSTRUCTION  # what `auto` builds with
     specs = [
         {"name": "exact", "lib": "engine", "factory": "Flat", "group": "exact"},
         {"name": f"engine auto ({factory})", "lib": "engine", "factory": factory, "group": efc},
+    ]
+    if factory != f"HNSW{m}":  # the same graph over fp32 vectors, as hnswlib and usearch keep
+        specs.append(
+            {"name": f"engine HNSW{m} (fp32)", "lib": "engine", "factory": f"HNSW{m}", "group": efc}
+        )
+    specs += [
         {"name": f"hnswlib M={m}", "lib": "hnswlib", "m": m, "efc": efc, "group": efc},
         {"name": f"usearch M={m}", "lib": "usearch", "m": m, "efc": efc, "group": efc},
     ]
@@ -309,7 +316,8 @@ def verdicts(rows: list[dict]) -> dict:
     }
     # The strict reading: `auto` against every peer row, whatever its construction effort.
     groups["auto vs every peer"] = [rows[1]] + [r for r in rows if r["lib"] != "engine"]
-    for group, (engine, *peers) in groups.items():
+    for group, (engine, *others) in groups.items():
+        peers = [r for r in others if r["lib"] != "engine"]  # not the fp32 comparison row
         point, mine = tuned_point(engine), at_recall(engine["timed"])
         others = {
             f"{p['name']} efc {p['construction_effort']}": at_recall(p["timed"]) for p in peers

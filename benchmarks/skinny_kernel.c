@@ -2,7 +2,8 @@
  * queries in groups of 16, without packing the base: a 6-row x 16-query block of AVX2
  * accumulators (12 registers), each base element broadcast once, queries packed per call as
  * [group][d][16], and a software prefetch PF blocks of 6 rows ahead. No top-k.
- * Built and timed by benchmarks/skinny_kernel.py. */
+ * Built and timed by benchmarks/skinny_kernel.py. Kept as the record of why the packaged kernel
+ * (retrieval/_skinny.c) reads a packed base instead: this one stalls at 16 queries. */
 #include <immintrin.h>
 #include <stdint.h>
 /* S[i][g*16 + j] = X[i] . Q[g*16 + j] for rows i in [0, n); Qp packed as [g][d][16]. */

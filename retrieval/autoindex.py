@@ -1,10 +1,11 @@
 """Which index to build for a corpus and a memory budget, and how hard it must search.
 
-In the spirit of autofaiss: exact search below `EXACT_LIMIT` vectors; above, an HNSW graph
-(M as large as the budget allows), else an IVF with about 4 sqrt(N) lists, else, when even
-that does not fit, IVF-PQ behind an OPQ rotation, whose candidates the query layer re-ranks
-exactly from the stored fp16 vectors. Budgets count FAISS's memory only, at the sizes FAISS
-allocates (codes, graph links, inverted-list ids, the id maps).
+In the spirit of autofaiss: exact search below `EXACT_LIMIT` vectors; above, an HNSW graph over
+fp16 vectors (M as large as the budget allows), else an IVF with about 4 sqrt(N) lists over
+fp16 vectors, else, when even that does not fit, IVF-PQ behind an OPQ rotation, whose
+candidates the query layer re-ranks exactly from the stored fp16 vectors. Budgets count
+FAISS's memory only, at the sizes FAISS allocates (codes, graph links, inverted-list ids, the
+id maps).
 
 Then `tune` raises the search knob (HNSW ``efSearch``, IVF ``nprobe``) until recall@10 against
 exact search reaches the target on held-out queries from the other modality (captions for the
@@ -43,17 +44,16 @@ class Plan:
 
 def bytes_per_vector(factory: str, d: int) -> float:
     """FAISS memory per vector of ``factory`` at dimension ``d`` (id maps included)."""
+    code = 2 * d if factory.endswith(",SQfp16") else d if factory.endswith(",SQ8") else 4 * d
     if factory.startswith("HNSW"):
         m = int(factory[4:].split(",")[0] or 32)
-        return 4 * d + 2 * m * 4 * 1.05 + _ID_BYTES  # level-0 links, ~5% upper levels
+        return code + 2 * m * 4 * 1.05 + _ID_BYTES  # level-0 links, ~5% upper levels
     if ",PQ" in factory:
         m, _, bits = factory.rsplit("PQ", 1)[1].partition("x")
         return int(m) * int(bits or 8) / 8 + 8 + _ID_BYTES
-    if factory.endswith(",SQ8"):
-        return d + 8 + _ID_BYTES
     if factory.startswith("IVF"):
-        return 4 * d + 8 + _ID_BYTES
-    return 4 * d + _ID_BYTES
+        return code + 8 + _ID_BYTES
+    return code + _ID_BYTES
 
 
 def compressed(factory: str) -> bool:
@@ -74,8 +74,12 @@ def choose(n: int, d: int, max_memory: int | None = None) -> Plan:
     options = []
     if n < EXACT_LIMIT:
         options.append(("Flat", f"exact: fewer than {EXACT_LIMIT:,} vectors"))
-    options += [(f"HNSW{m}", "graph search: fastest single queries") for m in _HNSW_M]
-    options.append((f"IVF{nlist},Flat", "inverted lists: no graph memory"))
+    # fp16 vectors: the precision the query layer re-scores from anyway, half the bytes of a
+    # graph walk's every distance (1M x 128: 0.83x fp32's latency at recall@10 0.95, 0.93x
+    # hnswlib's; benchmarks/README.md, "ANN against its peers").
+    graph = "graph search over fp16 vectors: fastest single queries"
+    options += [(f"HNSW{m},SQfp16", graph) for m in _HNSW_M]
+    options.append((f"IVF{nlist},SQfp16", "inverted lists over fp16 vectors: no graph memory"))
     options.append((f"IVF{nlist},SQ8", "inverted lists, 8 bits a dimension, re-ranked exactly"))
     # 8-bit codes (and OPQ's own training) need 256 training vectors; tiny corpora get 4-bit
     # codes without the rotation.

@@ -25,16 +25,18 @@ log = logging.getLogger(__name__)
 
 EXACT_LIMIT = 100_000  # below this many vectors exact search is both fast and perfect
 SUBSET_LIMIT = 20_000  # filters allowing at most this many ids are searched exactly
-# FAISS builds graphs at efConstruction 40; 128 (usearch's default; hnswlib's is 200) gives a
-# graph that reaches the same recall at a lower efSearch. It doubles the graph build, which
-# stays small beside encoding the images (benchmarks/README.md, "ANN against its peers").
-HNSW_EF_CONSTRUCTION = 128
+# FAISS builds graphs at efConstruction 40; 200 (hnswlib's default) gives a graph that reaches
+# recall@10 0.95 at a lower efSearch (1M x 128: efSearch 16 against 24 at 128, 40 much more),
+# for 1.5x 128's build time, small beside encoding the images (benchmarks/README.md, "ANN
+# against its peers").
+HNSW_EF_CONSTRUCTION = 200
 PACK_MIN_VECTORS = 8192  # below this a batch's BLAS product is quick enough as it is
 
 
 def choose_factory(n: int) -> str:
-    """The ``auto`` choice: exact below `EXACT_LIMIT` vectors, HNSW graph search above."""
-    return "Flat" if n < EXACT_LIMIT else "HNSW32"
+    """The ``auto`` choice: exact below `EXACT_LIMIT` vectors, HNSW graph search over fp16
+    vectors above (the choice by memory budget is `autoindex.choose`)."""
+    return "Flat" if n < EXACT_LIMIT else "HNSW32,SQfp16"
 
 
 def gpu_count() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
@@ -30,12 +31,12 @@ def clustered(n: int, d: int, seed: int, shift: float = 0.0) -> np.ndarray:
 
 def test_the_choice_follows_size_then_budget():
     assert choose(50_000, 512).factory == "Flat"
-    assert choose(1_000_000, 512).factory == "HNSW32"
+    assert choose(1_000_000, 512).factory == "HNSW32,SQfp16"
     order = [
-        "HNSW32",
-        "HNSW16",
-        "HNSW8",
-        f"IVF{nlist_for(10**6)},Flat",
+        "HNSW32,SQfp16",
+        "HNSW16,SQfp16",
+        "HNSW8,SQfp16",
+        f"IVF{nlist_for(10**6)},SQfp16",
         f"IVF{nlist_for(10**6)},SQ8",
     ]
     for factory in order:  # a budget just big enough picks exactly that one
@@ -49,6 +50,18 @@ def test_the_choice_follows_size_then_budget():
         choose(1_000_000, 512, 50 * MIB)
 
 
+@pytest.mark.parametrize(
+    "factory", ["HNSW16,SQfp16", "HNSW16", "IVF16,SQfp16", "IVF16,Flat", "IVF16,SQ8", "Flat"]
+)
+def test_memory_estimates_match_what_faiss_writes(factory):
+    n, d = 3000, 64
+    base = clustered(n, d, seed=5)
+    index = VectorIndex.build(base, np.arange(n), factory)
+    written = faiss.serialize_index(index.cpu_index).nbytes / n
+    # The estimate is in memory: the id map's reverse hash (~48 B a vector) is not written.
+    assert written + 48 == pytest.approx(bytes_per_vector(factory, d), rel=0.1)
+
+
 def test_nlist_is_about_four_root_n_and_trainable():
     assert nlist_for(1_000_000) == 4096
     assert nlist_for(100_000) == 1024
@@ -56,7 +69,7 @@ def test_nlist_is_about_four_root_n_and_trainable():
     assert nlist_for(10) == 1
 
 
-@pytest.mark.parametrize("factory", ["HNSW16", "IVF64,Flat"])
+@pytest.mark.parametrize("factory", ["HNSW16,SQfp16", "HNSW16", "IVF64,SQfp16", "IVF64,Flat"])
 def test_tuning_reaches_the_target_on_fresh_queries_with_the_smallest_knob(factory):
     base = clustered(20_000, 32, seed=1)
     tuning, fresh = clustered(2000, 32, seed=2, shift=0.3), clustered(300, 32, seed=3, shift=0.3)

@@ -86,7 +86,7 @@ def test_ann_indexes_find_most_true_neighbours_and_never_return_padding():
     xb /= np.linalg.norm(xb, axis=1, keepdims=True)
     q = xb[:50] + 0.05 * unit_rows(50, 32, seed=3)
     exact = VectorIndex.build(xb, np.arange(3000), "Flat").search(q, 10)
-    for factory in ("HNSW32", "IVF32,Flat"):
+    for factory in ("HNSW32", "HNSW32,SQfp16", "IVF32,Flat", "IVF32,SQfp16"):
         ann = VectorIndex.build(xb, np.arange(3000), factory).search(q, 10)
         recall = np.mean(
             [len(set(a.ids) & set(e.ids)) / 10 for a, e in zip(ann, exact, strict=True)]
@@ -149,7 +149,9 @@ def test_allowed_ids_restrict_results_exactly_when_selective(factory, n_allowed)
             assert len(set(g.ids) & set(w.ids)) >= 5
 
 
-@pytest.mark.parametrize("factory", ["Flat", "HNSW16", "IVF16,Flat", "IVF16,PQ8x4"])
+@pytest.mark.parametrize(
+    "factory", ["Flat", "HNSW16", "HNSW16,SQfp16", "IVF16,Flat", "IVF16,SQfp16", "IVF16,PQ8x4"]
+)
 def test_memory_mapped_indexes_answer_like_loaded_ones(tmp_path, factory):
     xb, q = unit_rows(1500, 32, seed=1), unit_rows(37, 32, seed=2)
     ids = np.arange(1500) * 3 + 5

@@ -147,8 +147,15 @@ static PyObject* topk(PyObject* self, PyObject* args) {
         PyErr_SetString(PyExc_RuntimeError, "this CPU lacks AVX2/FMA: use the BLAS path");
         goto done;
     }
-    if (d < 1 || ngroups < 1 || k < 1 || n < 0 || lo < 0 || lo > hi || hi > n || lo % ROWS) {
+    if (d < 1 || ngroups < 1 || k < 1 || n < 0 || lo < 0 || lo > hi || hi > n || lo % ROWS ||
+        (hi % ROWS && hi != n)) {
         PyErr_SetString(PyExc_ValueError, "bad sizes or row range");
+        goto done;
+    }
+    /* Bounds before products, so the size checks below cannot overflow. */
+    if (ngroups > (1 << 20) || d > (1 << 20) || k > ((int64_t)1 << 40) / nq ||
+        n > ((int64_t)1 << 50) / d) {
+        PyErr_SetString(PyExc_ValueError, "sizes out of range");
         goto done;
     }
     if (too_small(&xb, (n + ROWS - 1) / ROWS * ROWS * (int64_t)d * 4, "packed base") ||

@@ -57,7 +57,10 @@ def bytes_per_vector(factory: str, d: int) -> float:
 
 
 def compressed(factory: str) -> bool:
-    """Whether ``factory`` keeps approximations of the vectors rather than the vectors."""
+    """Whether ``factory`` keeps approximations of the vectors rather than the vectors (fp16
+    counts as the vectors: it is the precision the store keeps them in)."""
+    if factory.endswith((",SQfp16", ",SQbf16")):
+        return False
     return any(code in factory for code in ("PQ", "SQ", "LSH", "RaBitQ"))
 
 
@@ -75,8 +78,8 @@ def choose(n: int, d: int, max_memory: int | None = None) -> Plan:
     if n < EXACT_LIMIT:
         options.append(("Flat", f"exact: fewer than {EXACT_LIMIT:,} vectors"))
     # fp16 vectors: the precision the query layer re-scores from anyway, half the bytes of a
-    # graph walk's every distance (1M x 128: 0.83x fp32's latency at recall@10 0.95, 0.93x
-    # hnswlib's; benchmarks/README.md, "ANN against its peers").
+    # graph walk's every distance (1M x 128, efConstruction 200: 1.2x fp32's q/s, 584 B/vector
+    # against 840; benchmarks/README.md, "ANN against its peers").
     graph = "graph search over fp16 vectors: fastest single queries"
     options += [(f"HNSW{m},SQfp16", graph) for m in _HNSW_M]
     options.append((f"IVF{nlist},SQfp16", "inverted lists over fp16 vectors: no graph memory"))

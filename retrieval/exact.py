@@ -4,7 +4,7 @@ The reference every approximate index is measured against, and the search of exa
 indexes. Through BLAS at every batch size: FAISS's own flat search only switches to BLAS at
 nq * d >= ``distance_compute_blas_threshold`` (250 queries at d=512) and is several times
 slower below it. With a `packed.PackedBase` of the vectors, batches of 16 queries and more go
-through the packed kernel instead, at 85-100% of GEMM throughput (`retrieval/packed.py`).
+through the packed kernel instead, at 68-102% of GEMM throughput (`retrieval/packed.py`).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def exact_search(
     spare = min(n, k + 8)  # a few more than k, to see ties at the cut-off without a full scan
     tiled = len(queries) >= TILED_MIN_QUERIES
     if (tiled or queries.size >= faiss.cvar.distance_compute_blas_threshold) and n > spare:
-        if packed is not None and tiled:
+        if packed is not None and tiled and packed.n == n:
             top_scores, top_idx = packed.top(queries, spare, faiss.omp_get_max_threads())
         else:
             with _tiled_blas():

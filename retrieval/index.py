@@ -263,7 +263,7 @@ class VectorIndex:
             if allowed is not None:
                 keep = np.isin(ids, allowed)
                 xb, ids = xb[keep], ids[keep]
-            return exact_search(xb, ids, queries, k, self._packed_base(len(queries), allowed))
+            return exact_search(xb, ids, queries, k, self._packed_base(xb, len(queries), allowed))
         if allowed is not None and len(allowed) <= SUBSET_LIMIT:
             allowed = np.ascontiguousarray(allowed, dtype=np.int64)
             xb = self.cpu_index.reconstruct_batch(allowed)  # IDMap2 keeps id -> vector
@@ -271,15 +271,16 @@ class VectorIndex:
         params = _selector_params(self.cpu_index, allowed, k) if allowed is not None else None
         return _unpadded(*self._searcher.search(queries, k, params=params))
 
-    def _packed_base(self, nq: int, allowed) -> packed.PackedBase | None:
-        """The flat vectors packed for batches, when this search is one that uses them."""
-        xb = self._flat[0]
+    def _packed_base(self, xb: np.ndarray, nq: int, allowed) -> packed.PackedBase | None:
+        """``xb`` (this search's flat vectors) packed for batches, when the search uses them."""
         if allowed is not None or nq < TILED_MIN_QUERIES or len(xb) < PACK_MIN_VECTORS:
             return None
-        if self._packed is None and packed.available():
-            # Two threads may both pack on a first concurrent search: same result, one kept.
-            self._packed = packed.PackedBase.pack(xb)
-        return self._packed
+        base = self._packed
+        if (base is None or base.n != len(xb)) and packed.available():
+            # Concurrent first searches may both pack (same result, one kept); a copy packed
+            # before an add or remove is never used for the vectors after it.
+            base = self._packed = packed.PackedBase.pack(xb)
+        return base
 
     def _search_live(self, queries: np.ndarray, k: int) -> list[Neighbors]:
         """Search around the tombstones: a selector on the CPU, over-fetching on a GPU."""

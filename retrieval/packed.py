@@ -5,8 +5,9 @@ GEMM throughput here: BLAS copies ("packs") the N x D operand into its own layou
 call, and reads it row by row. Packing it once, six rows interleaved by dimension, lets the
 `_skinny` C kernel stream each block of six rows sequentially and keep a 6 x 16 block of
 scores in registers, with the top-k kept in a heap per query as it goes (no score matrix).
-That reaches 85-100% of GEMM from 16 queries up (benchmarks/README.md). The packed copy costs
-as much memory as the vectors themselves, so indexes make it on first batched search.
+That reaches 68-84% of GEMM at 16 queries, 87-102% from 32 up (benchmarks/README.md). The
+packed copy costs as much memory as the vectors themselves, so indexes make it on their first
+batched search.
 
 The kernel needs x86-64 with AVX2 and FMA and a C compiler at install time; `available()`
 says whether it is there, and exact search falls back to BLAS when it is not.
@@ -40,6 +41,13 @@ class PackedBase:
 
     blocks: np.ndarray
     n: int
+
+    def __post_init__(self) -> None:
+        b = self.blocks  # the C kernel reads it as raw float32: check what it cannot
+        if b.dtype != np.float32 or not b.flags.c_contiguous or b.ndim != 3 or b.shape[2] != ROWS:
+            raise ValueError(f"packed blocks must be C-contiguous float32 (B, D, {ROWS})")
+        if len(b) != -(-self.n // ROWS):
+            raise ValueError(f"{len(b)} blocks cannot hold {self.n} rows")
 
     @classmethod
     def pack(cls, xb: np.ndarray) -> PackedBase:

@@ -32,6 +32,8 @@ def clustered(n: int, d: int, seed: int, shift: float = 0.0) -> np.ndarray:
 def test_the_choice_follows_size_then_budget():
     assert choose(50_000, 512).factory == "Flat"
     assert choose(1_000_000, 512).factory == "HNSW32,SQfp16"
+    assert not autoindex.compressed("HNSW32,SQfp16")  # fp16: the precision of the store
+    assert autoindex.compressed("IVF64,SQ8") and autoindex.compressed("OPQ64,IVF4096,PQ64")
     order = [
         "HNSW32,SQfp16",
         "HNSW16,SQfp16",

@@ -120,6 +120,14 @@ def test_bad_buffers_raise_instead_of_reading_past_them():
         packed._skinny.topk(base.blocks, 12, 8, qp, 1, 0, 12, 3, hs, hr[:, :2].copy())
     with pytest.raises(ValueError, match="row range"):
         packed._skinny.topk(base.blocks, 12, 8, qp, 1, 1, 12, 3, hs, hr)
+    with pytest.raises(ValueError, match="row range"):  # an end inside a block, not the last
+        packed._skinny.topk(base.blocks, 12, 8, qp, 1, 0, 7, 3, hs, hr)
+    with pytest.raises(ValueError, match="out of range"):  # sizes whose products would overflow
+        packed._skinny.topk(base.blocks, 12, 8, qp, 1, 0, 12, 2**60, hs, hr)
+    with pytest.raises(ValueError, match="float32"):
+        PackedBase(base.blocks.astype(np.float64), 12)
+    with pytest.raises(ValueError, match="cannot hold"):
+        PackedBase(base.blocks, 13)
     frozen = hs.copy()
     frozen.flags.writeable = False
     with pytest.raises(TypeError):

@@ -16,9 +16,11 @@ default flat search (which uses BLAS only from 250 queries up at d=512).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
+from unittest import mock
 
 import faiss
 import numpy as np
@@ -189,26 +191,17 @@ def faiss_default_flat(xb, queries, truth) -> dict:
     )
 
 
-def untiled_exact(xb, queries, truth) -> dict:
-    """The engine's exact search two steps back: below FAISS's BLAS threshold, one BLAS
-    product over all N vectors and torch's top-k instead of FAISS's tiled search."""
-    saved = exact.TILED_MIN_QUERIES, index.PACK_MIN_VECTORS
-    exact.TILED_MIN_QUERIES = index.PACK_MIN_VECTORS = 1 << 62
-    try:
-        [row] = engine_rows(xb, queries, truth, [("exact, untiled (before)", "Flat", None)])
-    finally:
-        exact.TILED_MIN_QUERIES, index.PACK_MIN_VECTORS = saved
-    return row
-
-
-def tiled_exact(xb, queries, truth) -> dict:
-    """The engine's exact search one step back: FAISS's tiled BLAS search from 16 queries up,
-    no packed base."""
-    saved, index.PACK_MIN_VECTORS = index.PACK_MIN_VECTORS, 1 << 62
-    try:
-        [row] = engine_rows(xb, queries, truth, [("exact, FAISS tiled (before)", "Flat", None)])
-    finally:
-        index.PACK_MIN_VECTORS = saved
+def earlier_exact(xb, queries, truth, untiled: bool) -> dict:
+    """The engine's exact search as it was: one step back, FAISS's tiled BLAS search from 16
+    queries up and no packed base; two steps back (``untiled``), one BLAS product over all N
+    vectors and torch's top-k below FAISS's BLAS threshold."""
+    never = 1 << 62
+    name = "exact, untiled (before)" if untiled else "exact, FAISS tiled (before)"
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(index, "PACK_MIN_VECTORS", never))
+        if untiled:
+            stack.enter_context(mock.patch.object(exact, "TILED_MIN_QUERIES", never))
+        [row] = engine_rows(xb, queries, truth, [(name, "Flat", None)])
     return row
 
 
@@ -225,8 +218,8 @@ def run_size(n: int, with_hnsw: bool, exact_only: bool) -> dict:
     if with_hnsw:
         factories.insert(2, ("hnsw", "HNSW32", [("efSearch", e) for e in (32, 64, 128, 256)]))
     rows = engine_rows(xb, queries, truth, factories[:1] if exact_only else factories)
-    rows.append(tiled_exact(xb, queries, truth))
-    rows.append(untiled_exact(xb, queries, truth))
+    rows.append(earlier_exact(xb, queries, truth, untiled=False))
+    rows.append(earlier_exact(xb, queries, truth, untiled=True))
     rows.append(faiss_default_flat(xb, queries, truth))
     return {"n": n, "rows": rows, "shape_gemm_gflops": shape_gemm_gflops(xb, queries)}
 

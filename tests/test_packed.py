@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import platform
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +63,28 @@ def test_top_matches_brute_force_scores_on_awkward_sizes(n, d, nq, k, threads):
     np.testing.assert_array_equal(scores, want)  # the k best scores, best first
     np.testing.assert_array_equal(np.take_along_axis(full, rows, 1), scores)  # of those rows
     assert all(len(set(r)) == k for r in rows.tolist())  # no row twice
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("n", [1, 6, 7, 95, 6_001])
+def test_row_ranges_cover_every_row_once_at_block_boundaries(n, threads):
+    ranges = packed._row_ranges(n, -(-n // 6), threads)
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))  # contiguous, no overlap
+    assert all(lo < hi and lo % 6 == 0 and (hi % 6 == 0 or hi == n) for lo, hi in ranges)
+    assert len(ranges) == (1 if threads == 1 else min(-(-n // 6), threads * packed.SHARES))
+
+
+@needs_kernel
+def test_one_base_searched_from_several_threads_at_once():
+    # Searches share the base's worker pool: each must still get its own queries' results.
+    xb = integer_rows(3_001, 24, seed=4)
+    base = PackedBase.pack(xb)
+    batches = [integer_rows(20, 24, seed=10 + i) for i in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(lambda q: base.top(q, 5, 2)[0], batches))
+    for q, scores in zip(batches, got, strict=True):
+        np.testing.assert_array_equal(scores, -np.sort(-(q @ xb.T), axis=1)[:, :5])
 
 
 def brute_force_ids(xb, ids, q, k):

@@ -9,8 +9,10 @@ generator (not from the base set), shifted by a fixed "modality gap" vector.
 
 For each index: build time, bytes per vector, and for batches of 1, 16, 64, 256, 1000 queries:
 queries/s, p50/p99 batch latency and recall@10 against exact search. The machine's GEMM
-throughput is measured in the same run, and exact search is compared with it and with FAISS's
-default flat search (which uses BLAS only from 250 queries up at d=512).
+throughput is measured in the same run (at its start and end, and around each exact row's
+batch size: `of_gemm` is that row's GFLOP/s over the mean of the two GEMMs around it), and
+exact search is compared with it and with FAISS's default flat search (which uses BLAS only
+from 250 queries up at d=512).
 """
 
 from __future__ import annotations
@@ -116,7 +118,11 @@ def recall_at_10(ids: list[np.ndarray], truth: list[np.ndarray]) -> float:
     )
 
 
-def measure(name: str, search, queries, truth, n: int, build_s: float, nbytes: int) -> dict:
+def measure(
+    name: str, search, queries, truth, n: int, build_s: float, nbytes: int, gemm: bool = False
+) -> dict:
+    """One row; ``gemm``: measure GEMM just before each batch size too, as the exact rows'
+    reference (this VM's GEMM drifts by 10-40% within minutes)."""
     row = {
         "index": name,
         "build_s": round(build_s, 2),
@@ -125,13 +131,19 @@ def measure(name: str, search, queries, truth, n: int, build_s: float, nbytes: i
         "batches": {},
     }
     for nq in BATCHES:
+        before = gemm_gflops() if gemm else None
         times = np.array(time_batches(search, queries, nq))
+        gflops = 2 * nq * n * D / times.mean() / 1e9
         row["batches"][nq] = {
             "qps": round(nq / times.mean(), 1),
             "p50_ms": round(1e3 * np.percentile(times, 50), 3),
             "p99_ms": round(1e3 * np.percentile(times, 99), 3),
-            "gflops": round(2 * nq * n * D / times.mean() / 1e9, 1),
+            "gflops": round(gflops, 1),
         }
+        if gemm:
+            after = gemm_gflops()
+            row["batches"][nq]["gemm_gflops_around"] = [round(before, 1), round(after, 1)]
+            row["batches"][nq]["of_gemm"] = round(gflops / ((before + after) / 2), 3)
     print(name, json.dumps(row))
     return row
 
@@ -159,7 +171,8 @@ def engine_rows(xb: np.ndarray, queries: np.ndarray, truth, factories) -> list[d
                 return [nb.ids for nb in vi.search(q, K)]
 
             title = f"{name} ({factory}{', ' + label + '=' + str(value) if label else ''})"
-            rows.append(measure(title, search, queries, truth, len(xb), build_s, nbytes))
+            flat = factory == "Flat"
+            rows.append(measure(title, search, queries, truth, len(xb), build_s, nbytes, flat))
             rows[-1]["first_batch_with_packing_s"] = packed_s
     return rows
 
@@ -188,6 +201,7 @@ def faiss_default_flat(xb, queries, truth) -> dict:
         len(xb),
         build_s,
         len(xb) * D * 4,
+        gemm=True,
     )
 
 

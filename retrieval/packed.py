@@ -5,7 +5,7 @@ GEMM throughput here: BLAS copies ("packs") the N x D operand into its own layou
 call, and reads it row by row. Packing it once, six rows interleaved by dimension, lets the
 `_skinny` C kernel stream each block of six rows sequentially and keep a 6 x 16 block of
 scores in registers, with the top-k kept in a heap per query as it goes (no score matrix).
-That reaches 68-84% of GEMM at 16 queries, 87-102% from 32 up (benchmarks/README.md). The
+That reaches 68-93% of GEMM at 16 queries, 83-107% from 64 up (benchmarks/README.md). The
 packed copy costs as much memory as the vectors themselves, so indexes make it on their first
 batched search.
 

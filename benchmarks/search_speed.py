@@ -7,7 +7,7 @@ mean direction (embeddings sit in a narrow cone), ~sqrt(N) clusters, each spread
 decaying spectrum plus a few random directions of its own; queries come from the same
 generator (not from the base set), shifted by a fixed "modality gap" vector.
 
-For each index: build time, bytes per vector, and for batches of 1, 16, 64, 256, 1000 queries:
+For each index: build time, bytes per vector, and for batches of 1-1000 queries (`BATCHES`):
 queries/s, p50/p99 batch latency and recall@10 against exact search. The machine's GEMM
 throughput is measured in the same run (at its start and end, and around each exact row's
 batch size: `of_gemm` is that row's GFLOP/s over the mean of the two GEMMs around it), and
@@ -121,8 +121,8 @@ def recall_at_10(ids: list[np.ndarray], truth: list[np.ndarray]) -> float:
 def measure(
     name: str, search, queries, truth, n: int, build_s: float, nbytes: int, gemm: bool = False
 ) -> dict:
-    """One row; ``gemm``: measure GEMM just before each batch size too, as the exact rows'
-    reference (this VM's GEMM drifts by 10-40% within minutes)."""
+    """One row; ``gemm``: measure GEMM just before and after each batch size too, as the
+    exact rows' reference (this VM's GEMM drifts by 10-40% within minutes)."""
     row = {
         "index": name,
         "build_s": round(build_s, 2),

@@ -16,7 +16,8 @@ says whether it is there, and exact search falls back to BLAS when it is not.
 from __future__ import annotations
 
 import itertools
-from concurrent.futures import ThreadPoolExecutor
+import os
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,7 +38,7 @@ def available() -> bool:
     return _skinny is not None and bool(_skinny.available())
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity: comparing arrays elementwise means nothing here
 class PackedBase:
     """``blocks`` (ceil(N/6), D, 6) float32: rows 6b..6b+5 of an (N, D) base, by dimension."""
 
@@ -45,11 +46,7 @@ class PackedBase:
     n: int
     # Kept with the base: starting threads for each search cost ~0.4 ms here, 3% of a
     # 16-query search of 100k x 512. Idle workers hold no CPU; they end with the base.
-    _pool: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(thread_name_prefix="packed"),
-        repr=False,
-        compare=False,
-    )
+    _pool: ThreadPoolExecutor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         b = self.blocks  # the C kernel reads it as raw float32: check what it cannot
@@ -57,6 +54,11 @@ class PackedBase:
             raise ValueError(f"packed blocks must be C-contiguous float32 (B, D, {ROWS})")
         if len(b) != -(-self.n // ROWS):
             raise ValueError(f"{len(b)} blocks cannot hold {self.n} rows")
+        pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="packed")
+        object.__setattr__(self, "_pool", pool)
+
+    def __reduce__(self):
+        return PackedBase, (self.blocks, self.n)  # a copy gets a pool of its own
 
     @classmethod
     def pack(cls, xb: np.ndarray) -> PackedBase:
@@ -107,9 +109,17 @@ class PackedBase:
                 _skinny.topk(self.blocks, self.n, self.dim, qp, groups, lo, hi, k, hs, hr)
 
         helpers = [self._pool.submit(scan, t) for t in range(1, threads)]
-        scan(0)  # this thread takes part, so a single-threaded search starts no thread at all
+        try:
+            scan(0)  # this thread takes part, so a single-threaded search starts no thread at all
+        finally:
+            for _ in ranges:  # on an error here, leave the helpers nothing more to scan
+                next(claim)
+            for done in helpers:
+                done.cancel()  # queued behind other searches: every range is taken already
+            wait(helpers)
         for done in helpers:
-            done.result()  # re-raises a helper's error here
+            if not done.cancelled():
+                done.result()  # re-raises a helper's error here
         hs = np.concatenate([h[0] for h in heaps], axis=1)[: len(queries)]  # (Q, threads * k)
         hr = np.concatenate([h[1] for h in heaps], axis=1)[: len(queries)]
         best = np.argsort(-hs, axis=1, kind="stable")[:, :k]

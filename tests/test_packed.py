@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
+import pickle
 import platform
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -82,9 +84,20 @@ def test_one_base_searched_from_several_threads_at_once():
     base = PackedBase.pack(xb)
     batches = [integer_rows(20, 24, seed=10 + i) for i in range(6)]
     with ThreadPoolExecutor(6) as pool:
-        got = list(pool.map(lambda q: base.top(q, 5, 2)[0], batches))
+        futures = [pool.submit(lambda q=q: base.top(q, 5, 2)[0]) for q in batches]
+        got = [f.result(timeout=60) for f in futures]  # a deadlock fails instead of hanging
     for q, scores in zip(batches, got, strict=True):
         np.testing.assert_array_equal(scores, -np.sort(-(q @ xb.T), axis=1)[:, :5])
+
+
+@needs_kernel
+def test_a_packed_base_pickles_and_copies_with_a_pool_of_its_own():
+    xb, q = integer_rows(700, 9, seed=5), integer_rows(16, 9, seed=6)
+    base = PackedBase.pack(xb)
+    want = base.top(q, 4, 2)[0]
+    for clone in (pickle.loads(pickle.dumps(base)), copy.deepcopy(base)):
+        assert clone._pool is not base._pool and clone.n == base.n
+        np.testing.assert_array_equal(clone.top(q, 4, 2)[0], want)
 
 
 def brute_force_ids(xb, ids, q, k):

@@ -1,6 +1,7 @@
 """Build of the one C extension, `retrieval._skinny` (everything else is in pyproject.toml).
 
-Optional: without a C compiler the package installs anyway and exact search uses BLAS alone.
+Optional: without a C compiler (or POSIX threads) the package installs anyway and exact search
+uses BLAS alone.
 """
 
 import sys
@@ -11,7 +12,11 @@ flags = [] if sys.platform == "win32" else ["-O3"]
 setup(
     ext_modules=[
         Extension(
-            "retrieval._skinny", ["retrieval/_skinny.c"], extra_compile_args=flags, optional=True
+            "retrieval._skinny",
+            ["retrieval/_skinny.c"],
+            depends=["retrieval/_skinny_kernel.h"],
+            extra_compile_args=flags,
+            optional=True,
         )
     ]
 )

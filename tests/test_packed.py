@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-import itertools
+import multiprocessing
 import pickle
 import platform
 import sys
@@ -67,19 +67,24 @@ def test_top_matches_brute_force_scores_on_awkward_sizes(n, d, nq, k, threads):
     assert all(len(set(r)) == k for r in rows.tolist())  # no row twice
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("n", [1, 6, 7, 95, 6_001])
-def test_row_ranges_cover_every_row_once_at_block_boundaries(n, threads):
-    ranges = packed._row_ranges(n, -(-n // 6), threads)
-    assert ranges[0][0] == 0 and ranges[-1][1] == n
-    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))  # contiguous, no overlap
-    assert all(lo < hi and lo % 6 == 0 and (hi % 6 == 0 or hi == n) for lo, hi in ranges)
-    assert len(ranges) == (1 if threads == 1 else min(-(-n // 6), threads * packed.SHARES))
+@needs_kernel
+@pytest.mark.parametrize(("n", "threads"), [(1, 2), (7, 3), (193, 2), (1_000, 2), (6_001, 3)])
+def test_every_row_is_scanned_exactly_once(n, threads):
+    # k = n - 1 keeps every row but the worst: a row scanned twice, by two threads or at a claim
+    # boundary, shows up twice, and a row skipped is missing.
+    xb = np.arange(n, dtype=np.float32)[:, None] * np.ones((1, 4), np.float32)
+    q = np.ones((16, 4), np.float32)
+    k = max(1, n - 1)
+    scores, rows = PackedBase.pack(xb).top(q, k, threads)
+    want = np.arange(n - 1, n - 1 - k, -1) if n > 1 else np.array([0])
+    np.testing.assert_array_equal(rows, np.broadcast_to(want, rows.shape))
+    np.testing.assert_array_equal(scores, 4 * rows.astype(np.float32))
 
 
 @needs_kernel
 def test_one_base_searched_from_several_threads_at_once():
-    # Searches share the base's worker pool: each must still get its own queries' results.
+    # One search at a time has the base's helper threads; the others scan alone. Each must
+    # still get its own queries' results.
     xb = integer_rows(3_001, 24, seed=4)
     base = PackedBase.pack(xb)
     batches = [integer_rows(20, 24, seed=10 + i) for i in range(6)]
@@ -91,12 +96,12 @@ def test_one_base_searched_from_several_threads_at_once():
 
 
 @needs_kernel
-def test_a_packed_base_pickles_and_copies_with_a_pool_of_its_own():
+def test_a_packed_base_pickles_and_copies_with_workers_of_its_own():
     xb, q = integer_rows(700, 9, seed=5), integer_rows(16, 9, seed=6)
     base = PackedBase.pack(xb)
     want = base.top(q, 4, 2)[0]
     for clone in (pickle.loads(pickle.dumps(base)), copy.deepcopy(base)):
-        assert clone._pool is not base._pool and clone.n == base.n
+        assert clone._workers is not base._workers and clone.n == base.n
         np.testing.assert_array_equal(clone.top(q, 4, 2)[0], want)
 
 
@@ -149,18 +154,19 @@ def test_flat_index_packs_on_first_batch_and_matches_the_unpacked_search():
 @needs_kernel
 def test_bad_buffers_raise_instead_of_reading_past_them():
     base = PackedBase.pack(unit_rows(12, 8, seed=0))
+    topk = base._workers.topk
     qp = np.zeros((1, 8, 16), np.float32)
-    hs, hr = np.full((16, 3), -np.inf, np.float32), np.full((16, 3), -1)
+    hs, hr = np.full((2, 16, 3), -np.inf, np.float32), np.full((2, 16, 3), -1)
     with pytest.raises(ValueError, match="packed base"):
-        packed._skinny.topk(base.blocks, 13, 8, qp, 1, 0, 12, 3, hs, hr)
+        topk(base.blocks, 13, 8, qp, 1, 3, hs, hr, 2)
     with pytest.raises(ValueError, match="heap rows"):
-        packed._skinny.topk(base.blocks, 12, 8, qp, 1, 0, 12, 3, hs, hr[:, :2].copy())
-    with pytest.raises(ValueError, match="row range"):
-        packed._skinny.topk(base.blocks, 12, 8, qp, 1, 1, 12, 3, hs, hr)
-    with pytest.raises(ValueError, match="row range"):  # an end inside a block, not the last
-        packed._skinny.topk(base.blocks, 12, 8, qp, 1, 0, 7, 3, hs, hr)
+        topk(base.blocks, 12, 8, qp, 1, 3, hs, hr[:1].copy(), 2)  # one thread's heaps, not two
+    with pytest.raises(ValueError, match="queries"):
+        topk(base.blocks, 12, 8, qp, 2, 3, hs, hr, 1)
+    with pytest.raises(ValueError, match="bad sizes"):
+        topk(base.blocks, 12, 8, qp, 1, 3, hs, hr, 0)
     with pytest.raises(ValueError, match="out of range"):  # sizes whose products would overflow
-        packed._skinny.topk(base.blocks, 12, 8, qp, 1, 0, 12, 2**60, hs, hr)
+        topk(base.blocks, 12, 8, qp, 1, 2**60, hs, hr, 1)
     with pytest.raises(ValueError, match="float32"):
         PackedBase(base.blocks.astype(np.float64), 12)
     with pytest.raises(ValueError, match="cannot hold"):
@@ -168,4 +174,27 @@ def test_bad_buffers_raise_instead_of_reading_past_them():
     frozen = hs.copy()
     frozen.flags.writeable = False
     with pytest.raises(TypeError):
-        packed._skinny.topk(base.blocks, 12, 8, qp, 1, 0, 12, 3, frozen, hr)
+        topk(base.blocks, 12, 8, qp, 1, 3, frozen, hr, 1)
+    with pytest.raises(ValueError, match="threads"):
+        packed._skinny.Workers(0)
+
+
+def _search_in_child(base: PackedBase, q: np.ndarray, out) -> None:
+    out.put(base.top(q, 3, 2)[0])
+
+
+@needs_kernel
+@pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
+def test_a_forked_child_searches_a_base_made_before_the_fork():
+    # The child has no helper threads (fork copies only the calling thread): it scans alone.
+    xb, q = integer_rows(2_000, 8, seed=8), integer_rows(16, 8, seed=9)
+    base = PackedBase.pack(xb)
+    base.top(q, 3, 2)  # the helpers have run, and spin, when the fork happens
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_search_in_child, args=(base, q, out))
+    child.start()
+    got = out.get(timeout=60)
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    np.testing.assert_array_equal(got, -np.sort(-(q @ xb.T), axis=1)[:, :3])

@@ -4,7 +4,7 @@ The reference every approximate index is measured against, and the search of exa
 indexes. Through BLAS at every batch size: FAISS's own flat search only switches to BLAS at
 nq * d >= ``distance_compute_blas_threshold`` (250 queries at d=512) and is several times
 slower below it. With a `packed.PackedBase` of the vectors, batches of 16 queries and more go
-through the packed kernel instead, at 68-126% of GEMM throughput (`retrieval/packed.py`).
+through the packed kernel instead, at ~75-110% of GEMM throughput (`retrieval/packed.py`).
 """
 
 from __future__ import annotations

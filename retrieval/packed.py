@@ -7,8 +7,8 @@ call, and reads it row by row. Packing it once, six rows interleaved by dimensio
 scores in registers, with the top-k kept in a heap per query as it goes (no score matrix).
 Each base has its own helper threads in C (`_skinny.Workers`), which take rows alongside the
 calling thread with the GIL released and stay awake briefly between searches, so a search does
-not pay for waking them. That reaches ~80-90% of GEMM at 16 queries, 88-109% from 64 up
-(benchmarks/README.md). The packed copy costs as much memory as the vectors themselves, so
+not pay for waking them. That reaches a median 82-90% of GEMM at 16 queries and 96-102% at
+64 (benchmarks/README.md). The packed copy costs as much memory as the vectors themselves, so
 indexes make it on their first batched search.
 
 The kernel needs x86-64 with AVX2 and FMA and a C compiler at install time; `available()`

@@ -4,17 +4,19 @@
 
 One `search_speed.py` run times each (N, batch size) cell once, and on this VM a cell's ratio
 to GEMM moves by 20 points from one minute to the next. This times only the engine's exact
-search of a flat index (the packed kernel) at the small batches where the 80% criterion of
-issue #4 is tight, ``--repeats`` times per cell, interleaving the batch sizes, with GEMM
-measured just before and just after each timing, and reports per cell how many repeats met
-80%: by the mean batch (the criterion as `search_speed.py` reports it) and by the median batch
-(which ignores the VM's occasional 3x batches).
+search of a flat index (`VectorIndex.search`: the packed kernel, then the tie check) at the
+small batches where the 80% criterion of issue #4 is tight, ``--repeats`` times per cell,
+interleaving the batch sizes, with GEMM measured just before and just after each timing, and
+reports per cell how many repeats met 80%: by the mean batch (the criterion as
+`search_speed.py` reports it) and by the median batch (which ignores the VM's occasional 3x
+batches). Searches run back to back, as in `search_speed.py`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,8 @@ def repeat_cells(n: int, batches: list[int], repeats: int) -> dict[int, list[dic
     xb, queries = embeddings(n, seed=1), embeddings(5000, seed=2, gap=0.3)
     vi = VectorIndex.build(xb, np.arange(n), "Flat")
     vi.search(queries[:16], K)  # packs the base, as a served index does on its first batch
+    if vi._packed is None:
+        raise SystemExit(f"N = {n}: the base was not packed (too small, or no kernel here)")
 
     def search(q):
         return vi.search(q, K)
@@ -76,7 +80,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/exact_repeat.json"))
     args = ap.parse_args()
-    report = {"machine": describe(), "target": TARGET, "sizes": {}}
+    revision = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    report = {"machine": describe(), "revision": revision, "target": TARGET, "sizes": {}}
     rows = [
         "| N | queries | >= 80% by mean | min / median / max | >= 80% by median batch "
         "| min / median / max |",

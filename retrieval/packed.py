@@ -6,10 +6,11 @@ call, and reads it row by row. Packing it once, six rows interleaved by dimensio
 `_skinny` C kernel stream each block of six rows sequentially and keep a 6 x 16 block of
 scores in registers, with the top-k kept in a heap per query as it goes (no score matrix).
 Each base has its own helper threads in C (`_skinny.Workers`), which take rows alongside the
-calling thread with the GIL released and stay awake briefly between searches, so a search does
-not pay for waking them. That reaches a median 82-90% of GEMM at 16 queries and 96-102% at
-64 (benchmarks/README.md). The packed copy costs as much memory as the vectors themselves, so
-indexes make it on their first batched search.
+calling thread with the GIL released and spin for 2 ms after a search, so back-to-back searches
+do not pay for waking them (and a search never waits for one that is slow to wake). That
+reaches a median 82-90% of GEMM at 16 queries and 96-102% at 64 (benchmarks/README.md). The
+packed copy costs as much memory as the vectors themselves, so indexes make it on their first
+batched search.
 
 The kernel needs x86-64 with AVX2 and FMA and a C compiler at install time; `available()`
 says whether it is there, and exact search falls back to BLAS when it is not.
@@ -45,7 +46,7 @@ class PackedBase:
     n: int
     # Kept with the base, and in C: handing a search to Python threads cost ~0.25 ms more per
     # search here, 10% of a 16-query search of 20k x 512. None without the kernel; the
-    # threads end with the base.
+    # threads start on first use and end with the base.
     _workers: _skinny.Workers | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -81,6 +82,8 @@ class PackedBase:
         Returns scores (Q, k) float32 and rows (Q, k) int64, best first; rows index the
         packed base. Equal scores come in no particular order: callers break ties.
         """
+        if not 0 < k < self.n:  # with k >= N, rows -1 would pad the result
+            raise ValueError(f"k must be in 1..{self.n - 1} for a base of {self.n} rows, not {k}")
         scores = np.empty((len(queries), k), np.float32)
         rows = np.empty((len(queries), k), np.int64)
         for start in range(0, len(queries), CHUNK):
@@ -108,5 +111,9 @@ class PackedBase:
 
 
 def _cores() -> int:
-    """CPUs this process may run on (its affinity mask, where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """CPUs this process may run on (its affinity mask, where the OS has one), at most 1024.
+
+    Only as many helper threads start as searches ask for (`faiss.omp_get_max_threads()`
+    from exact search, which follows OMP_NUM_THREADS)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(cores or 1, 1024)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import multiprocessing
+import os
 import pickle
 import platform
 import sys
@@ -68,15 +69,17 @@ def test_top_matches_brute_force_scores_on_awkward_sizes(n, d, nq, k, threads):
 
 
 @needs_kernel
-@pytest.mark.parametrize(("n", "threads"), [(1, 2), (7, 3), (193, 2), (1_000, 2), (6_001, 3)])
+@pytest.mark.parametrize(
+    ("n", "threads"), [(2, 2), (7, 3), (193, 2), (1_000, 1), (1_000, 2), (6_001, 3)]
+)
 def test_every_row_is_scanned_exactly_once(n, threads):
     # k = n - 1 keeps every row but the worst: a row scanned twice, by two threads or at a claim
     # boundary, shows up twice, and a row skipped is missing.
     xb = np.arange(n, dtype=np.float32)[:, None] * np.ones((1, 4), np.float32)
     q = np.ones((16, 4), np.float32)
-    k = max(1, n - 1)
+    k = n - 1
     scores, rows = PackedBase.pack(xb).top(q, k, threads)
-    want = np.arange(n - 1, n - 1 - k, -1) if n > 1 else np.array([0])
+    want = np.arange(n - 1, 0, -1)
     np.testing.assert_array_equal(rows, np.broadcast_to(want, rows.shape))
     np.testing.assert_array_equal(scores, 4 * rows.astype(np.float32))
 
@@ -177,6 +180,46 @@ def test_bad_buffers_raise_instead_of_reading_past_them():
         topk(base.blocks, 12, 8, qp, 1, 3, frozen, hr, 1)
     with pytest.raises(ValueError, match="threads"):
         packed._skinny.Workers(0)
+    with pytest.raises(ValueError, match="threads"):
+        packed._skinny.Workers(2_000)
+
+
+def _heap_sets(base: PackedBase, workers, q: np.ndarray, k: int, sets: int, threads: int):
+    """Call the C search directly: (sets, 16, k) heap scores and rows, one set per thread."""
+    qp = np.ascontiguousarray(q.reshape(1, 16, -1).transpose(0, 2, 1))
+    hs = np.full((sets, 16, k), -np.inf, np.float32)
+    hr = np.full((sets, 16, k), -1, np.int64)
+    workers.topk(base.blocks, base.n, base.dim, qp, 1, k, hs, hr, threads)
+    return hs, hr
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+def test_a_search_uses_no_more_heap_sets_than_threads_asked_for(threads):
+    # A pool larger than the search: helpers not asked must not write, and the heap sets of
+    # the threads asked for hold each row at most once and, merged, the k best.
+    xb, q = integer_rows(20_000, 8, seed=11), integer_rows(16, 8, seed=12)
+    base, workers = PackedBase.pack(xb), packed._skinny.Workers(4)
+    _heap_sets(base, workers, q, 6, 4, 4)  # all three helpers started, and spinning
+    hs, hr = _heap_sets(base, workers, q, 6, 4, threads)
+    assert (hr[threads:] == -1).all() and np.isneginf(hs[threads:]).all()
+    rows = hr[:threads].transpose(1, 0, 2).reshape(16, -1)
+    scores = hs[:threads].transpose(1, 0, 2).reshape(16, -1)
+    want = -np.sort(-(q @ xb.T), axis=1)[:, :6]
+    np.testing.assert_array_equal(-np.sort(-scores, axis=1)[:, :6], want)
+    for r in rows:
+        real = r[r >= 0]
+        assert len(set(real.tolist())) == len(real)
+
+
+@needs_kernel
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: helpers may never run")
+def test_helpers_take_part_in_back_to_back_searches():
+    # A helper that wakes late may stay out of a search; back to back, one must join.
+    xb, q = integer_rows(120_000, 8, seed=13), integer_rows(16, 8, seed=14)
+    base, workers = PackedBase.pack(xb), packed._skinny.Workers(2)
+    joined = [(_heap_sets(base, workers, q, 4, 2, 2)[1][1] >= 0).any() for _ in range(20)]
+    assert any(joined)
 
 
 def _search_in_child(base: PackedBase, q: np.ndarray, out) -> None:
@@ -189,12 +232,24 @@ def test_a_forked_child_searches_a_base_made_before_the_fork():
     # The child has no helper threads (fork copies only the calling thread): it scans alone.
     xb, q = integer_rows(2_000, 8, seed=8), integer_rows(16, 8, seed=9)
     base = PackedBase.pack(xb)
-    base.top(q, 3, 2)  # the helpers have run, and spin, when the fork happens
+    want = -np.sort(-(q @ xb.T), axis=1)[:, :3]
+    np.testing.assert_array_equal(base.top(q, 3, 2)[0], want)  # helpers started, spinning
     ctx = multiprocessing.get_context("fork")
     out = ctx.Queue()
-    child = ctx.Process(target=_search_in_child, args=(base, q, out))
+    child = ctx.Process(target=_search_in_child, args=(base, q, out), daemon=True)
     child.start()
-    got = out.get(timeout=60)
-    child.join(timeout=60)
+    try:
+        got = out.get(timeout=60)  # a hang in the child fails here instead of blocking
+        child.join(timeout=60)
+    finally:
+        child.kill()
     assert child.exitcode == 0
-    np.testing.assert_array_equal(got, -np.sort(-(q @ xb.T), axis=1)[:, :3])
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(base.top(q, 3, 2)[0], want)  # the parent's helpers still work
+
+
+@needs_kernel
+def test_k_of_at_least_the_base_size_is_refused():
+    base = PackedBase.pack(integer_rows(4, 3, seed=0))
+    with pytest.raises(ValueError, match="k must be in 1..3"):
+        base.top(integer_rows(16, 3, seed=1), 4)

@@ -73,13 +73,9 @@ typedef struct {
 
 struct Workers {
     PyObject_HEAD
-    int capacity; /* threads a search may use, the caller included */
+    _Atomic int capacity; /* threads a search may use, the caller included */
     int started;  /* helpers running: helpers[0 .. started) */
     int ready;    /* `busy` is initialised */
-#ifdef __linux__
-    int steer; /* `allowed` was read: helpers can be kept off the caller's CPU */
-    cpu_set_t allowed;
-#endif
     pid_t pid;    /* in a forked child the helpers do not exist */
     Helper* helpers;
     pthread_mutex_t busy; /* held by the search the helpers work on */
@@ -177,12 +173,13 @@ static void call(Helper* h, uint32_t search) {
  * waker's CPU by the scheduler, and then it and the caller take turns on one CPU while the
  * other idles: a 16-query search of 20k x 512 after 10 ms idle took 5.5 ms, against 2.75 ms
  * with the two threads pinned apart. One system call, only when the caller's CPU changed. */
-static void keep_off(Workers* w, Helper* h, int cpu) {
+static void keep_off(Helper* h, int cpu) {
 #ifdef __linux__
-    if (!w->steer || cpu < 0 || cpu >= CPU_SETSIZE || cpu == h->off ||
-        !CPU_ISSET(cpu, &w->allowed))
+    cpu_set_t mask; /* the caller's own, read again: the program may have narrowed it since */
+    if (cpu < 0 || cpu >= CPU_SETSIZE || cpu == h->off ||
+        sched_getaffinity(0, sizeof mask, &mask) != 0 || !CPU_ISSET(cpu, &mask) ||
+        CPU_COUNT(&mask) < 2)
         return;
-    cpu_set_t mask = w->allowed;
     CPU_CLR(cpu, &mask);
     if (pthread_setaffinity_np(h->tid, sizeof mask, &mask) == 0) h->off = cpu;
 #endif
@@ -201,7 +198,7 @@ static void start_helpers(Workers* w, int want) {
         if (pthread_create(&h->tid, NULL, helper_main, h)) {
             pthread_mutex_destroy(&h->mu);
             pthread_cond_destroy(&h->cv);
-            w->capacity = w->started + 1;
+            atomic_store_explicit(&w->capacity, w->started + 1, memory_order_relaxed);
             break;
         }
         w->started++;
@@ -227,7 +224,8 @@ static void wait_for_helpers(Workers* w) {
 
 /* A search with the GIL released. Alone when another search holds the helpers. */
 static void run(Workers* w, Job* j) {
-    int want = (j->threads < w->capacity ? j->threads : w->capacity) - 1;
+    int cap = atomic_load_explicit(&w->capacity, memory_order_relaxed);
+    int want = (j->threads < cap ? j->threads : cap) - 1;
     if (want < 1 || w->pid != getpid() || pthread_mutex_trylock(&w->busy) != 0) {
         claim_and_scan(j, 0);
         return;
@@ -247,7 +245,7 @@ static void run(Workers* w, Job* j) {
     int cpu = -1;
 #endif
     for (int i = 0; i < want; i++) {
-        keep_off(w, &w->helpers[i], cpu);
+        keep_off(&w->helpers[i], cpu);
         call(&w->helpers[i], w->search);
     }
     claim_and_scan(shared, 0);
@@ -342,11 +340,7 @@ static int workers_init(Workers* w, PyObject* args, PyObject* kwds) {
     pthread_cond_init(&w->done_cv, NULL);
     w->capacity = threads;
     w->pid = getpid();
-#ifdef __linux__
-    CPU_ZERO(&w->allowed);
-    w->steer = sched_getaffinity(0, sizeof w->allowed, &w->allowed) == 0 &&
-               CPU_COUNT(&w->allowed) > 1;
-#endif
+
     w->ready = 1;
     return 0;
 }
@@ -373,7 +367,7 @@ static void workers_dealloc(Workers* w) {
 }
 
 static PyObject* workers_threads(Workers* w, void* closure) {
-    return PyLong_FromLong(w->capacity);
+    return PyLong_FromLong(atomic_load_explicit(&w->capacity, memory_order_relaxed));
 }
 
 static PyMethodDef workers_methods[] = {

@@ -82,6 +82,8 @@ class PackedBase:
         Returns scores (Q, k) float32 and rows (Q, k) int64, best first; rows index the
         packed base. Equal scores come in no particular order: callers break ties.
         """
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"queries must be (Q, {self.dim}), not {queries.shape}")
         if not 0 < k < self.n:  # with k >= N, rows -1 would pad the result
             raise ValueError(f"k must be in 1..{self.n - 1} for a base of {self.n} rows, not {k}")
         scores = np.empty((len(queries), k), np.float32)

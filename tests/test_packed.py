@@ -8,6 +8,7 @@ import os
 import pickle
 import platform
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -220,6 +221,57 @@ def test_helpers_take_part_in_back_to_back_searches():
     base, workers = PackedBase.pack(xb), packed._skinny.Workers(2)
     joined = [(_heap_sets(base, workers, q, 4, 2, 2)[1][1] >= 0).any() for _ in range(20)]
     assert any(joined)
+
+
+@needs_kernel
+def test_searches_with_idle_gaps_mixed_threads_and_fresh_bases():
+    # Gaps longer than the helpers' 2 ms spin send them to sleep, so they are woken by a
+    # signal and may join late or not at all; two callers share the helpers; bases are freed
+    # right after a search. Every result must still be exact.
+    xb = integer_rows(9_001, 8, seed=15)
+    shared = PackedBase.pack(xb)
+    want_of = {}
+
+    def caller(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for i in range(12):
+            q = integer_rows(16, 8, seed=seed * 100 + i)
+            base = shared if i % 3 else PackedBase.pack(xb)
+            time.sleep(float(rng.choice([0.0, 0.001, 0.004])))
+            got = base.top(q, 5, int(rng.integers(1, 4)))[0]
+            want_of[(seed, i)] = np.array_equal(got, -np.sort(-(q @ xb.T), axis=1)[:, :5])
+
+    with ThreadPoolExecutor(2) as pool:
+        for f in [pool.submit(caller, seed) for seed in (1, 2)]:
+            f.result(timeout=60)
+    assert len(want_of) == 24 and all(want_of.values())
+
+
+@needs_kernel
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to narrow to one")
+def test_helpers_stay_within_the_callers_cpus_when_narrowed_after_packing():
+    xb, q = integer_rows(30_000, 8, seed=16), integer_rows(16, 8, seed=17)
+    base = PackedBase.pack(xb)  # made while the process may use every CPU
+    before = os.sched_getaffinity(0)
+    one = min(before)
+    os.sched_setaffinity(0, {one})
+    try:
+        tasks = {t.name for t in Path("/proc/self/task").iterdir()}
+        np.testing.assert_array_equal(base.top(q, 3, 2)[0], -np.sort(-(q @ xb.T), axis=1)[:, :3])
+        helpers = {t.name for t in Path("/proc/self/task").iterdir()} - tasks  # started now
+        assert helpers
+        assert all(os.sched_getaffinity(int(tid)) <= {one} for tid in helpers)
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+@needs_kernel
+def test_queries_of_the_wrong_shape_are_refused():
+    base = PackedBase.pack(integer_rows(12, 8, seed=0))
+    with pytest.raises(ValueError, match=r"queries must be \(Q, 8\)"):
+        base.top(np.arange(8, dtype=np.float32), 2)
+    with pytest.raises(ValueError, match="queries must be"):
+        base.top(np.zeros((16, 7), np.float32), 2)
 
 
 def _search_in_child(base: PackedBase, q: np.ndarray, out) -> None:

@@ -20,6 +20,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -207,9 +208,8 @@ static void start_helpers(Workers* w, int want) {
 }
 
 /* Wait until the helpers in the closed search are done: they are on their last claim, so spin
- * for about one claim, then sleep. A helper just woken is often put on the caller's own CPU
- * by the scheduler, and a caller spinning longer kept it from running: +1.6 ms per search of
- * 20k after 10 ms idle. */
+ * for about one claim, then sleep, so that a helper sharing the caller's CPU (where keep_off
+ * cannot steer it) gets to run. */
 static void wait_for_helpers(Workers* w) {
     int64_t until = now_ns() + WAIT_SPIN_NS;
     for (unsigned spins = 1; spins % 64 || now_ns() < until; spins++) {
@@ -232,10 +232,9 @@ static void run(Workers* w, Job* j) {
     }
     start_helpers(w, want);
     want = want < w->started ? want : w->started;
-    Job* shared = &w->job;
-    shared->xp = j->xp, shared->qp = j->qp, shared->thr = j->thr, shared->hs = j->hs;
-    shared->hr = j->hr, shared->n = j->n, shared->nq = j->nq, shared->k = j->k;
-    shared->d = j->d, shared->ngroups = j->ngroups, shared->threads = want + 1;
+    Job* shared = &w->job; /* no helper reads it until `ticket` below names this search */
+    memcpy(shared, j, sizeof *j);
+    shared->threads = want + 1;
     atomic_store_explicit(&shared->next, 0, memory_order_relaxed);
     if (++w->search == 0) w->search = 1;
     atomic_store_explicit(&w->ticket, (uint64_t)w->search << 32, memory_order_release);

@@ -57,7 +57,16 @@ def embeddings(n: int, seed: int, gap: float = 0.0) -> np.ndarray:
     return out
 
 
+# numpy's OpenBLAS threads busy-wait ~0.1 s (2**28 cycles) after a product before they sleep,
+# holding a CPU: searches timed right after the reference GEMM ran ~40% slower for their first
+# ~100 ms (15-16 ms against 11 ms per 16-query batch at 100k; gone with
+# OPENBLAS_THREAD_TIMEOUT=4). The reference must not slow what it is compared with.
+BLAS_SETTLE_S = 0.3
+
+
 def gemm_gflops() -> float:
+    """The machine's GEMM throughput (best of 5, 4096 x 512 by 512 x 8192 through numpy, whose
+    OpenBLAS is faster here than torch's MKL); returns once BLAS's threads are idle again."""
     a = np.random.default_rng(0).standard_normal((4096, D), dtype=np.float32)
     b = np.random.default_rng(1).standard_normal((D, 8192), dtype=np.float32)
     best = np.inf
@@ -65,6 +74,7 @@ def gemm_gflops() -> float:
         start = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - start)
+    time.sleep(BLAS_SETTLE_S)
     return 2 * 4096 * D * 8192 / best / 1e9
 
 

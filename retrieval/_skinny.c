@@ -14,6 +14,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
@@ -260,36 +261,59 @@ static int too_small(Py_buffer* b, int64_t need, const char* what) {
     return 1;
 }
 
-static int check_sizes(Job* j, Py_buffer* xb, Py_buffer* qb, Py_buffer* sb, Py_buffer* rb) {
-    if (j->d < 1 || j->ngroups < 1 || j->k < 1 || j->n < 0 || j->threads < 1) {
+/* Sizes of a search of nq queries; b: packed base, queries, heap scores and rows (one set of
+ * heaps per thread), result scores and rows. Fills in the job's query groups. */
+static int check_sizes(Job* j, int64_t nq, Py_buffer* b) {
+    if (j->d < 1 || nq < 1 || j->k < 1 || j->n < 0 || j->threads < 1) {
         PyErr_SetString(PyExc_ValueError, "bad sizes");
         return -1;
     }
-    /* Bounds before products, so the size checks below cannot overflow. */
-    if (j->ngroups > (1 << 20) || j->d > (1 << 20) || j->threads > MAX_THREADS ||
-        j->k > ((int64_t)1 << 40) / j->nq / j->threads || j->n > ((int64_t)1 << 50) / j->d) {
+    /* Bounds before products, so the size checks below cannot overflow (nq rounded up to a
+     * whole group is at most 16 nq). */
+    if (nq > (1 << 24) || j->d > (1 << 20) || j->threads > MAX_THREADS ||
+        j->k > ((int64_t)1 << 40) / nq / j->threads / GROUP || j->n > ((int64_t)1 << 50) / j->d) {
         PyErr_SetString(PyExc_ValueError, "sizes out of range");
         return -1;
     }
+    j->ngroups = (int)((nq + GROUP - 1) / GROUP);
+    j->nq = (int64_t)j->ngroups * GROUP;
     int64_t heap = j->threads * j->nq * j->k;
-    if (too_small(xb, (j->n + ROWS - 1) / ROWS * ROWS * (int64_t)j->d * 4, "packed base") ||
-        too_small(qb, j->nq * j->d * 4, "queries") || too_small(sb, heap * 4, "heap scores") ||
-        too_small(rb, heap * 8, "heap rows"))
+    if (too_small(&b[0], (j->n + ROWS - 1) / ROWS * ROWS * (int64_t)j->d * 4, "packed base") ||
+        too_small(&b[1], nq * j->d * 4, "queries") || too_small(&b[2], heap * 4, "heap scores") ||
+        too_small(&b[3], heap * 8, "heap rows") || too_small(&b[4], nq * j->k * 4, "scores") ||
+        too_small(&b[5], nq * j->k * 8, "rows"))
         return -1;
     return 0;
 }
 
-/* topk(packed, n, d, queries, ngroups, k, heap_scores, heap_rows, threads) */
+/* One search with the GIL released: pack the queries, empty every heap, scan, merge the
+ * threads' heaps into each query's k best (in C: in numpy the merge and the packing cost
+ * ~0.14 ms a search, on caches the scan has just flushed). */
+static void search(Workers* w, Job* j, const float* queries, int64_t nq, float* qp, Cand* buf,
+                   float* out_s, int64_t* out_r) {
+    pack_queries(queries, nq, j->d, qp);
+    j->qp = qp;
+    for (int64_t i = 0, heap = j->threads * j->nq * j->k; i < heap; i++) {
+        j->hs[i] = -INFINITY;
+        j->hr[i] = -1;
+    }
+    run(w, j);
+    merge_heaps(j->hs, j->hr, j->threads, j->nq, nq, j->k, buf, out_s, out_r);
+}
+
+/* topk(packed, n, d, queries, nq, k, heap_scores, heap_rows, threads, scores, rows) */
 static PyObject* workers_topk(Workers* w, PyObject* args) {
-    Py_buffer xb, qb, sb, rb;
-    Py_ssize_t n, k;
-    int d, ngroups, threads;
-    if (!PyArg_ParseTuple(args, "y*niy*inw*w*i", &xb, &n, &d, &qb, &ngroups, &k, &sb, &rb,
-                          &threads))
+    Py_buffer b[6];
+    Py_ssize_t n, nq, k;
+    int d, threads;
+    if (!PyArg_ParseTuple(args, "y*niy*nnw*w*iw*w*", &b[0], &n, &d, &b[1], &nq, &k, &b[2], &b[3],
+                          &threads, &b[4], &b[5]))
         return NULL;
     PyObject* result = NULL;
-    Job j = {.xp = xb.buf, .qp = qb.buf, .hs = sb.buf, .hr = rb.buf, .n = n, .k = k, .d = d,
-             .ngroups = ngroups, .threads = threads, .nq = (int64_t)ngroups * GROUP};
+    float* qp = NULL;
+    Cand* buf = NULL;
+    Job j = {.xp = b[0].buf, .hs = b[2].buf, .hr = b[3].buf, .n = n, .k = k, .d = d,
+             .threads = threads};
     if (!w->ready) {
         PyErr_SetString(PyExc_RuntimeError, "Workers was not initialised");
         goto done;
@@ -298,23 +322,24 @@ static PyObject* workers_topk(Workers* w, PyObject* args) {
         PyErr_SetString(PyExc_RuntimeError, "this CPU lacks AVX2/FMA: use the BLAS path");
         goto done;
     }
-    if (check_sizes(&j, &xb, &qb, &sb, &rb)) goto done;
+    if (check_sizes(&j, nq, b)) goto done;
     j.thr = malloc(j.threads * j.nq * sizeof(float));
-    if (!j.thr) {
+    qp = malloc(j.nq * j.d * sizeof(float));
+    buf = malloc(j.threads * j.k * sizeof(Cand));
+    if (!j.thr || !qp || !buf) {
         PyErr_NoMemory();
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS;
-    run(w, &j);
+    search(w, &j, b[1].buf, nq, qp, buf, b[4].buf, b[5].buf);
     Py_END_ALLOW_THREADS;
     result = Py_None;
     Py_INCREF(result);
 done:
     free(j.thr);
-    PyBuffer_Release(&xb);
-    PyBuffer_Release(&qb);
-    PyBuffer_Release(&sb);
-    PyBuffer_Release(&rb);
+    free(qp);
+    free(buf);
+    for (int i = 0; i < 6; i++) PyBuffer_Release(&b[i]);
     return result;
 }
 
@@ -371,9 +396,10 @@ static PyObject* workers_threads(Workers* w, void* closure) {
 
 static PyMethodDef workers_methods[] = {
     {"topk", (PyCFunction)workers_topk, METH_VARARGS,
-     "topk(packed, n, d, queries, ngroups, k, heap_scores, heap_rows, threads): scan every "
-     "row of a packed base into min-heaps of k per query, heap_scores and heap_rows holding "
-     "one set of heaps per thread (see retrieval/packed.py)."},
+     "topk(packed, n, d, queries, nq, k, heap_scores, heap_rows, threads, scores, rows): the "
+     "k best rows of a packed base for each of nq queries (nq, d) into scores and rows (nq, k), "
+     "best first, equal scores by lower row. heap_scores and heap_rows: scratch for one set of "
+     "heaps per thread, (threads, nq rounded up to 16, k); see retrieval/packed.py."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,8 +1,10 @@
 /* The kernel of retrieval/_skinny.c: a 6-row x 16-query register block over a packed base,
- * scanning rows [lo, hi) into per-query min-heaps. Pure C (no Python), included once. */
+ * scanning rows [lo, hi) into per-query min-heaps, with the packing of the queries before a
+ * search and the merge of the threads' heaps after it. Pure C (no Python), included once. */
 #ifndef SKINNY_KERNEL_H
 #define SKINNY_KERNEL_H
 #include <stdint.h>
+#include <stdlib.h>
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define SKINNY_X86 1
@@ -97,6 +99,49 @@ __attribute__((target("avx2,fma"))) static void scan(
     }
 }
 #endif
+
+/* Queries (nq, d) as the kernel reads them: [ceil(nq / 16)][d][16], padded with zero queries
+ * (their heaps are never merged). */
+static void pack_queries(const float* q, int64_t nq, int d, float* qp) {
+    int64_t ngroups = (nq + GROUP - 1) / GROUP;
+    for (int64_t g = 0; g < ngroups; g++)
+        for (int j = 0; j < GROUP; j++) {
+            int64_t i = g * GROUP + j;
+            for (int t = 0; t < d; t++) qp[(g * d + t) * GROUP + j] = i < nq ? q[i * d + t] : 0.0f;
+        }
+}
+
+typedef struct {
+    float s;
+    int64_t r;
+} Cand;
+
+/* Best first, equal scores by lower row, empty heap slots (row -1) last. A total order: the
+ * heaps never hold NaN (a NaN score never passes the `s > k-th best` test) and a filled slot
+ * never holds -inf (the test is strict against the initial -inf). */
+static int cand_order(const void* a, const void* b) {
+    const Cand *x = a, *y = b;
+    if ((x->r < 0) != (y->r < 0)) return x->r < 0 ? 1 : -1;
+    if (x->s != y->s) return x->s > y->s ? -1 : 1;
+    return (x->r > y->r) - (x->r < y->r);
+}
+
+/* Each of the first nq queries' k best over `sets` heap sets [sets][nqp][k], into (nq, k)
+ * scores and rows. `buf` holds sets * k candidates. */
+static void merge_heaps(const float* hs, const int64_t* hr, int sets, int64_t nqp, int64_t nq,
+                        int64_t k, Cand* buf, float* out_s, int64_t* out_r) {
+    for (int64_t q = 0; q < nq; q++) {
+        int64_t m = 0;
+        for (int t = 0; t < sets; t++)
+            for (int64_t i = 0, at = (t * nqp + q) * k; i < k; i++, m++)
+                buf[m] = (Cand){hs[at + i], hr[at + i]};
+        qsort(buf, m, sizeof *buf, cand_order);
+        for (int64_t i = 0; i < k; i++) {
+            out_s[q * k + i] = buf[i].s;
+            out_r[q * k + i] = buf[i].r;
+        }
+    }
+}
 
 static int cpu_ok(void) {
 #ifdef SKINNY_X86

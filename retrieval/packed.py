@@ -79,37 +79,38 @@ class PackedBase:
     def top(self, queries: np.ndarray, k: int, threads: int = 2) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` best rows by inner product for each of ``queries`` (Q, D), k < N.
 
-        Returns scores (Q, k) float32 and rows (Q, k) int64, best first; rows index the
-        packed base. Equal scores come in no particular order: callers break ties.
+        Returns scores (Q, k) float32 and rows (Q, k) int64, best first and equal scores by
+        lower row; rows index the packed base. Which of several rows tied at the k-th score
+        are kept is not defined: callers that need it fetch a few more (`exact.exact_search`).
         """
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be (Q, {self.dim}), not {queries.shape}")
         if not 0 < k < self.n:  # with k >= N, rows -1 would pad the result
             raise ValueError(f"k must be in 1..{self.n - 1} for a base of {self.n} rows, not {k}")
+        if self._workers is None:
+            raise RuntimeError("packed kernel not built or no AVX2/FMA here: search without it")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        threads = max(1, min(threads, self._workers.threads))
         scores = np.empty((len(queries), k), np.float32)
         rows = np.empty((len(queries), k), np.int64)
         for start in range(0, len(queries), CHUNK):
-            chunk = queries[start : start + CHUNK]
-            s, r = self._chunk_top(chunk, k, threads)
-            scores[start : start + len(chunk)], rows[start : start + len(chunk)] = s, r
+            part = slice(start, start + CHUNK)  # one pass over the base per chunk of queries
+            nq = len(queries[part])
+            heaps = (threads, -(-nq // GROUP) * GROUP, k)  # scratch: a set of heaps per thread
+            self._workers.topk(
+                self.blocks,
+                self.n,
+                self.dim,
+                queries[part],
+                nq,
+                k,
+                np.empty(heaps, np.float32),
+                np.empty(heaps, np.int64),
+                threads,
+                scores[part],
+                rows[part],
+            )
         return scores, rows
-
-    def _chunk_top(self, queries: np.ndarray, k: int, threads: int):
-        """One pass over the base for up to `CHUNK` queries, shared between threads."""
-        if self._workers is None:
-            raise RuntimeError("packed kernel not built or no AVX2/FMA here: search without it")
-        groups = -(-len(queries) // GROUP)
-        padded = np.zeros((groups * GROUP, self.dim), np.float32)  # zero queries: discarded
-        padded[: len(queries)] = queries
-        qp = np.ascontiguousarray(padded.reshape(groups, GROUP, -1).transpose(0, 2, 1))
-        threads = max(1, min(threads, self._workers.threads))
-        hs = np.full((threads, groups * GROUP, k), -np.inf, np.float32)  # a heap set per thread
-        hr = np.full((threads, groups * GROUP, k), -1, np.int64)
-        self._workers.topk(self.blocks, self.n, self.dim, qp, groups, k, hs, hr, threads)
-        hs = hs.transpose(1, 0, 2).reshape(groups * GROUP, -1)[: len(queries)]  # (Q, threads*k)
-        hr = hr.transpose(1, 0, 2).reshape(groups * GROUP, -1)[: len(queries)]
-        best = np.argsort(-hs, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(hs, best, 1), np.take_along_axis(hr, best, 1)
 
 
 def _cores() -> int:

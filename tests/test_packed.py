@@ -159,26 +159,34 @@ def test_flat_index_packs_on_first_batch_and_matches_the_unpacked_search():
 def test_bad_buffers_raise_instead_of_reading_past_them():
     base = PackedBase.pack(unit_rows(12, 8, seed=0))
     topk = base._workers.topk
-    qp = np.zeros((1, 8, 16), np.float32)
-    hs, hr = np.full((2, 16, 3), -np.inf, np.float32), np.full((2, 16, 3), -1)
+    q = np.zeros((5, 8), np.float32)
+    hs, hr = np.empty((2, 16, 3), np.float32), np.empty((2, 16, 3), np.int64)
+    s, r = np.empty((5, 3), np.float32), np.empty((5, 3), np.int64)
     with pytest.raises(ValueError, match="packed base"):
-        topk(base.blocks, 13, 8, qp, 1, 3, hs, hr, 2)
+        topk(base.blocks, 13, 8, q, 5, 3, hs, hr, 2, s, r)
     with pytest.raises(ValueError, match="heap rows"):
-        topk(base.blocks, 12, 8, qp, 1, 3, hs, hr[:1].copy(), 2)  # one thread's heaps, not two
+        topk(base.blocks, 12, 8, q, 5, 3, hs, hr[:1].copy(), 2, s, r)  # one set, not two
     with pytest.raises(ValueError, match="queries"):
-        topk(base.blocks, 12, 8, qp, 2, 3, hs, hr, 1)
-    with pytest.raises(ValueError, match="bad sizes"):
-        topk(base.blocks, 12, 8, qp, 1, 3, hs, hr, 0)
+        topk(base.blocks, 12, 8, q, 6, 3, hs, hr, 1, s, r)
+    with pytest.raises(ValueError, match="heap scores"):
+        topk(base.blocks, 12, 8, np.zeros((17, 8), np.float32), 17, 3, hs, hr, 2, s, r)
+    with pytest.raises(ValueError, match="scores"):
+        topk(base.blocks, 12, 8, q, 5, 3, hs, hr, 1, s[:4].copy(), r)
+    with pytest.raises(ValueError, match="rows"):
+        topk(base.blocks, 12, 8, q, 5, 3, hs, hr, 1, s, r[:4].copy())
+    for nq, threads in ((5, 0), (0, 1)):
+        with pytest.raises(ValueError, match="bad sizes"):
+            topk(base.blocks, 12, 8, q, nq, 3, hs, hr, threads, s, r)
     with pytest.raises(ValueError, match="out of range"):  # sizes whose products would overflow
-        topk(base.blocks, 12, 8, qp, 1, 2**60, hs, hr, 1)
+        topk(base.blocks, 12, 8, q, 5, 2**60, hs, hr, 1, s, r)
     with pytest.raises(ValueError, match="float32"):
         PackedBase(base.blocks.astype(np.float64), 12)
     with pytest.raises(ValueError, match="cannot hold"):
         PackedBase(base.blocks, 13)
-    frozen = hs.copy()
+    frozen = s.copy()
     frozen.flags.writeable = False
     with pytest.raises(TypeError):
-        topk(base.blocks, 12, 8, qp, 1, 3, frozen, hr, 1)
+        topk(base.blocks, 12, 8, q, 5, 3, hs, hr, 1, frozen, r)
     with pytest.raises(ValueError, match="threads"):
         packed._skinny.Workers(0)
     with pytest.raises(ValueError, match="threads"):
@@ -186,12 +194,12 @@ def test_bad_buffers_raise_instead_of_reading_past_them():
 
 
 def _heap_sets(base: PackedBase, workers, q: np.ndarray, k: int, sets: int, threads: int):
-    """Call the C search directly: (sets, 16, k) heap scores and rows, one set per thread."""
-    qp = np.ascontiguousarray(q.reshape(1, 16, -1).transpose(0, 2, 1))
-    hs = np.full((sets, 16, k), -np.inf, np.float32)
-    hr = np.full((sets, 16, k), -1, np.int64)
-    workers.topk(base.blocks, base.n, base.dim, qp, 1, k, hs, hr, threads)
-    return hs, hr
+    """Call the C search directly for 16 queries: the (sets, 16, k) heap scores and rows it
+    leaves behind, one set per thread (scratch the caller hands it), and the merged result."""
+    hs, hr = np.full((sets, 16, k), 7.0, np.float32), np.full((sets, 16, k), 7, np.int64)
+    scores, rows = np.empty((16, k), np.float32), np.empty((16, k), np.int64)
+    workers.topk(base.blocks, base.n, base.dim, q, 16, k, hs, hr, threads, scores, rows)
+    return hs, hr, scores, rows
 
 
 @needs_kernel
@@ -202,8 +210,9 @@ def test_a_search_uses_no_more_heap_sets_than_threads_asked_for(threads):
     xb, q = integer_rows(20_000, 8, seed=11), integer_rows(16, 8, seed=12)
     base, workers = PackedBase.pack(xb), packed._skinny.Workers(4)
     _heap_sets(base, workers, q, 6, 4, 4)  # all three helpers started, and spinning
-    hs, hr = _heap_sets(base, workers, q, 6, 4, threads)
-    assert (hr[threads:] == -1).all() and np.isneginf(hs[threads:]).all()
+    hs, hr, scores_out, rows_out = _heap_sets(base, workers, q, 6, 4, threads)
+    # Sets past `threads` are left as they were: no helper beyond the search wrote there.
+    assert (hr[threads:] == 7).all() and (hs[threads:] == 7.0).all()
     rows = hr[:threads].transpose(1, 0, 2).reshape(16, -1)
     scores = hs[:threads].transpose(1, 0, 2).reshape(16, -1)
     want = -np.sort(-(q @ xb.T), axis=1)[:, :6]
@@ -211,6 +220,12 @@ def test_a_search_uses_no_more_heap_sets_than_threads_asked_for(threads):
     for r in rows:
         real = r[r >= 0]
         assert len(set(real.tolist())) == len(real)
+    # Merged in C: the k best scores, each its row's own, equal scores by lower row.
+    full = q @ xb.T
+    np.testing.assert_array_equal(scores_out, want)
+    np.testing.assert_array_equal(np.take_along_axis(full, rows_out, 1), scores_out)
+    for s, r in zip(scores_out, rows_out, strict=True):
+        assert np.lexsort((r, -s)).tolist() == list(range(6))
 
 
 @needs_kernel

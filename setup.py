@@ -14,7 +14,7 @@ setup(
         Extension(
             "retrieval._skinny",
             ["retrieval/_skinny.c"],
-            depends=["retrieval/_skinny_kernel.h"],
+            depends=["retrieval/_skinny_kernel.h", "retrieval/_skinny_workers.h"],
             extra_compile_args=flags,
             optional=True,
         )

@@ -3,6 +3,7 @@
  * search and the merge of the threads' heaps after it. Pure C (no Python), included once. */
 #ifndef SKINNY_KERNEL_H
 #define SKINNY_KERNEL_H
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -116,29 +117,28 @@ typedef struct {
     int64_t r;
 } Cand;
 
-/* Best first, equal scores by lower row, empty heap slots (row -1) last. A total order: the
- * heaps never hold NaN (a NaN score never passes the `s > k-th best` test) and a filled slot
- * never holds -inf (the test is strict against the initial -inf). */
+/* Best first, equal scores by lower row: a total order on filled heap slots, which never hold
+ * NaN (a NaN score never passes the strict `s > k-th best` test) and hold each row once. */
 static int cand_order(const void* a, const void* b) {
     const Cand *x = a, *y = b;
-    if ((x->r < 0) != (y->r < 0)) return x->r < 0 ? 1 : -1;
     if (x->s != y->s) return x->s > y->s ? -1 : 1;
     return (x->r > y->r) - (x->r < y->r);
 }
 
 /* Each of the first nq queries' k best over `sets` heap sets [sets][nqp][k], into (nq, k)
- * scores and rows. `buf` holds sets * k candidates. */
+ * scores and rows, padded with (-inf, -1) if fewer were found. Empty slots (the sets of
+ * threads that did not take part) are left out of the sort. `buf` holds sets * k candidates. */
 static void merge_heaps(const float* hs, const int64_t* hr, int sets, int64_t nqp, int64_t nq,
                         int64_t k, Cand* buf, float* out_s, int64_t* out_r) {
     for (int64_t q = 0; q < nq; q++) {
         int64_t m = 0;
         for (int t = 0; t < sets; t++)
-            for (int64_t i = 0, at = (t * nqp + q) * k; i < k; i++, m++)
-                buf[m] = (Cand){hs[at + i], hr[at + i]};
+            for (int64_t i = 0, at = (t * nqp + q) * k; i < k; i++)
+                if (hr[at + i] >= 0) buf[m++] = (Cand){hs[at + i], hr[at + i]};
         qsort(buf, m, sizeof *buf, cand_order);
         for (int64_t i = 0; i < k; i++) {
-            out_s[q * k + i] = buf[i].s;
-            out_r[q * k + i] = buf[i].r;
+            out_s[q * k + i] = i < m ? buf[i].s : -INFINITY;
+            out_r[q * k + i] = i < m ? buf[i].r : -1;
         }
     }
 }

@@ -244,6 +244,8 @@ class VectorIndex:
         queries = _check(queries)
         if queries.shape[1] != self._dim:
             raise ValueError(f"query dim {queries.shape[1]} != index dim {self._dim}")
+        if not np.isfinite(queries).all():  # NaN scores never enter a top-k: rows would be lost
+            raise ValueError("queries hold NaN or infinite values")
         if allowed is None and self._flat is None and not len(self._dead) and 0 < k <= self._ntotal:
             # The common ANN case, kept lean: at ~0.1 ms a query, Python's own steps show.
             scores, labels = self._searcher.search(queries, k)

@@ -89,13 +89,15 @@ class PackedBase:
             raise ValueError(f"k must be in 1..{self.n - 1} for a base of {self.n} rows, not {k}")
         if self._workers is None:
             raise RuntimeError("packed kernel not built or no AVX2/FMA here: search without it")
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        # Aligned too: a contiguous view at an odd byte offset is not copied by
+        # ascontiguousarray, and C reads the queries as floats.
+        queries = np.require(queries, np.float32, ["C_CONTIGUOUS", "ALIGNED"])
         threads = max(1, min(threads, self._workers.threads))
         scores = np.empty((len(queries), k), np.float32)
         rows = np.empty((len(queries), k), np.int64)
         for start in range(0, len(queries), CHUNK):
             part = slice(start, start + CHUNK)  # one pass over the base per chunk of queries
-            nq = len(queries[part])
+            nq = min(CHUNK, len(queries) - start)
             heaps = (threads, -(-nq // GROUP) * GROUP, k)  # scratch: a set of heaps per thread
             self._workers.topk(
                 self.blocks,

@@ -169,3 +169,14 @@ def test_memory_mapped_indexes_answer_like_loaded_ones(tmp_path, factory):
         VectorIndex.load(tmp_path / "e.faiss", "Flat", mmap=True).search(q[:1, :8], 3)[0].ids.size
         == 0
     )
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("nq", [1, 16])
+def test_queries_with_nan_or_inf_are_refused(bad, nq):
+    # A NaN score never enters a top-k: such a query would come back short, or with padding.
+    index = VectorIndex.build(unit_rows(9_000, 8, seed=1), np.arange(9_000), "Flat")
+    q = unit_rows(nq, 8, seed=2)
+    q[-1, 3] = bad
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        index.search(q, 5)

@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 
 from . import packed
-from .errors import IndexBuildError
+from .errors import IndexBuildError, SearchError
 from .exact import TILED_MIN_QUERIES, Neighbors, exact_search
 
 log = logging.getLogger(__name__)
@@ -245,7 +245,7 @@ class VectorIndex:
         if queries.shape[1] != self._dim:
             raise ValueError(f"query dim {queries.shape[1]} != index dim {self._dim}")
         if not np.isfinite(queries).all():  # NaN scores never enter a top-k: rows would be lost
-            raise ValueError("queries hold NaN or infinite values")
+            raise SearchError("queries hold NaN or infinite values")
         if allowed is None and self._flat is None and not len(self._dead) and 0 < k <= self._ntotal:
             # The common ANN case, kept lean: at ~0.1 ms a query, Python's own steps show.
             scores, labels = self._searcher.search(queries, k)

@@ -8,7 +8,7 @@ scores in registers, with the top-k kept in a heap per query as it goes (no scor
 Each base has its own helper threads in C (`_skinny.Workers`), which take rows alongside the
 calling thread with the GIL released and spin for 2 ms after a search, so back-to-back searches
 do not pay for waking them (and a search never waits for one that is slow to wake). That
-reaches a median 85-92% of GEMM at 16 queries and 98-106% at 64 (benchmarks/README.md). The
+reaches a median 84-92% of GEMM at 16 queries and 98-106% at 64 (benchmarks/README.md). The
 packed copy costs as much memory as the vectors themselves, so indexes make it on their first
 batched search.
 

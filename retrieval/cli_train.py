@@ -199,7 +199,7 @@ def bench(
 @click.option("--fp32", is_flag=True, help="Keep float32 weights (default: float16).")
 def export(src, dst, fp32):
     """Write the model weights of checkpoint SRC to DST (no optimizer state; fp16)."""
-    from .train import export_checkpoint
+    from .checkpoints import export_checkpoint
 
     out = export_checkpoint(src, dst, half=not fp32)
     click.echo(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")

@@ -197,6 +197,14 @@ class Encoder:
     @staticmethod
     def _finish(features: torch.Tensor) -> np.ndarray:
         out = F.normalize(features.float(), dim=-1).cpu().numpy()
+        # A NaN row would be indexed yet never found, and a NaN query finds nothing: refuse both
+        # here, where every embedding leaves the model, rather than in each consumer.
+        finite = np.isfinite(out).all(axis=1)
+        if not finite.all():
+            raise EncoderError(
+                f"the model gave NaN or infinite embeddings for {int((~finite).sum())} of "
+                f"{len(out)} inputs: its weights are corrupt or its training diverged"
+            )
         return np.ascontiguousarray(out, dtype=np.float32)
 
     def too_long(self, texts: Sequence[str]) -> list[bool]:

@@ -18,6 +18,10 @@ class EncoderError(RetrievalError, RuntimeError):
     """A model that cannot be loaded (unknown name, missing file, weights not downloadable)."""
 
 
+class TrainError(RetrievalError):
+    """Training cannot start or go on (no usable pairs, nothing to resume, a NaN loss)."""
+
+
 class IndexBuildError(RetrievalError, ValueError):
     """An index that cannot be built as asked (bad factory string, nothing left to index)."""
 

@@ -40,7 +40,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__, images, webdataset
-from .errors import SearchError
+from .errors import EncoderError, SearchError
 from .query import STRATEGIES
 from .search import DEFAULT_MIX, DEFAULT_STRATEGY, Query, Searcher
 
@@ -112,6 +112,9 @@ def create_app(searcher: Searcher, config: ServeConfig = ServeConfig()) -> FastA
             out = await run_in_threadpool(_run_search, current(), lock, req, raw, config)
         except SearchError as e:
             raise ApiError(400, str(e)) from None
+        except EncoderError as e:  # the server's model is at fault, not the request
+            log.error("search failed: %s", e)
+            raise ApiError(500, f"the server's model cannot encode this query: {e}") from None
         for r in out["results"]:
             r["image_url"] = _image_url(r["id"])
         if req.image_id is not None:

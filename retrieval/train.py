@@ -9,21 +9,18 @@ Each epoch visits every training image once, in an order drawn from (seed, epoch
 its captions drawn the same way: a batch never holds the same image twice, and a resumed run
 sees exactly the batches an uninterrupted one would.
 
-Output folder: ``checkpoints/epoch_N.pt`` (open_clip-compatible: ``{"epoch", "name",
-"state_dict"}``) with ``epoch_N.state.pt`` beside it (optimizer, scheduler, step), ``best.pt``
-(best mean validation recall), ``latest.pt``, ``metrics.jsonl``, ``config.json``, ``cache/``.
+Output folder: see `retrieval.checkpoints` (``best.pt`` is the best mean validation recall),
+plus ``cache/`` (the decoded training pixels). A loss that turns NaN or infinite stops the run
+before the step reaches the weights, so the checkpoints already saved stay usable.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import os
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +28,10 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from .checkpoints import fresh, log_metrics, resume, save, score
 from .data import ReadOptions, read_corpus, unique_records
 from .encoder import Encoder, ModelSpec, default_workers
-from .errors import RetrievalError
+from .errors import TrainError
 from .gradcache import contrastive_step
 from .loss import clamp_logit_scale
 from .trainset import TrainSet, load_trainset, split_records
@@ -41,10 +39,6 @@ from .world import World
 from .world import join as join_world
 
 log = logging.getLogger(__name__)
-
-
-class TrainError(RetrievalError):
-    """Training cannot start or go on (no usable pairs, nothing to resume, bad options)."""
 
 
 @dataclass(frozen=True)
@@ -145,7 +139,10 @@ def train(corpus: str | Path, out: str | Path, config: TrainConfig | None = None
     epochs = math.ceil(total / steps_per_epoch)
     optimizer = _adamw(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, config.warmup))
-    state = _resume(out, model, optimizer, scheduler) if config.resume else _fresh(out, config)
+    if config.resume:
+        state = resume(out, model, optimizer, scheduler, config.lr)
+    else:
+        state = fresh(out, config)
     ddp = _wrap(model, world, device)
     history, speed = list(state["history"]), []
     for epoch in range(state["epoch"] + 1, epochs + 1):
@@ -160,11 +157,11 @@ def train(corpus: str | Path, out: str | Path, config: TrainConfig | None = None
                 row |= val_set.evaluate(model, encoder.device)
             history.append(row)
             last = step >= total or epoch == epochs
-            better = val_set is not None and _score(row) > state["best"]
+            better = val_set is not None and score(row) > state["best"]
             if last or better or epoch % config.save_every == 0:
-                state["best"] = _save(out, model, optimizer, scheduler, state, history, config)
+                state["best"] = save(out, model, optimizer, scheduler, state, history, config)
             else:
-                _log_metrics(out, row)
+                log_metrics(out, row)
         if world.size > 1:
             dist.barrier()
         if step >= total:
@@ -284,6 +281,7 @@ def _run_epoch(
             autocast,
             scaler.scale if scaler else (lambda x: x),
         )
+        _check_finite(loss, step, epoch)
         _optimizer_step(model, optimizer, scaler, config.grad_clip)
         scheduler.step()
         clamp_logit_scale(model.logit_scale)
@@ -298,6 +296,20 @@ def _run_epoch(
     return step, seen / max(time.perf_counter() - start, 1e-9)
 
 
+def _check_finite(loss: float, step: int, epoch: int) -> None:
+    """Stop before a NaN/inf step reaches the weights, so the checkpoints already saved stay good.
+
+    Every process stops together: a non-finite feature anywhere reaches every process's
+    softmax through the all-gather, and gradients are all-reduced.
+    """
+    if not math.isfinite(loss):
+        raise TrainError(
+            f"training diverged: the loss became {loss} at step {step + 1} (epoch {epoch}); the "
+            "checkpoints saved before it are unchanged: --resume with --grad-clip, or start a new "
+            "run from --pretrained OUT/checkpoints/latest.pt with a lower --lr"
+        )
+
+
 def _optimizer_step(model, optimizer, scaler, grad_clip: float | None) -> None:
     if scaler is not None:
         scaler.unscale_(optimizer)
@@ -310,95 +322,3 @@ def _optimizer_step(model, optimizer, scaler, grad_clip: float | None) -> None:
         scaler.update()
     else:
         optimizer.step()
-
-
-def _fresh(out: Path, config: TrainConfig) -> dict:
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    cfg = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
-    (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
-    return {"epoch": 0, "step": 0, "best": -1.0, "history": []}
-
-
-def _resume(out: Path, model, optimizer, scheduler) -> dict:
-    latest = out / "checkpoints" / "latest.pt"
-    if not latest.is_file():
-        raise TrainError(f"nothing to resume: no {latest}")
-    ckpt = torch.load(latest, map_location="cpu", weights_only=True)
-    model.load_state_dict(ckpt["state_dict"])
-    state = torch.load(latest.with_suffix(".state.pt"), map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    return {k: state[k] for k in ("epoch", "step", "best", "history")}
-
-
-def _save(out: Path, model, optimizer, scheduler, state: dict, history, config) -> float:
-    """Write epoch N's checkpoint pair, point latest at it, and keep best; return best score."""
-    ckpt = out / "checkpoints"
-    epoch = state["epoch"]
-    name = ckpt / f"epoch_{epoch}.pt"
-    _atomic_save(
-        {"epoch": epoch, "name": config.model.name, "state_dict": model.state_dict()}, name
-    )
-    _atomic_save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch,
-            "step": state["step"],
-            "best": state["best"],
-            "history": history,
-        },
-        name.with_suffix(".state.pt"),
-    )
-    for src, dst in ((name, "latest.pt"), (name.with_suffix(".state.pt"), "latest.state.pt")):
-        _atomic_copy(src, ckpt / dst)
-    _log_metrics(out, history[-1])
-    score = _score(history[-1])
-    if score > state["best"]:
-        _atomic_copy(name, ckpt / "best.pt")
-        return score
-    return state["best"]
-
-
-def _log_metrics(out: Path, row: dict) -> None:
-    with (out / "metrics.jsonl").open("a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _score(row: dict) -> float:
-    recalls = [v for k, v in row.items() if "recall@" in k]
-    return float(np.mean(recalls)) if recalls else float(row["epoch"])  # no val: newest wins
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
-def _atomic_copy(src: Path, dst: Path) -> None:
-    """``dst`` becomes ``src``'s content atomically: a hard link (no copy) where possible."""
-    tmp = dst.with_suffix(dst.suffix + ".tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:  # a filesystem without hard links
-        shutil.copyfile(src, tmp)
-    tmp.replace(dst)
-
-
-def export_checkpoint(src: Path, dst: Path, half: bool = True) -> Path:
-    """Write model weights only (no optimizer), fp16 by default: half the size, same format.
-
-    open_clip loads fp16 tensors into an fp32 model by copying, so the file stays loadable
-    by ``open_clip.create_model_and_transforms(name, pretrained=dst)``.
-    """
-    ckpt = torch.load(src, map_location="cpu", weights_only=True)
-    state = ckpt.get("state_dict", ckpt)
-    state = {
-        k.removeprefix("module."): (v.half() if half and v.is_floating_point() else v)
-        for k, v in state.items()
-    }
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_save({"epoch": ckpt.get("epoch"), "name": ckpt.get("name"), "state_dict": state}, dst)
-    return dst

@@ -62,6 +62,22 @@ def test_config_json_path_and_local_checkpoint(tmp_path, encoder):
     open_clip.create_model_and_transforms("my-arch", pretrained=str(ckpt))
 
 
+def test_nan_weights_are_refused_where_embeddings_leave_the_model(tmp_path, encoder, synth_corpus):
+    state = {k: v.clone() for k, v in encoder.model.state_dict().items()}
+    state["visual.proj"].fill_(float("nan"))  # the image tower only: texts still encode
+    ckpt = tmp_path / "nan.pt"
+    torch.save({"state_dict": state}, ckpt)
+    broken = Encoder.load(ModelSpec("tiny-vit", str(ckpt)), device="cpu")
+    check_contract(broken.encode_texts(["a red circle"]), 1, broken.dim)
+    paths = sorted((synth_corpus.parent / "images").glob("*.png"))[:3]
+    with pytest.raises(EncoderError, match="NaN or infinite embeddings for 3 of 3 inputs"):
+        broken.encode_image_files(paths, workers=0)
+    state["text_projection"].fill_(float("inf"))
+    torch.save({"state_dict": state}, ckpt)
+    with pytest.raises(EncoderError, match="weights are corrupt or its training diverged"):
+        Encoder.load(ModelSpec("tiny-vit", str(ckpt)), device="cpu")
+
+
 def test_unknown_model_and_unknown_tag_are_one_sentence_errors():
     with pytest.raises(EncoderError, match="unknown model 'nope'"):
         Encoder.load(ModelSpec("nope"))

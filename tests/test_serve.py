@@ -8,11 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import write_image
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from retrieval.build import BuildConfig, build
+from retrieval.encoder import Encoder, ModelSpec
 from retrieval.search import Query, Searcher
 from retrieval.serve import ServeConfig, create_app
 
@@ -118,6 +120,20 @@ def test_search_by_an_indexed_items_image(client, searcher):
     want = searcher.search(Query(image=searcher.store.item(item_id)["path"]), k=3)
     assert [x["id"] for x in out["results"]] == [x["id"] for x in want["results"]]
     assert out["query"] == {"image_id": item_id}
+
+
+def test_a_model_that_cannot_encode_the_query_gives_a_json_500(searcher):
+    broken = Encoder.load(ModelSpec("tiny-vit"), device="cpu")
+    with torch.no_grad():
+        broken.model.visual.proj.fill_(float("nan"))  # texts still encode; images do not
+    with (
+        Searcher.open("web", searcher.link.parent, encoder=broken) as s,
+        TestClient(create_app(s)) as c,
+    ):
+        assert c.post("/search", json={"text": QUERY}).status_code == 200
+        r = c.post("/search", files={"image": ("q.png", png_bytes(), "image/png")})
+    assert r.status_code == 500
+    assert "cannot encode this query: the model gave NaN" in r.json()["error"]
 
 
 def test_items_and_their_images(client, searcher):

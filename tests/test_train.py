@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from retrieval import synthetic
 from retrieval.build import BuildConfig, build
 from retrieval.cli import main
 from retrieval.encoder import Encoder, ModelSpec
+from retrieval.errors import TrainError
 from retrieval.gradcache import contrastive_step
 from retrieval.train import TrainConfig, epoch_batches, lr_lambda, param_groups, train
 
@@ -194,6 +196,44 @@ def test_checkpoint_is_open_clip_compatible_and_builds_an_index(
     )
     manifest = json.loads((report.path / "manifest.json").read_text())
     assert manifest["checkpoint_sha256"] and report.items == 56
+
+
+def test_divergence_stops_before_the_weights_and_keeps_saved_checkpoints(
+    small_corpus, micro_config, tmp_path, caplog
+):
+    # lr 1e3 here: epoch 1 (3 steps) stays finite, then the loss turns NaN.
+    with pytest.raises(TrainError, match="diverged: the loss became nan") as err:
+        run_train(small_corpus, tmp_path, micro_config, epochs=4, lr=1e3, warmup=0)
+    failed = int(str(err.value).split("(epoch ")[1].split(")")[0])
+    assert failed >= 2, "diverged in epoch 1: nothing saved to check"
+    ckpt = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpt.glob("epoch_*[0-9].pt")) == [
+        f"epoch_{e}.pt" for e in range(1, failed)
+    ]
+    latest = torch.load(ckpt / "latest.pt", weights_only=True)
+    assert latest["epoch"] == failed - 1
+    assert all(torch.isfinite(v).all() for v in latest["state_dict"].values())
+    spec = ModelSpec(str(micro_config), str(ckpt / "latest.pt"))
+    assert np.isfinite(Encoder.load(spec, device="cpu").encode_texts(["a red circle"])).all()
+    # --resume keeps the run's schedule (so it diverges again here) and says --lr is not applied.
+    with caplog.at_level(logging.WARNING), pytest.raises(TrainError, match="diverged"):
+        run_train(small_corpus, tmp_path, micro_config, epochs=4, lr=1e-4, warmup=0, resume=True)
+    assert "own learning rate 1000: --lr 0.0001 applies to new runs only" in caplog.text
+    # The command line says it in one line.
+    args = ["train", str(small_corpus), "--out", str(tmp_path / "cli"), "--model"]
+    args += [
+        str(micro_config),
+        "--lr",
+        "1e6",
+        "--batch-size",
+        "16",
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "diverged: the loss became nan at step" in result.output
 
 
 def test_locked_towers_do_not_move(small_corpus, micro_config, tmp_path):

@@ -1,0 +1,128 @@
+"""A training run's folder on disk: its checkpoints, metrics log and config, written atomically.
+
+``checkpoints/epoch_N.pt`` (open_clip-compatible: ``{"epoch", "name", "state_dict"}``) with
+``epoch_N.state.pt`` beside it (optimizer, scheduler, step, best score, history); ``latest.pt``
+and ``best.pt`` are hard links (or copies) of an epoch's file; ``metrics.jsonl`` has one row per
+epoch; ``config.json`` the run's settings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import TrainError
+
+log = logging.getLogger(__name__)
+
+
+def fresh(out: Path, config) -> dict:
+    """Start a run folder: write ``config`` (a TrainConfig) and return the state of step 0."""
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    cfg = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    return {"epoch": 0, "step": 0, "best": -1.0, "history": []}
+
+
+def resume(out: Path, model, optimizer, scheduler, lr: float) -> dict:
+    """Load ``latest`` into the model, optimizer and scheduler; return the saved state.
+
+    The saved schedule wins, so that a resumed run ends where an uninterrupted one would;
+    a different ``lr`` asked for now is reported, not applied.
+    """
+    latest = out / "checkpoints" / "latest.pt"
+    if not latest.is_file():
+        raise TrainError(f"nothing to resume: no {latest}")
+    ckpt = torch.load(latest, map_location="cpu", weights_only=True)
+    model.load_state_dict(ckpt["state_dict"])
+    state = torch.load(latest.with_suffix(".state.pt"), map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if not math.isclose(saved := scheduler.base_lrs[0], lr):
+        log.warning(
+            "resuming with the run's own learning rate %g: --lr %g applies to new runs only "
+            "(start one from --pretrained %s to change it)",
+            saved,
+            lr,
+            latest,
+        )
+    return {k: state[k] for k in ("epoch", "step", "best", "history")}
+
+
+def save(out: Path, model, optimizer, scheduler, state: dict, history, config) -> float:
+    """Write epoch N's checkpoint pair, point latest at it, and keep best; return best score."""
+    ckpt = out / "checkpoints"
+    epoch = state["epoch"]
+    name = ckpt / f"epoch_{epoch}.pt"
+    atomic_save({"epoch": epoch, "name": config.model.name, "state_dict": model.state_dict()}, name)
+    atomic_save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "step": state["step"],
+            "best": state["best"],
+            "history": history,
+        },
+        name.with_suffix(".state.pt"),
+    )
+    for src, dst in ((name, "latest.pt"), (name.with_suffix(".state.pt"), "latest.state.pt")):
+        atomic_copy(src, ckpt / dst)
+    log_metrics(out, history[-1])
+    new = score(history[-1])
+    if new > state["best"]:
+        atomic_copy(name, ckpt / "best.pt")
+        return new
+    return state["best"]
+
+
+def log_metrics(out: Path, row: dict) -> None:
+    with (out / "metrics.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def score(row: dict) -> float:
+    recalls = [v for k, v in row.items() if "recall@" in k]
+    return float(np.mean(recalls)) if recalls else float(row["epoch"])  # no val: newest wins
+
+
+def atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def atomic_copy(src: Path, dst: Path) -> None:
+    """``dst`` becomes ``src``'s content atomically: a hard link (no copy) where possible."""
+    tmp = dst.with_suffix(dst.suffix + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:  # a filesystem without hard links
+        shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+
+
+def export_checkpoint(src: Path, dst: Path, half: bool = True) -> Path:
+    """Write model weights only (no optimizer), fp16 by default: half the size, same format.
+
+    open_clip loads fp16 tensors into an fp32 model by copying, so the file stays loadable
+    by ``open_clip.create_model_and_transforms(name, pretrained=dst)``.
+    """
+    ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    state = ckpt.get("state_dict", ckpt)
+    state = {
+        k.removeprefix("module."): (v.half() if half and v.is_floating_point() else v)
+        for k, v in state.items()
+    }
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save({"epoch": ckpt.get("epoch"), "name": ckpt.get("name"), "state_dict": state}, dst)
+    return dst

@@ -15,16 +15,30 @@ import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .errors import TrainError
 
+if TYPE_CHECKING:
+    from .train import TrainConfig
+
 log = logging.getLogger(__name__)
 
 
-def fresh(out: Path, config) -> dict:
+def check_new(out: Path) -> None:
+    """Refuse to start a new run where one already is: its checkpoints would be overwritten."""
+    found = sorted((out / "checkpoints").glob("*.pt"))
+    if found:
+        raise TrainError(
+            f"{out} already holds a training run ({len(found)} checkpoint files): --resume "
+            "continues it; give another --out for a new run"
+        )
+
+
+def fresh(out: Path, config: TrainConfig) -> dict:
     """Start a run folder: write ``config`` (a TrainConfig) and return the state of step 0."""
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     cfg = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
@@ -32,11 +46,11 @@ def fresh(out: Path, config) -> dict:
     return {"epoch": 0, "step": 0, "best": -1.0, "history": []}
 
 
-def resume(out: Path, model, optimizer, scheduler, lr: float) -> dict:
+def resume(out: Path, model, optimizer, scheduler, lr: float | None) -> dict:
     """Load ``latest`` into the model, optimizer and scheduler; return the saved state.
 
     The saved schedule wins, so that a resumed run ends where an uninterrupted one would;
-    a different ``lr`` asked for now is reported, not applied.
+    a different ``lr`` asked for now (None: none asked for) is reported, not applied.
     """
     latest = out / "checkpoints" / "latest.pt"
     if not latest.is_file():
@@ -46,7 +60,7 @@ def resume(out: Path, model, optimizer, scheduler, lr: float) -> dict:
     state = torch.load(latest.with_suffix(".state.pt"), map_location="cpu", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    if not math.isclose(saved := scheduler.base_lrs[0], lr):
+    if lr is not None and not math.isclose(saved := scheduler.base_lrs[0], lr):
         log.warning(
             "resuming with the run's own learning rate %g: --lr %g applies to new runs only "
             "(start one from --pretrained %s to change it)",
@@ -81,6 +95,17 @@ def save(out: Path, model, optimizer, scheduler, state: dict, history, config) -
     if new > state["best"]:
         atomic_copy(name, ckpt / "best.pt")
         return new
+    return state["best"]
+
+
+def end_epoch(out: Path, parts, state: dict, history: list, config: TrainConfig, last: bool):
+    """Save the epoch just finished when it is the last, a new best or due (``save_every``),
+    else only log its row; return the best score. ``parts``: (model, optimizer, scheduler)."""
+    validated = any("recall@" in k for k in history[-1])
+    better = validated and score(history[-1]) > state["best"]
+    if last or better or state["epoch"] % config.save_every == 0:
+        return save(out, *parts, state, history, config)
+    log_metrics(out, history[-1])
     return state["best"]
 
 

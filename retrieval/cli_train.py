@@ -42,7 +42,12 @@ def commands() -> None:
     show_default=True,
     help="Micro-batches per optimizer step, all in one contrastive loss.",
 )
-@click.option("--lr", default=5e-4, show_default=True)
+@click.option(
+    "--lr",
+    type=float,
+    default=None,
+    help="Peak learning rate.  [default: 5e-4; with --resume, the run's own]",
+)
 @click.option("--wd", default=0.1, show_default=True, help="Weight decay (not on gains/biases).")
 @click.option("--warmup", default=50, show_default=True, help="Warm-up steps before cosine decay.")
 @click.option("--grad-clip", type=float, default=None, help="Clip the gradient norm to this.")

@@ -202,8 +202,9 @@ class Encoder:
         finite = np.isfinite(out).all(axis=1)
         if not finite.all():
             raise EncoderError(
-                f"the model gave NaN or infinite embeddings for {int((~finite).sum())} of "
-                f"{len(out)} inputs: its weights are corrupt or its training diverged"
+                f"the model gave NaN or infinite embeddings ({int((~finite).sum())} of a batch "
+                f"of {len(out)}): its weights are corrupt, its training diverged, or half "
+                "precision overflowed"
             )
         return np.ascontiguousarray(out, dtype=np.float32)
 

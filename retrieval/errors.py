@@ -15,7 +15,8 @@ class CorpusError(RetrievalError, ValueError):
 
 
 class EncoderError(RetrievalError, RuntimeError):
-    """A model that cannot be loaded (unknown name, missing file, weights not downloadable)."""
+    """A model that cannot be loaded (unknown name, missing file, weights not downloadable) or
+    that gives NaN/inf embeddings."""
 
 
 class TrainError(RetrievalError):

@@ -108,13 +108,8 @@ def create_app(searcher: Searcher, config: ServeConfig = ServeConfig()) -> FastA
         fields, raw = await _read_query(request, config.max_upload_bytes)
         req = _validate(fields, config.max_k)
 
-        try:  # in a thread: decoding and the model must not hold up the event loop
-            out = await run_in_threadpool(_run_search, current(), lock, req, raw, config)
-        except SearchError as e:
-            raise ApiError(400, str(e)) from None
-        except EncoderError as e:  # the server's model is at fault, not the request
-            log.error("search failed: %s", e)
-            raise ApiError(500, f"the server's model cannot encode this query: {e}") from None
+        # In a thread: decoding and the model must not hold up the event loop.
+        out = await run_in_threadpool(_run_search, current(), lock, req, raw, config)
         for r in out["results"]:
             r["image_url"] = _image_url(r["id"])
         if req.image_id is not None:
@@ -170,17 +165,18 @@ def _image_response(searcher: Searcher, item_id: str, size: int | None, max_pixe
 def _run_search(
     searcher: Searcher, lock: threading.Lock, req: SearchRequest, raw: bytes | None, config
 ) -> dict[str, Any]:
-    query = _query(searcher, req, raw, config.max_pixels)
-    with lock:
-        return searcher.search(
-            query,
-            k=req.k,
-            target=req.target,
-            strategy=req.strategy,
-            where=tuple(req.where),
-            overfetch=req.overfetch,
-            mix=req.mix,
-        )
+    options = {"k": req.k, "target": req.target, "strategy": req.strategy, "mix": req.mix}
+    try:
+        query = _query(searcher, req, raw, config.max_pixels)
+        with lock:
+            return searcher.search(
+                query, where=tuple(req.where), overfetch=req.overfetch, **options
+            )
+    except SearchError as e:
+        raise ApiError(400, str(e)) from None
+    except EncoderError as e:  # the server's model is at fault, not the request
+        log.error("search failed: %s", e)
+        raise ApiError(500, f"the server's model cannot encode this query: {e}") from None
 
 
 def _search_openapi() -> dict[str, Any]:

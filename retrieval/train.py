@@ -20,7 +20,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .checkpoints import fresh, log_metrics, resume, save, score
+from .checkpoints import check_new, end_epoch, fresh, resume
 from .data import ReadOptions, read_corpus, unique_records
 from .encoder import Encoder, ModelSpec, default_workers
 from .errors import TrainError
@@ -40,6 +40,8 @@ from .world import join as join_world
 
 log = logging.getLogger(__name__)
 
+DEFAULT_LR = 5e-4
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -49,7 +51,7 @@ class TrainConfig:
     batch_size: int = 128  # pairs per process per micro-batch
     chunk_size: int | None = None  # gradient caching: embed at most this many pairs at once
     accum_steps: int = 1  # micro-batches per optimizer step, all in one loss
-    lr: float = 5e-4
+    lr: float | None = None  # peak; None: DEFAULT_LR for a new run, the run's own on resume
     wd: float = 0.1
     warmup: int = 50  # steps of linear warm-up before the cosine decay
     grad_clip: float | None = None
@@ -120,8 +122,10 @@ def epoch_batches(
 
 def train(corpus: str | Path, out: str | Path, config: TrainConfig | None = None) -> TrainResult:
     """Fine-tune ``config.model`` on ``corpus``; write checkpoints under ``out``."""
-    config = config or TrainConfig()
-    out = Path(out)
+    config, out = config or TrainConfig(), Path(out)
+    if not config.resume:
+        check_new(out)  # before anything is written into it
+        config = replace(config, lr=DEFAULT_LR if config.lr is None else config.lr)
     world, device = join_world(config.device)
     torch.manual_seed(config.seed)
     encoder = Encoder.load(config.model, device)
@@ -139,10 +143,9 @@ def train(corpus: str | Path, out: str | Path, config: TrainConfig | None = None
     epochs = math.ceil(total / steps_per_epoch)
     optimizer = _adamw(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, config.warmup))
-    if config.resume:
-        state = resume(out, model, optimizer, scheduler, config.lr)
-    else:
-        state = fresh(out, config)
+    state = (
+        resume(out, model, optimizer, scheduler, config.lr) if config.resume else fresh(out, config)
+    )
     ddp = _wrap(model, world, device)
     history, speed = list(state["history"]), []
     for epoch in range(state["epoch"] + 1, epochs + 1):
@@ -157,33 +160,25 @@ def train(corpus: str | Path, out: str | Path, config: TrainConfig | None = None
                 row |= val_set.evaluate(model, encoder.device)
             history.append(row)
             last = step >= total or epoch == epochs
-            better = val_set is not None and score(row) > state["best"]
-            if last or better or epoch % config.save_every == 0:
-                state["best"] = save(out, model, optimizer, scheduler, state, history, config)
-            else:
-                log_metrics(out, row)
+            parts = model, optimizer, scheduler
+            state["best"] = end_epoch(out, parts, state, history, config, last)
         if world.size > 1:
             dist.barrier()
         if step >= total:
             break
     ckpt = out / "checkpoints"
     best = ckpt / "best.pt" if (ckpt / "best.pt").exists() else None
-    return TrainResult(
-        out,
-        state["step"],
-        best,
-        ckpt / "latest.pt",
-        history,
-        float(np.mean(speed)) if speed else 0.0,
-    )
+    rate = float(np.mean(speed)) if speed else 0.0
+    return TrainResult(out, state["step"], best, ckpt / "latest.pt", history, rate)
 
 
 def _adamw(model, config: TrainConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, config.wd)
+    lr = DEFAULT_LR if config.lr is None else config.lr  # on resume, the saved state replaces it
     try:  # the same update in one kernel: tiny-vit on a CPU 4.5 ms a step instead of 30
-        return torch.optim.AdamW(groups, lr=config.lr, fused=True)
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
     except (RuntimeError, TypeError, ValueError):  # a device or torch without it
-        return torch.optim.AdamW(groups, lr=config.lr)
+        return torch.optim.AdamW(groups, lr=lr)
 
 
 def _lock(model, config: TrainConfig) -> None:
@@ -281,7 +276,8 @@ def _run_epoch(
             autocast,
             scaler.scale if scaler else (lambda x: x),
         )
-        _check_finite(loss, step, epoch)
+        if scaler is None:  # with fp16, GradScaler itself skips a non-finite step
+            _check_finite(loss, step, epoch)
         _optimizer_step(model, optimizer, scaler, config.grad_clip)
         scheduler.step()
         clamp_logit_scale(model.logit_scale)
@@ -300,13 +296,13 @@ def _check_finite(loss: float, step: int, epoch: int) -> None:
     """Stop before a NaN/inf step reaches the weights, so the checkpoints already saved stay good.
 
     Every process stops together: a non-finite feature anywhere reaches every process's
-    softmax through the all-gather, and gradients are all-reduced.
+    logits through the all-gather (image rows one way, text rows the other).
     """
     if not math.isfinite(loss):
         raise TrainError(
             f"training diverged: the loss became {loss} at step {step + 1} (epoch {epoch}); the "
-            "checkpoints saved before it are unchanged: --resume with --grad-clip, or start a new "
-            "run from --pretrained OUT/checkpoints/latest.pt with a lower --lr"
+            "checkpoints saved before it are unchanged: start a new run (another --out) from "
+            "--pretrained OUT/checkpoints/latest.pt with a lower --lr"
         )
 
 

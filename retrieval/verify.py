@@ -18,6 +18,7 @@ import numpy as np
 from . import autoindex, layout
 from .build import load_embeddings
 from .encoder import Encoder
+from .errors import EncoderError
 from .index import VectorIndex
 from .search import spec_from_manifest
 from .store import Store
@@ -104,8 +105,11 @@ def _consistency(report: VerifyReport, folder: Path, manifest, sample, encoder, 
             "embeddings", _embeddings(indexes, live, emb, manifest), "stored vectors match FAISS"
         )
         if sample:
-            encoder = encoder or Encoder.load(spec_from_manifest(manifest), "cpu")
-            problems, detail = _reencode(store, live, emb, encoder, sample, seed)
+            try:
+                encoder = encoder or Encoder.load(spec_from_manifest(manifest), "cpu")
+                problems, detail = _reencode(store, live, emb, encoder, sample, seed)
+            except EncoderError as e:  # the model, not the files: say so under its own check
+                problems, detail = [str(e)], ""
             report.add("re-encoded sample", problems, detail)
 
 

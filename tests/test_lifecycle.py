@@ -8,12 +8,14 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 from badinputs import EXPECTED, make_catalogue
 from conftest import write_jsonl
 
 from retrieval import layout, lifecycle, spool, synthetic
 from retrieval.build import BuildConfig, build, load_embeddings
 from retrieval.data import read_corpus, unique_records
+from retrieval.encoder import Encoder, ModelSpec
 from retrieval.errors import IndexBusyError
 from retrieval.index import VectorIndex
 from retrieval.search import Query, Searcher
@@ -173,6 +175,14 @@ def test_verify_reports_each_kind_of_damage(tmp_path, corpora, encoder):
     (folder / layout.IMAGE_INDEX).write_bytes(b"not faiss")
     report = verify("x", tmp_path, sample=0)
     assert "readable" in {c.name for c in report.checks if not c.ok}
+    # A model that gives NaN fails its own check (a NaN cosine used to pass).
+    build(a, "y", _config("HNSW16"), tmp_path, encoder=encoder)
+    broken = Encoder.load(ModelSpec("tiny-vit"), device="cpu")
+    with torch.no_grad():
+        broken.model.visual.proj.fill_(float("nan"))
+    report = verify("y", tmp_path, sample=5, encoder=broken)
+    [check] = [c for c in report.checks if not c.ok]
+    assert check.name == "re-encoded sample" and "NaN or infinite" in check.detail
 
 
 def test_a_second_writer_fails_clearly_or_waits(tmp_path, corpora, encoder):

@@ -16,6 +16,7 @@ from .cli_options import (
     encoding_options,
     index_dir_option,
     model_options,
+    model_spec,
     read_options,
 )
 from .query import STRATEGIES
@@ -131,7 +132,6 @@ def build(corpus, name, model, pretrained, no_progress, index_dir, resume, wait,
 @index_dir_option
 def search(name, text, image, image_weight, terms, as_json, grid, model, pretrained, **options):
     """Search index NAME by --text, --image, or both (and more --term)."""
-    from .encoder import ModelSpec
     from .search import Query
     from .search import search as run_search
 
@@ -139,7 +139,7 @@ def search(name, text, image, image_weight, terms, as_json, grid, model, pretrai
     query = Query(text=text, image=image, image_weight=image_weight, terms=terms)
     if not query.all_terms():
         raise click.UsageError("give --text, --image or both")
-    spec = ModelSpec(model, pretrained) if model else None
+    spec = model_spec(model, pretrained, index=True)
     # The other options are named after Searcher.search's keywords (and index_dir, device).
     out = run_search(name, query, model=spec, **options)
     click.echo(json.dumps(out, ensure_ascii=False, indent=2) if as_json else _table(out))
@@ -156,15 +156,16 @@ def search(name, text, image, image_weight, terms, as_json, grid, model, pretrai
 @click.option(
     "--max-upload-mb", default=10.0, show_default=True, help="Largest request body accepted."
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, ...")
+@model_options(None)
 @index_dir_option
-def serve(name, host, port, max_upload_mb, device, index_dir):
+def serve(name, host, port, max_upload_mb, model, pretrained, device, index_dir):
     """Serve index NAME over HTTP: a search page at / and a JSON API (docs at /docs)."""
     from .serve import ServeConfig
     from .serve import serve as run_server
 
     config = ServeConfig(max_upload_bytes=int(max_upload_mb * 2**20))
-    run_server(name, index_dir, host=host, port=port, device=device, config=config)
+    spec = model_spec(model, pretrained, index=True)
+    run_server(name, index_dir, host=host, port=port, device=device, config=config, model=spec)
 
 
 def _parse_term(text: str):
@@ -276,11 +277,10 @@ def synth(out, n, seed, size, twins, parts, relations):
 def demo(workdir, n, model, pretrained, device, index_dir):
     """Generate the synthetic corpus, build index 'demo' and run example searches."""
     from .demo import DemoConfig, run_demo
-    from .encoder import ModelSpec
 
     config = DemoConfig(workdir=workdir, n=n, index_dir=index_dir)
-    if model:
-        config = replace(config, model=ModelSpec(model, pretrained))
+    if (spec := model_spec(model, pretrained)) is not None:
+        config = replace(config, model=spec)
     result = run_demo(config)
     click.echo(f"corpus: {result.corpus}")
     click.echo(result.report.summary())

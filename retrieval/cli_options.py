@@ -16,7 +16,10 @@ _MODEL_HELP = (
     "open_clip model name (e.g. ViT-B-32), a shipped config (tiny-vit, small-vit) or a path to "
     "an open_clip model-config JSON. Default: tiny-vit."
 )
-_PRETRAINED_HELP = "open_clip pretrained tag (e.g. laion2b_s34b_b79k) or a local checkpoint file."
+_PRETRAINED_HELP = (
+    "open_clip pretrained tag (e.g. laion2b_s34b_b79k) or a local checkpoint file. Alone: weights "
+    "for the default model or, with an index, for its own model (its checkpoint at a new path)."
+)
 
 
 class ErrorGroup(click.Group):
@@ -49,6 +52,19 @@ def model_options(default_model: str | None):
         return click.option("--model", default=default_model, help=_MODEL_HELP)(f)
 
     return wrap
+
+
+def model_spec(model: str | None, pretrained: str | None, index: bool = False):
+    """``--model`` / ``--pretrained`` as a ModelSpec; None when neither is given.
+
+    ``--pretrained`` alone: weights for the default model or, with ``index``, for the index's
+    own model (its checkpoint at a new path).
+    """
+    from .encoder import DEFAULT_MODEL, ModelSpec
+
+    if model is None and pretrained is None:
+        return None
+    return ModelSpec(model or ("" if index else DEFAULT_MODEL), pretrained)
 
 
 def read_options(f):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .cli_options import index_dir_option, model_options, read_options
+from .cli_options import index_dir_option, model_options, model_spec, read_options
 
 
 @click.group()
@@ -174,7 +174,6 @@ def bench(
 ):
     """Recall@K on DATASET, of --model/--pretrained or of a built --index, exact and via ANN."""
     from .bench import BenchConfig, run_bench, table, write_outputs
-    from .encoder import ModelSpec
     from .querybank import BankConfig
 
     try:
@@ -183,7 +182,7 @@ def bench(
         raise click.BadParameter(f"not a list of integers: {ks}", param_hint="-k") from None
     # The other options are named after their BenchConfig fields.
     config = BenchConfig(
-        model=ModelSpec(model, pretrained) if model else None,
+        model=model_spec(model, pretrained, index=options["index"] is not None),
         ks=k_values,
         querybank=BankConfig(beta=beta, m=bank_m),
         progress=not no_progress,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from PIL import Image
 from . import autoindex, filters, layout
 from . import query as query_layer
 from .encoder import Encoder, ModelSpec
-from .errors import SearchError
+from .errors import EncoderError, SearchError
 from .images import BadImage, load_image
 from .index import VectorIndex
 from .layout import sha256_file
@@ -98,8 +98,8 @@ def check_model(manifest: dict, spec: ModelSpec | None) -> None:
         raise SearchError(
             f"index {manifest['name']!r} was built with model {manifest['model']} "
             f"(pretrained: {manifest.get('pretrained') or 'none'}), not {asked['model']} "
-            f"(pretrained: {asked['pretrained'] or 'none'}); search it without --model, "
-            "or rebuild it with the model you want"
+            f"(pretrained: {asked['pretrained'] or 'none'}); search it without --model (or "
+            "with --pretrained alone, for its checkpoint at a new path), or rebuild it"
         )
 
 
@@ -109,7 +109,10 @@ def spec_from_manifest(manifest: dict) -> ModelSpec:
     if sha:
         path = Path(pretrained)
         if not path.is_file():
-            raise SearchError(f"the checkpoint this index was built with is gone: {path}")
+            raise SearchError(
+                f"the checkpoint this index was built with is gone: {path}; if it moved, "
+                "give its new path with --pretrained"
+            )
         if sha256_file(path) != sha:
             raise SearchError(f"the checkpoint {path} changed since the index was built")
     return ModelSpec(manifest["model"], pretrained)
@@ -157,17 +160,31 @@ class Searcher:
         device: str = "auto",
         encoder: Encoder | None = None,
     ) -> Searcher:
-        """Open index ``name``; ``model``, when given, must be the one the index was built with."""
+        """Open index ``name``; ``model``, when given, must be the one the index was built with.
+
+        ``model`` with an empty name: the index's own model, weights from ``model.pretrained``
+        (its checkpoint moved: the sha256 must match).
+        """
         link = layout.index_root(index_dir) / name
         for attempt in range(3):
             folder = layout.resolve(name, index_dir)
-            check_model(layout.read_manifest(folder), model)
+            manifest = layout.read_manifest(folder)
+            if model is not None and not model.name:
+                model = replace(model, name=manifest["model"])
+            check_model(manifest, model)
+            encoder = encoder or (Encoder.load(model, device) if model else None)
             try:
                 return cls(folder, encoder=encoder, device=device, link=link)
-            except (FileNotFoundError, RuntimeError):
+            except EncoderError:
+                raise
+            except (FileNotFoundError, RuntimeError) as e:
                 # Two writers' publications in a row prune the version we had just resolved.
                 if attempt == 2 or folder.exists():
-                    raise
+                    msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                    raise SearchError(
+                        f"index {name!r} cannot be opened ({msg}); `retrieval verify {name}` "
+                        "says what is damaged"
+                    ) from None
         raise AssertionError("unreachable")
 
     def latest(self) -> Searcher:

@@ -40,6 +40,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__, images, webdataset
+from .encoder import ModelSpec
 from .errors import EncoderError, SearchError
 from .query import STRATEGIES
 from .search import DEFAULT_MIX, DEFAULT_STRATEGY, Query, Searcher
@@ -377,11 +378,12 @@ def serve(
     port: int = 8000,
     device: str = "auto",
     config: ServeConfig = ServeConfig(),
+    model: ModelSpec | None = None,
 ) -> None:
-    """Open index ``name`` once and serve it until interrupted."""
+    """Open index ``name`` once and serve it until interrupted (``model``: see `Searcher.open`)."""
     import uvicorn
 
-    searcher = Searcher.open(name, index_dir, device=device)
+    searcher = Searcher.open(name, index_dir, model=model, device=device)
     log.info("serving index %s on http://%s:%d", name, host, port)
     try:
         uvicorn.run(create_app(searcher, config), host=host, port=port, log_level="info")

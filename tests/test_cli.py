@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import write_image, write_jsonl
 from PIL import Image
@@ -120,6 +121,37 @@ def test_info_and_errors_are_one_line(corpora, tmp_path, monkeypatch):
         assert result.exit_code != 0
         assert message in result.output, result.output
         assert "Traceback" not in result.output
+
+
+def test_pretrained_alone_is_used_and_finds_a_moved_checkpoint(corpora, tmp_path, monkeypatch):
+    monkeypatch.setenv("RETRIEVAL_INDEX_DIR", str(tmp_path / "ix"))
+    shipped = Path(__file__).resolve().parents[1] / "retrieval" / "models" / "tiny-vit-shapes.pt"
+    first = tmp_path / "a.pt"
+    shutil.copy(shipped, first)
+    out = run("bench", corpora["jsonl"], "--pretrained", first, "--no-progress").output
+    assert f"model tiny-vit ({first})" in out  # not "random init"
+    run("build", corpora["jsonl"], "--name", "m", "--pretrained", first, "--workers", "0")
+    moved = first.rename(tmp_path / "b.pt")
+    result = CliRunner().invoke(main, ["search", "m", "--text", "a red picture"])
+    assert result.exit_code != 0 and "give its new path with --pretrained" in result.output
+    out = run("search", "m", "--text", "a red picture", "--pretrained", moved, "--json").output
+    assert len(json.loads(out)["results"]) == 3
+    other = torch.load(moved, weights_only=True)
+    other["state_dict"]["logit_scale"] += 1.0
+    torch.save(other, tmp_path / "c.pt")
+    result = CliRunner().invoke(
+        main, ["search", "m", "--text", "x", "--pretrained", tmp_path / "c.pt"]
+    )
+    assert result.exit_code != 0 and "was built with model tiny-vit" in result.output
+
+
+def test_a_damaged_index_is_a_one_line_error(corpora, tmp_path, monkeypatch):
+    monkeypatch.setenv("RETRIEVAL_INDEX_DIR", str(tmp_path))
+    run("build", corpora["jsonl"], "--name", "d", "--no-progress", "--workers", "0")
+    (tmp_path / "d" / "caption.faiss").resolve().unlink()
+    result = CliRunner().invoke(main, ["search", "d", "--text", "x"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "index 'd' cannot be opened" in result.output and "retrieval verify d" in result.output
 
 
 def test_add_remove_compact_verify(corpora, tmp_path, monkeypatch):

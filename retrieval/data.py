@@ -24,7 +24,7 @@ import json
 import logging
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +103,10 @@ def read_corpus(path: str | Path, options: ReadOptions | None = None) -> Iterato
     from . import webdataset  # here: webdataset imports this module's Record
 
     options = options or ReadOptions()
-    path = Path(path).expanduser()
+    # Absolute: the paths are stored in the index, which is used from any folder later.
+    path = Path(path).expanduser().absolute()
+    if options.image_root is not None:
+        options = replace(options, image_root=Path(options.image_root).expanduser().absolute())
     fmt = options.format or detect_format(path)
     readers = {
         "folder": _read_folder,
@@ -161,7 +164,8 @@ def _clean(captions: Any) -> tuple[str, ...]:
         return ()
     if isinstance(captions, str):
         captions = [captions]
-    return tuple(str(c).strip() for c in captions)
+    # A null or non-text caption becomes empty, which the build reports per caption.
+    return tuple(str(c).strip() if isinstance(c, str | int | float) else "" for c in captions)
 
 
 def _read_folder(root: Path, options: ReadOptions) -> Iterator[Record]:
@@ -179,31 +183,60 @@ def _read_folder(root: Path, options: ReadOptions) -> Iterator[Record]:
 
 def _read_csv(path: Path, options: ReadOptions) -> Iterator[Record]:
     resolve = _resolver(path, options)
-    with path.open(newline="", encoding="utf-8", errors="replace") as f:
-        sample = f.read(65536)
-        f.seek(0)
-        delimiter = "\t" if path.suffix.lower() == ".tsv" or "\t" in sample.split("\n")[0] else ","
-        rows = csv.DictReader(f, delimiter=delimiter)
-        fields = rows.fieldnames or []
-        for col in (options.image_col, options.caption_col):
-            if col not in fields:
-                raise CorpusError(
-                    f"{path}: no column {col!r} (columns: {', '.join(fields)}); "
-                    "name them with --image-col / --caption-col"
-                )
-        if options.id_col and options.id_col not in fields:
-            raise CorpusError(f"{path}: no id column {options.id_col!r}")
-        grouped: dict[str, dict[str, Any]] = {}
-        for row in rows:
-            image = (row.get(options.image_col) or "").strip()
-            key = (row.get(options.id_col) or "").strip() if options.id_col else image
-            entry = grouped.setdefault(key or image, {"image": image, "captions": [], "extra": {}})
-            entry["captions"].append(row.get(options.caption_col) or "")
-            skip = {options.image_col, options.caption_col, options.id_col}
-            entry["extra"].update({k: v for k, v in row.items() if k not in skip and k})
+    with path.open(newline="", encoding="utf-8-sig", errors="replace") as f:  # -sig: Excel's BOM
+        lines = f.readlines()
+    first = lines[0] if lines else ""
+    delimiter = "\t" if path.suffix.lower() == ".tsv" or "\t" in first else ","
+    fields = next(csv.reader([first], delimiter=delimiter), [])
+    for col in (options.image_col, options.caption_col):
+        if col not in fields:
+            raise CorpusError(
+                f"{path}: no column {col!r} (columns: {', '.join(fields)}); "
+                "name them with --image-col / --caption-col"
+            )
+    if options.id_col and options.id_col not in fields:
+        raise CorpusError(f"{path}: no id column {options.id_col!r}")
+    grouped: dict[str, dict[str, Any]] = {}
+    skip = {options.image_col, options.caption_col, options.id_col}
+    for lineno, values, problem in _csv_rows(lines, delimiter):
+        if len(values) > len(fields):
+            problem = f"{len(values)} fields where the header has {len(fields)} (unquoted comma?)"
+        if problem:
+            yield Record(id=f"{path.name}:{lineno}", image=Path(), problem=problem)
+            continue
+        row = dict(zip(fields, values, strict=False))  # short rows: later columns empty
+        image = (row.get(options.image_col) or "").strip()
+        key = (row.get(options.id_col) or "").strip() if options.id_col else image
+        entry = grouped.setdefault(key or image, {"image": image, "captions": [], "extra": {}})
+        entry["captions"].append(row.get(options.caption_col) or "")
+        entry["extra"].update({k: v for k, v in row.items() if k not in skip and k})
     for key, entry in grouped.items():
         item_id = key if options.id_col else Path(entry["image"]).with_suffix("").as_posix()
         yield Record(item_id, resolve(entry["image"]), _clean(entry["captions"]), entry["extra"])
+
+
+def _csv_rows(lines: list[str], delimiter: str) -> Iterator[tuple[int, list[str], str]]:
+    """``(line number, values, problem)`` of each non-blank row after the header.
+
+    Strict parsing: a quote never closed would otherwise swallow every later row as text.
+    Such a row is reported and reading resumes on the line after it.
+    """
+    pos = 1  # index in ``lines`` where the next reader starts
+    while pos < len(lines):
+        reader = csv.reader(lines[pos:], delimiter=delimiter, strict=True)
+        base = pos
+        while True:
+            start = base + reader.line_num  # index of the row's first line
+            try:
+                values = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                yield start + 1, [], f"malformed CSV row ({e}): an unclosed quote?"
+                pos = start + 1
+                break
+            if values:
+                yield start + 1, values, ""
 
 
 def _read_jsonl(path: Path, options: ReadOptions) -> Iterator[Record]:

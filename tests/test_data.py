@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import write_image, write_jsonl
@@ -35,6 +36,40 @@ def test_csv_groups_captions_by_image_and_keeps_extra_columns(tmp_path):
     assert records[0].extra == {"source": "web"}
 
 
+def test_malformed_csv_rows_are_reported_and_the_rows_after_them_still_read(tmp_path):
+    text = (
+        "\ufefffilepath,title\n"  # Excel's byte-order mark
+        "a.jpg,fine\n"
+        "b.jpg,a dog, running\n"  # unquoted comma
+        '"m.jpg","two\nlines"\n'  # a legitimate multi-line caption
+        "\n"
+        'c.jpg,"never closed\n'
+        "d.jpg,after it\n"
+        "e.jpg,last\n"
+    )
+    (tmp_path / "c.csv").write_text(text, encoding="utf-8")
+    records = list(read_corpus(tmp_path / "c.csv"))
+    problems = {r.id: r.problem for r in records if r.problem}
+    assert problems.keys() == {"c.csv:3", "c.csv:7"}
+    assert "3 fields where the header has 2" in problems["c.csv:3"]
+    assert "unclosed quote" in problems["c.csv:7"]
+    good = {r.id: r.captions for r in records if not r.problem}
+    assert good == {"a": ("fine",), "m": ("two\nlines",), "d": ("after it",), "e": ("last",)}
+
+
+def test_paths_are_absolute_whatever_the_working_folder(tmp_path, monkeypatch):
+    write_image(tmp_path / "data" / "img" / "x.jpg")
+    (tmp_path / "data" / "c.csv").write_text("filepath,title\nimg/x.jpg,a\n")
+    write_jsonl(tmp_path / "data" / "c.jsonl", [{"image": "x.jpg", "caption": "a"}])
+    monkeypatch.chdir(tmp_path)
+    [csv_record] = read_corpus("data/c.csv")
+    [jsonl_record] = read_corpus("data/c.jsonl", ReadOptions(image_root=Path("data/img")))
+    [folder_record] = read_corpus("data/img")
+    want = tmp_path / "data" / "img" / "x.jpg"
+    assert csv_record.image == jsonl_record.image == folder_record.image == want
+    assert want.is_absolute() and folder_record.id == "x"
+
+
 def test_tsv_with_custom_columns_and_id(tmp_path):
     (tmp_path / "c.tsv").write_text("key\tpic\ttext\nk1\ta.jpg\thello\nk1\ta.jpg\tworld\n")
     opts = ReadOptions(image_col="pic", caption_col="text", id_col="key")
@@ -54,6 +89,7 @@ def test_jsonl_caption_or_captions_id_and_metadata(tmp_path):
         [
             {"image": "a.jpg", "caption": "one", "id": 7, "year": 2020},
             {"image": "sub/b.jpg", "captions": ["two", "three"]},
+            {"image": "c.jpg", "captions": [1, None, "ok", {"a": 1}]},
         ],
     )
     (tmp_path / "c.jsonl").write_text((tmp_path / "c.jsonl").read_text() + "{broken\n")
@@ -61,7 +97,8 @@ def test_jsonl_caption_or_captions_id_and_metadata(tmp_path):
     assert [r.id for r in records[:2]] == ["7", "sub/b"]
     assert records[0].extra == {"year": 2020}
     assert records[1].captions == ("two", "three")
-    assert records[2].problem == "malformed record"
+    assert records[2].captions == ("1", "", "ok", "")  # empty ones: skipped, with a reason
+    assert records[3].problem == "malformed record"
 
 
 def test_json_list_like_coco_mini_finds_images_folder(tmp_path):

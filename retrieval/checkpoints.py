@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .encoder import read_checkpoint
 from .errors import TrainError
 
 if TYPE_CHECKING:
@@ -142,11 +143,10 @@ def export_checkpoint(src: Path, dst: Path, half: bool = True) -> Path:
     open_clip loads fp16 tensors into an fp32 model by copying, so the file stays loadable
     by ``open_clip.create_model_and_transforms(name, pretrained=dst)``.
     """
-    ckpt = torch.load(src, map_location="cpu", weights_only=True)
-    state = ckpt.get("state_dict", ckpt)
+    ckpt = read_checkpoint(src)
     state = {
         k.removeprefix("module."): (v.half() if half and v.is_floating_point() else v)
-        for k, v in state.items()
+        for k, v in ckpt["state_dict"].items()
     }
     dst.parent.mkdir(parents=True, exist_ok=True)
     atomic_save({"epoch": ckpt.get("epoch"), "name": ckpt.get("name"), "state_dict": state}, dst)

@@ -109,10 +109,35 @@ def _create(spec: ModelSpec, device: torch.device):
                 f"({type(e).__name__}); without a network, pass a local checkpoint file instead: "
                 "--pretrained /path/to/checkpoint.pt"
             ) from None
-        raise EncoderError(f"could not load model {name} from {pretrained}: {e}") from None
+        why = _why(spec, e)
+        raise EncoderError(f"could not load model {name} from {pretrained}: {why}") from None
     if not pretrained:
         log.warning("model %s has random weights (no --pretrained given)", name)
     return model.eval(), preprocess, open_clip.get_tokenizer(name)
+
+
+def read_checkpoint(path: Path) -> dict:
+    """Checkpoint file ``path`` as ``{"state_dict": {name: tensor}, ...}`` (open_clip's layout;
+    a bare state dict is wrapped); a one-line EncoderError for anything else."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, or one holding more than plain data
+        raise EncoderError(f"{path} is not a model checkpoint ({type(e).__name__})") from None
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not state or not isinstance(state, dict) or not all(map(torch.is_tensor, state.values())):
+        raise EncoderError(
+            f"{path} holds no model weights (a training-state file? give epoch_N.pt, latest.pt "
+            "or best.pt, not a .state.pt)"
+        )
+    return ckpt if state is not ckpt else {"state_dict": state}
+
+
+def _why(spec: ModelSpec, e: Exception) -> str:
+    """One line on why open_clip could not load ``spec``'s weights (its errors run to pages)."""
+    if spec.checkpoint is not None:
+        read_checkpoint(spec.checkpoint)  # its own message for a file that is not weights
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"{first[:200]} (is --model the architecture this checkpoint was trained as?)"
 
 
 @contextlib.contextmanager

@@ -145,6 +145,25 @@ def test_pretrained_alone_is_used_and_finds_a_moved_checkpoint(corpora, tmp_path
     assert result.exit_code != 0 and "was built with model tiny-vit" in result.output
 
 
+def test_wrong_checkpoint_files_are_one_line_errors(corpora, tmp_path, monkeypatch):
+    monkeypatch.setenv("RETRIEVAL_INDEX_DIR", str(tmp_path / "ix"))
+    shipped = Path(__file__).resolve().parents[1] / "retrieval" / "models" / "tiny-vit-shapes.pt"
+    state_file = tmp_path / "epoch_1.state.pt"  # what sits beside epoch_1.pt: no weights
+    torch.save({"optimizer": {"state": {}}, "epoch": 1, "history": [{"epoch": 1}]}, state_file)
+    photo = corpora["folder"] / "red.jpg"
+    build = ("build", corpora["jsonl"], "--name", "w", "--workers", "0", "--pretrained")
+    for args, message in [
+        (("export", state_file, tmp_path / "o.pt"), "holds no model weights"),
+        (("export", photo, tmp_path / "o.pt"), "is not a model checkpoint"),
+        ((*build, photo), "is not a model checkpoint"),
+        ((*build, state_file), "holds no model weights"),
+        ((*build, shipped, "--model", "small-vit"), "is --model the architecture"),
+    ]:
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code != 0 and message in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+
+
 def test_a_damaged_index_is_a_one_line_error(corpora, tmp_path, monkeypatch):
     monkeypatch.setenv("RETRIEVAL_INDEX_DIR", str(tmp_path))
     run("build", corpora["jsonl"], "--name", "d", "--no-progress", "--workers", "0")

@@ -144,14 +144,15 @@ def grouped_row(emb: Embedded, ks, max_k: int, key: str) -> Row:
     )
 
 
-def _rows_from_hits(
-    name: str, t2i_hits: np.ndarray, i2t_hits: np.ndarray, emb: Embedded, ks, max_k: int
-) -> Row:
-    """``t2i_hits`` (T, K) image positions, ``i2t_hits`` (I, K) caption positions; -1 = none."""
-    t2i = metrics.first_correct_ranks(t2i_hits == emb.text_to_image[:, None])
-    owner = np.where(i2t_hits >= 0, emb.text_to_image[np.maximum(i2t_hits, 0)], -1)
+def _rows_from_hits(name: str, t2i_hits, i2t_hits, emb: Embedded, ks, max_k: int) -> Row:
+    """``t2i_hits``: (T, L) image positions and their scores; ``i2t_hits``: (I, L) caption
+    positions and scores; position -1: no result, -2: not in the dataset (a distractor)."""
+    (t2i_pos, t2i_scores), (i2t_pos, i2t_scores) = t2i_hits, i2t_hits
+    t2i = metrics.listed_ranks(t2i_pos == emb.text_to_image[:, None], t2i_scores)
+    owner = np.where(i2t_pos >= 0, emb.text_to_image[np.maximum(i2t_pos, 0)], -1)
     captioned = np.bincount(emb.text_to_image, minlength=len(emb.image)) > 0
-    i2t = metrics.first_correct_ranks(owner == np.arange(len(emb.image))[:, None])[captioned]
+    mine = owner == np.arange(len(emb.image))[:, None]
+    i2t = metrics.listed_ranks(mine, i2t_scores)[captioned]
     m = {}
     for key, ranks in (("image_retrieval", t2i), ("text_retrieval", i2t)):
         for k, v in metrics.recall_at_k(ranks, ks).items():
@@ -166,11 +167,15 @@ def _rows_from_hits(
     )
 
 
-def _hits(index: VectorIndex, queries: np.ndarray, k: int, to_position) -> np.ndarray:
-    out = np.full((len(queries), k), -1, dtype=np.int64)
+def _hits(index: VectorIndex, queries: np.ndarray, max_k: int, to_position):
+    """(Q, max_k + 1) positions and scores: one more than reported, to see ties at the edge."""
+    k = max_k + 1
+    pos = np.full((len(queries), k), -1, dtype=np.int64)
+    scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
     for q, nb in enumerate(index.search(queries, k)):
-        out[q, : len(nb.ids)] = to_position(nb.ids)
-    return out
+        pos[q, : len(nb.ids)] = to_position(nb.ids)
+        scores[q, : len(nb.ids)] = nb.scores
+    return pos, scores
 
 
 def ann_row(factory: str, emb: Embedded, ks, max_k: int) -> Row:

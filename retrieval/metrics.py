@@ -103,14 +103,20 @@ def grouped_text_to_image_ranks(
     return np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)
 
 
-def first_correct_ranks(correct: np.ndarray) -> np.ndarray:
-    """(Q,) 1-based position of the first True in each row of (Q, K) ``correct``; K+1 if none.
+def listed_ranks(correct: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """(Q,) ranks as `first_hit_ranks` gives them, from ranked lists of length L (an index's).
 
-    For ranked lists returned by an index, which only knows its top K.
+    ``correct`` (Q, L) bool, ``scores`` (Q, L) best first, -inf past a short list's end. Ties
+    count against the model as in `first_hit_ranks`, whatever order the index put them in.
+    A list knows only its top L, so the rank is L (a miss at every k < L) when no entry is
+    correct, or when the best correct score ties the last entry: more ties may follow unseen.
+    Otherwise it is exact.
     """
-    k = correct.shape[1]
-    has = correct.any(axis=1)
-    return np.where(has, correct.argmax(axis=1) + 1, k + 1)
+    length = correct.shape[1]
+    best = np.where(correct, scores, -np.inf).max(axis=1, keepdims=True)  # (Q, 1)
+    ranks = ((scores >= best) & ~correct).sum(axis=1) + 1
+    known = correct.any(axis=1) & (scores[:, -1] < best[:, 0])
+    return np.where(known, ranks, length)
 
 
 def recall_curve(ranks: np.ndarray, max_k: int) -> np.ndarray:

@@ -76,8 +76,28 @@ def test_grouped_ranks_count_any_image_of_the_group():
     assert ranks.tolist() == [2, 1]
 
 
-def test_first_correct_ranks_and_curves():
-    correct = np.array([[False, True, True], [False, False, False], [True, False, False]])
-    ranks = metrics.first_correct_ranks(correct)
-    assert ranks.tolist() == [2, 4, 1]
-    np.testing.assert_allclose(metrics.recall_curve(ranks, 3), [1 / 3, 2 / 3, 2 / 3])
+def test_listed_ranks_match_full_ranks_with_ties_in_any_list_order():
+    rng = np.random.default_rng(7)
+    for q, c, length, levels in [(50, 23, 7, 4), (31, 9, 9, 4), (40, 64, 20, 16)]:
+        scores = rng.integers(0, levels, size=(q, c)).astype(np.float32)  # many ties
+        correct = rng.random((q, c)) < 0.15
+        correct[np.arange(q), rng.integers(0, c, q)] = True
+        full = metrics.first_hit_ranks(scores, correct)
+        # An index's list: best first, ties in an arbitrary order (here: random).
+        order = np.lexsort((rng.random((q, c)), -scores))[:, :length]
+        listed = metrics.listed_ranks(
+            np.take_along_axis(correct, order, 1), np.take_along_axis(scores, order, 1)
+        )
+        last = np.take_along_axis(scores, order, 1)[:, -1]
+        best = np.where(correct, scores, -np.inf).max(axis=1)
+        open_end = last >= best  # a tie that may run past the list: counted as a miss
+        np.testing.assert_array_equal(listed[~open_end], np.minimum(full, length)[~open_end])
+        assert (listed[open_end] == length).all() and (~open_end).sum() > q // 4
+
+
+def test_listed_ranks_of_short_lists_and_curves():
+    correct = np.array([[False, True, False], [False, False, False], [True, False, False]])
+    scores = np.array([[0.9, 0.8, -np.inf], [0.7, 0.6, 0.5], [0.9, 0.9, 0.1]])
+    ranks = metrics.listed_ranks(correct, scores)
+    assert ranks.tolist() == [2, 3, 2]  # row 3: the tie with 0.9 counts against it
+    np.testing.assert_allclose(metrics.recall_curve(ranks, 2), [0, 2 / 3])

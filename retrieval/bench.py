@@ -21,7 +21,7 @@ from .encoder import Encoder, ModelSpec
 from .errors import RetrievalError
 from .index import VectorIndex
 from .querybank import BankConfig
-from .search import Searcher
+from .search import DEFAULT_MIX, Searcher
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class BenchConfig:
     group_key: str | None = None  # also count any image whose metadata[key] matches as correct
     bank: Path | None = None  # querybank corpus (disjoint from the dataset) for the qbnorm row
     querybank: BankConfig = field(default_factory=BankConfig)
-    mix: float = 0.5  # hybrid rows: weight of the caption signal
+    mix: float = DEFAULT_MIX  # hybrid rows: weight of the caption signal (as `search`'s)
     read: ReadOptions = field(default_factory=ReadOptions)
     batch_size: int = 64
     workers: int | None = None
@@ -257,6 +257,8 @@ def run_bench(
     dataset: str | Path, config: BenchConfig, save_embeddings: Path | None = None
 ) -> BenchResult:
     """Evaluate ``config.model`` (or index ``config.index``) on ``dataset``."""
+    if not config.ks or min(config.ks) < 1:
+        raise RetrievalError(f"every k must be at least 1: {', '.join(map(str, config.ks))}")
     records, skipped = load_dataset(Path(dataset), config)
     ks = tuple(sorted(set(config.ks)))
     max_k = max(max(ks), 10)

@@ -143,7 +143,7 @@ def train(corpus, out, model, pretrained, no_progress, read, **options):
 )
 @click.option("--beta", default=20.0, show_default=True, help="Querybank temperature.")
 @click.option("--bank-m", default=10, show_default=True, help="Querybank neighbours per item.")
-@click.option("--mix", default=0.5, show_default=True, help="Hybrid rows: caption weight.")
+@click.option("--mix", default=0.2, show_default=True, help="Hybrid rows: caption weight.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 @click.option("--markdown", type=click.Path(path_type=Path), default=None)
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Recall@K curves PNG.")

@@ -60,6 +60,10 @@ class Query:
     image_weight: float = 0.5
     terms: tuple[QueryTerm, ...] = ()
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.image_weight <= 1:
+            raise SearchError(f"the image weight must be between 0 and 1, not {self.image_weight}")
+
     def all_terms(self) -> tuple[QueryTerm, ...]:
         both = self.text is not None and self.image is not None
         first = []
@@ -82,6 +86,16 @@ def _describe(t: QueryTerm) -> dict[str, Any]:
         return {"text": t.text, "weight": t.weight}
     img = "<image>" if isinstance(t.image, Image.Image) else str(t.image)
     return {"image": img, "weight": t.weight}
+
+
+def _check_numbers(k: int, overfetch: int, mix: float) -> None:
+    """The ranges the HTTP API enforces too, so that both refuse the same requests."""
+    if k < 1:
+        raise SearchError(f"k must be at least 1, not {k}")
+    if not 1 <= overfetch <= 100:
+        raise SearchError(f"overfetch must be between 1 and 100, not {overfetch}")
+    if not 0 <= mix <= 1:
+        raise SearchError(f"mix must be between 0 and 1, not {mix}")
 
 
 def check_model(manifest: dict, spec: ModelSpec | None) -> None:
@@ -246,8 +260,7 @@ class Searcher:
         terms = query.all_terms()
         if not terms:
             raise SearchError("the query is empty: give a text, an image or both")
-        if k < 1:
-            raise SearchError(f"k must be at least 1, not {k}")
+        _check_numbers(k, overfetch, mix)
         solo_image = len(terms) == 1 and terms[0].image is not None
         target = target or ("captions" if solo_image else "images")
         if target not in TARGETS:

@@ -61,6 +61,9 @@ class ReadOptions:
     split_file: Path | None = None  # Flickr8k: a file listing the image names to keep
 
 
+_ANNOTATIONS = (".csv", ".tsv", ".jsonl", ".json")
+
+
 def detect_format(path: Path) -> str:
     """Name the layout of ``path`` (one of `FORMATS`), or raise `CorpusError`."""
     from . import webdataset  # here: webdataset imports this module's Record
@@ -68,6 +71,14 @@ def detect_format(path: Path) -> str:
     if webdataset.is_shards(path):  # before is_dir: a folder of shards is not a folder of images
         return "webdataset"
     if path.is_dir():
+        # A folder beside its own annotation file: the file is what the user meant, or the
+        # images would be indexed without their captions.
+        listed = sorted(p.name for p in path.iterdir() if p.suffix.lower() in _ANNOTATIONS)
+        if listed:
+            raise CorpusError(
+                f"{path} holds {', '.join(listed[:3])}: give that file as the corpus, or "
+                "--format folder to index the folder's images (captions from .txt sidecars)"
+            )
         return "folder"
     if not path.is_file():
         raise CorpusError(f"corpus not found: {path}")

@@ -5,9 +5,10 @@ step sees ``batch_size * accum_steps`` pairs per process, ``* world size`` in al
 computed over all of them at once (gradient caching embeds them in chunks), so the step is the
 same whatever the number of processes, micro-batches or chunks.
 
-Each epoch visits every training image once, in an order drawn from (seed, epoch), with one of
-its captions drawn the same way: a batch never holds the same image twice, and a resumed run
-sees exactly the batches an uninterrupted one would.
+Each epoch visits every training image at most once (those left over after the last whole step
+sit it out), in an order drawn from (seed, epoch), with one of its captions drawn the same way:
+a batch never holds the same image twice, and a resumed run sees exactly the batches an
+uninterrupted one would.
 
 Output folder: see `retrieval.checkpoints` (``best.pt`` is the best mean validation recall),
 plus ``cache/`` (the decoded training pixels). A loss that turns NaN or infinite stops the run

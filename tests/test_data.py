@@ -127,6 +127,15 @@ def test_coco_captions(tmp_path):
     assert detect_format(tmp_path / "ann.json") == "coco"
 
 
+def test_a_folder_beside_its_annotation_file_asks_which_is_meant(tmp_path):
+    write_image(tmp_path / "images" / "a.jpg")
+    write_jsonl(tmp_path / "corpus.jsonl", [{"image": "images/a.jpg", "caption": "x"}])
+    with pytest.raises(CorpusError, match="holds corpus.jsonl: give that file.*--format folder"):
+        list(read_corpus(tmp_path))
+    [record] = read_corpus(tmp_path, ReadOptions(format="folder"))
+    assert record.id == "images/a" and record.captions == ()
+
+
 def test_unknown_format_and_missing_corpus(tmp_path):
     (tmp_path / "x.parquet").write_bytes(b"PAR1")
     with pytest.raises(CorpusError, match="cannot tell the corpus format"):

@@ -126,7 +126,7 @@ def build(corpus, name, model, pretrained, no_progress, index_dir, resume, wait,
     "--grid",
     type=click.Path(path_type=Path),
     default=None,
-    help="Also write the results as a contact sheet (PNG): thumbnails, rank, score, caption.",
+    help="Also write a contact sheet (.png, .jpg, .webp): thumbnails, rank, score, caption.",
 )
 @model_options(None)
 @index_dir_option
@@ -139,6 +139,10 @@ def search(name, text, image, image_weight, terms, as_json, grid, model, pretrai
     query = Query(text=text, image=image, image_weight=image_weight, terms=terms)
     if not query.all_terms():
         raise click.UsageError("give --text, --image or both")
+    if grid is not None:
+        from .grid import sheet_format
+
+        sheet_format(grid)  # a bad file name fails before the search, not after it
     spec = model_spec(model, pretrained, index=True)
     # The other options are named after Searcher.search's keywords (and index_dir, device).
     out = run_search(name, query, model=spec, **options)

@@ -18,6 +18,14 @@ _LINE = 13  # px per text line with PIL's default bitmap font
 _BG, _INK, _FAINT = (255, 255, 255), (25, 25, 25), (110, 110, 110)
 
 
+def sheet_format(out: Path) -> str:
+    """The image format that ``out``'s extension names; ValueError when it names none."""
+    fmt = Image.registered_extensions().get(out.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise ValueError(f"{out}: a contact sheet needs an image file name (.png, .jpg, .webp)")
+    return fmt
+
+
 def contact_sheet(
     results: list[dict[str, Any]],
     out: str | Path,
@@ -25,12 +33,14 @@ def contact_sheet(
     columns: int = 5,
     caption_lines: int = 3,
 ) -> Path:
-    """Write ``results`` (the ``"results"`` of a search) as a PNG grid to ``out``.
+    """Write ``results`` (the ``"results"`` of a search) as an image grid to ``out``, in the
+    format its extension names (.png, .jpg, .webp, ...).
 
     Each cell shows the image (a grey "missing" box when its file cannot be read), then
     ``#rank  score`` and the matched caption (or the item's first one), wrapped to the cell.
     """
     out = Path(out)
+    fmt = sheet_format(out)
     columns = max(1, min(columns, len(results) or 1))
     rows = max(1, -(-len(results) // columns))
     cell_w, cell_h = thumb + 2 * _PAD, thumb + 2 * _PAD + (1 + caption_lines) * _LINE
@@ -50,7 +60,7 @@ def contact_sheet(
     if not results:
         draw.text((_PAD, _PAD), "(no results)", fill=_FAINT, font=font)
     out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out, format="PNG")
+    sheet.save(out, format=fmt)
     return out
 
 

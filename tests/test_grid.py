@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from conftest import write_image
 from PIL import Image
 
@@ -39,3 +40,13 @@ def test_sheet_has_one_cell_per_result_with_the_image_in_it(tmp_path):
 def test_empty_results_still_write_a_picture(tmp_path):
     out = contact_sheet([], tmp_path / "none.png")
     assert Image.open(out).size[0] > 0
+
+
+def test_the_file_name_sets_the_format_and_a_non_image_name_is_refused(tmp_path):
+    red = write_image(tmp_path / "red.png", size=(20, 20), colour=(220, 0, 0))
+    assert Image.open(contact_sheet([result(1, red)], tmp_path / "s.jpg")).format == "JPEG"
+    assert Image.open(contact_sheet([result(1, red)], tmp_path / "s.webp")).format == "WEBP"
+    for name in ("s.txt", "s"):
+        with pytest.raises(ValueError, match="needs an image file name"):
+            contact_sheet([result(1, red)], tmp_path / name)
+    assert not (tmp_path / "s.txt").exists()

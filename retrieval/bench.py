@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import ablation, layout, metrics, querybank
-from .data import ReadOptions, read_corpus, unique_records
+from .data import ReadOptions, check_field, read_corpus, unique_records
 from .encoder import Encoder, ModelSpec
 from .errors import RetrievalError
 from .index import VectorIndex
@@ -79,7 +79,10 @@ def load_dataset(path: Path, config: BenchConfig) -> tuple[list, list]:
     records, skipped = unique_records(read_corpus(path, config.read))
     records = [r for r in records if any(r.captions)]
     if not records:
-        raise RetrievalError(f"{path}: no item with a caption to evaluate")
+        split = f" in split {config.read.split!r}" if config.read.split else ""
+        raise RetrievalError(f"{path}: no item with a caption to evaluate{split}")
+    if config.group_key:
+        check_field(records, config.group_key)
     return records, skipped
 
 
@@ -100,7 +103,9 @@ def _with_captions(kept, img: np.ndarray, encoder: Encoder, config: BenchConfig)
     text = encoder.encode_texts(texts, progress=config.progress)
     groups = None
     if config.group_key:
-        groups = np.array([str(r.extra.get(config.group_key)) for r in kept])
+        # An item without the field is a group of its own, not one with every other such item.
+        key = config.group_key
+        groups = np.array([json.dumps(r.extra.get(key, ["<own>", i])) for i, r in enumerate(kept)])
     return Embedded(img, text, owner, [r.id for r in kept], groups)
 
 

@@ -291,11 +291,15 @@ class Searcher:
             return None
         if where not in self._allowed:
             conds = tuple(filters.parse(w) for w in where)
-            rows = [
-                it["row"]
-                for it in self.store.iter_items()
-                if filters.matches_all(conds, it.get("extra", {}))
-            ]
+            rows, fields = [], set()
+            for it in self.store.iter_items():
+                fields.update(it.get("extra", {}))
+                if filters.matches_all(conds, it.get("extra", {})):
+                    rows.append(it["row"])
+            if unknown := sorted({c.key for c in conds} - fields):
+                # Probably a typo: say so rather than answer "no results".
+                known = ", ".join(sorted(fields)[:12]) or "none"
+                raise SearchError(f"no item has the field {unknown[0]!r} (fields: {known})")
             self._allowed[where] = np.array(sorted(rows), dtype=np.int64)
         return self._allowed[where]
 

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .checkpoints import check_new, end_epoch, fresh, resume
-from .data import ReadOptions, read_corpus, unique_records
+from .data import ReadOptions, check_field, read_corpus, unique_records
 from .encoder import Encoder, ModelSpec, default_workers
 from .errors import TrainError
 from .gradcache import contrastive_step
@@ -192,6 +192,8 @@ def _lock(model, config: TrainConfig) -> None:
 
 def _datasets(corpus, out: Path, config: TrainConfig, encoder, world: World):
     records, skipped = unique_records(read_corpus(corpus, config.read))
+    if config.batch_group:
+        check_field(records, config.batch_group)  # before minutes of decoding, not after
     if config.val is not None:
         val_records, _ = unique_records(read_corpus(config.val, config.read))
     else:

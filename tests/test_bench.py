@@ -20,6 +20,8 @@ from retrieval.bench import (
 )
 from retrieval.build import BuildConfig, build
 from retrieval.cli import main
+from retrieval.data import ReadOptions
+from retrieval.errors import RetrievalError
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +68,14 @@ def test_an_index_row_counts_ties_as_exact_does():
     assert flat.metrics == {k: pytest.approx(exact.metrics[k]) for k in flat.metrics}
     for key in ("image_retrieval", "text_retrieval"):
         np.testing.assert_allclose(flat.curves[key], exact.curves[key])
+
+
+def test_unknown_group_key_and_empty_split_say_what_is_wrong(synth_corpus):
+    with pytest.raises(RetrievalError, match="no item has the field 'nokey'"):
+        run_bench(synth_corpus, BenchConfig(group_key="nokey", progress=False))
+    config = BenchConfig(read=ReadOptions(split="nosuch"), progress=False)
+    with pytest.raises(RetrievalError, match="no item with a caption to evaluate in split 'nos"):
+        run_bench(synth_corpus, config)
 
 
 def test_outputs_json_markdown_plot(result_and_embeddings, tmp_path):

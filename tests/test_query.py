@@ -130,6 +130,9 @@ def test_where_filters_results_exactly(searcher, encoder):
     )
     none = searcher.search(Query(text=text), where=("relation=nowhere",))
     assert none["results"] == []
+    # A field no item has is most likely a typo: an error naming the fields, not "no results".
+    with pytest.raises(SearchError, match=r"no item has the field 'size' \(fields: .*relation"):
+        searcher.search(Query(text=text), where=("relation=above", "size=2..5"))
 
 
 def test_strategy_and_term_errors(searcher):

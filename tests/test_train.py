@@ -22,7 +22,7 @@ from retrieval import synthetic
 from retrieval.build import BuildConfig, build
 from retrieval.cli import main
 from retrieval.encoder import Encoder, ModelSpec
-from retrieval.errors import TrainError
+from retrieval.errors import CorpusError, TrainError
 from retrieval.gradcache import contrastive_step
 from retrieval.train import TrainConfig, epoch_batches, lr_lambda, param_groups, train
 
@@ -241,6 +241,14 @@ def test_divergence_stops_before_the_weights_and_keeps_saved_checkpoints(
     result = CliRunner().invoke(main, args)
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert "diverged: the loss became nan at step" in result.output
+
+
+def test_an_unknown_batch_group_field_is_an_error_before_any_decoding(
+    small_corpus, micro_config, tmp_path
+):
+    with pytest.raises(CorpusError, match="no item has the field 'nosuch' \\(fields: .*scene"):
+        run_train(small_corpus, tmp_path, micro_config, batch_group="nosuch")
+    assert not (tmp_path / "cache").exists()
 
 
 def test_locked_towers_do_not_move(small_corpus, micro_config, tmp_path):

@@ -158,7 +158,11 @@ def search(name, text, image, image_weight, terms, as_json, grid, model, pretrai
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
 @click.option("--port", default=8000, show_default=True)
 @click.option(
-    "--max-upload-mb", default=10.0, show_default=True, help="Largest request body accepted."
+    "--max-upload-mb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Largest request body accepted.",
 )
 @model_options(None)
 @index_dir_option

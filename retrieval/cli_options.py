@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 from pathlib import Path
 from typing import ClassVar
 
@@ -26,10 +27,21 @@ class ErrorGroup(click.Group):
     """Turns the engine's errors into one line on stderr and exit status 1."""
 
     def invoke(self, ctx: click.Context):
+        # `kill` (SIGTERM) unwinds like Ctrl-C: locks released, and a line saying so.
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
             return super().invoke(ctx)
         except (RetrievalError, FileNotFoundError, FileExistsError, ValueError) as e:
             raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            raise click.ClickException(
+                "interrupted: nothing half-written was published (build, add and train "
+                "continue with --resume)"
+            ) from None
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def index_dir_option(f):

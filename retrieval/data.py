@@ -332,9 +332,12 @@ def _read_flickr8k(path: Path, options: ReadOptions) -> Iterator[Record]:
         keep = {ln.strip() for ln in lines if ln.strip()}
     grouped: dict[str, list[str]] = {}
     with path.open(encoding="utf-8", errors="replace") as f:
-        for line in f:
-            m = _FLICKR8K_LINE.match(line.rstrip("\n"))
-            if m and (keep is None or m.group(1) in keep):
+        for lineno, line in enumerate(f, 1):
+            m = _FLICKR8K_LINE.match(line.rstrip("\r\n"))
+            if m is None and line.strip():
+                problem = "not an 'image.jpg#n<TAB>caption' line"
+                yield Record(id=f"{path.name}:{lineno}", image=Path(), problem=problem)
+            elif m and (keep is None or m.group(1) in keep):
                 grouped.setdefault(m.group(1), []).append(m.group(3))
     for name, captions in grouped.items():
         yield Record(_path_id(name), resolve(name), _clean(captions))

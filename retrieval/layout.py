@@ -18,6 +18,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import resource
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DiskFullError, IndexBusyError, SearchError
+
+log = logging.getLogger(__name__)
 
 ENV_INDEX_DIR = "RETRIEVAL_INDEX_DIR"
 DEFAULT_INDEX_DIR = Path("indexes")
@@ -81,14 +84,17 @@ def writer_lock(root: Path, name: str, wait: float = 0.0):
     locks.mkdir(parents=True, exist_ok=True)
     fd = os.open(locks / f"{check_name(name)}.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        deadline = time.monotonic() + wait
+        deadline, told = time.monotonic() + wait, False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                if time.monotonic() < deadline and not told:
+                    log.warning("waiting up to %gs: pid %s is changing %r", wait, holder, name)
+                    told = True
                 if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
                     raise IndexBusyError(
                         f"index {name!r} is being changed by another process (pid {holder}); "
                         "try again when it finishes, or pass --wait SECONDS"

@@ -129,7 +129,10 @@ def train(corpus: str | Path, out: str | Path, config: TrainConfig | None = None
         config = replace(config, lr=DEFAULT_LR if config.lr is None else config.lr)
     world, device = join_world(config.device)
     torch.manual_seed(config.seed)
-    encoder = Encoder.load(config.model, device)
+    spec, latest = config.model, out / "checkpoints" / "latest.pt"
+    if config.resume and latest.is_file():  # load the weights the run goes on from, not random
+        spec = replace(spec, pretrained=str(latest))
+    encoder = Encoder.load(spec, device)
     model = encoder.model
     _lock(model, config)
     train_set, val_set = _datasets(corpus, out, config, encoder, world)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from click.testing import CliRunner
 from conftest import write_image, write_jsonl
 from PIL import Image
 
+from retrieval import layout
 from retrieval.cli import main
 
 COCO_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini"
@@ -253,6 +255,25 @@ def test_shipped_demo_model_reads_word_order():
     images, flipped = enc.encode_pil(images), enc.encode_pil(flipped)
     own, other = (texts * images).sum(1), (texts * flipped).sum(1)
     assert (own > other).mean() >= 0.85, (own > other).mean()
+
+
+def test_a_writer_stopped_by_sigterm_says_so_in_one_line(corpora, tmp_path):
+    exe = shutil.which("retrieval", path=str(Path(sys.executable).parent))
+    args = [exe, "build", str(corpora["csv"]), "--name", "t", "--index-dir", str(tmp_path)]
+    with layout.writer_lock(tmp_path, "t"):  # the build waits for it: a moment to stop it in
+        proc = subprocess.Popen(
+            [*args, "--wait", "60"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+        )
+        told = proc.stderr.readline()
+        assert "waiting up to 60s: pid" in told and "is changing 't'" in told
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        assert proc.wait(30) == 1
+    assert rest.strip().splitlines() == [
+        "Error: interrupted: nothing half-written was published (build, add and train continue "
+        "with --resume)"
+    ]
+    assert layout.list_indexes(tmp_path) == []
 
 
 def test_console_script_builds_and_searches_in_fresh_processes(corpora, tmp_path):

@@ -185,6 +185,13 @@ def test_flickr8k_token_file_with_split(tmp_path):
     ]
     opts = ReadOptions(split_file=tmp_path / "test.txt")
     assert [r.id for r in read_corpus(tmp_path / "Flickr8k.token.txt", opts)] == ["2000_b"]
+    # A line that is not "image#n<TAB>caption" is reported, with its line number.
+    with (tmp_path / "Flickr8k.token.txt").open("a") as f:
+        f.write("3000_c.jpg#0 spaces not a tab\n\n")
+    bad = [r for r in read_corpus(tmp_path / "Flickr8k.token.txt") if r.problem]
+    assert [(r.id, r.problem) for r in bad] == [
+        ("Flickr8k.token.txt:4", "not an 'image.jpg#n<TAB>caption' line")
+    ]
 
 
 def test_split_filters_any_format_with_a_split_field(tmp_path):

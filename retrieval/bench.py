@@ -103,9 +103,12 @@ def _with_captions(kept, img: np.ndarray, encoder: Encoder, config: BenchConfig)
     text = encoder.encode_texts(texts, progress=config.progress)
     groups = None
     if config.group_key:
-        # An item without the field is a group of its own, not one with every other such item.
+        # An item without the field (or null) is a group of its own, not one with all such.
         key = config.group_key
-        groups = np.array([json.dumps(r.extra.get(key, ["<own>", i])) for i, r in enumerate(kept)])
+        values = [r.extra.get(key) for r in kept]
+        groups = np.array(
+            [json.dumps(["<own>", i] if v is None else v) for i, v in enumerate(values)]
+        )
     return Embedded(img, text, owner, [r.id for r in kept], groups)
 
 
@@ -172,9 +175,10 @@ def _rows_from_hits(name: str, t2i_hits, i2t_hits, emb: Embedded, ks, max_k: int
     )
 
 
-def _hits(index: VectorIndex, queries: np.ndarray, max_k: int, to_position):
-    """(Q, max_k + 1) positions and scores: one more than reported, to see ties at the edge."""
-    k = max_k + 1
+def _hits(index: VectorIndex, queries: np.ndarray, max_k: int, to_position, room: int = 1):
+    """(Q, max_k + room) positions and scores. ``room``: the most correct results a query has;
+    with that many more than reported, recall@k up to max_k is exact (`metrics.listed_ranks`)."""
+    k = max_k + room
     pos = np.full((len(queries), k), -1, dtype=np.int64)
     scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
     for q, nb in enumerate(index.search(queries, k)):
@@ -188,7 +192,7 @@ def ann_row(factory: str, emb: Embedded, ks, max_k: int) -> Row:
     images = VectorIndex.build(emb.image, np.arange(len(emb.image)), factory)
     captions = VectorIndex.build(emb.text, np.arange(len(emb.text)), factory)
     t2i = _hits(images, emb.text, max_k, lambda ids: ids)
-    i2t = _hits(captions, emb.image, max_k, lambda ids: ids)
+    i2t = _hits(captions, emb.image, max_k, lambda ids: ids, _most_captions(emb))
     return _rows_from_hits(f"index {images.factory}", t2i, i2t, emb, ks, max_k)
 
 
@@ -206,8 +210,13 @@ def built_index_row(searcher: Searcher, emb: Embedded, ks, max_k: int) -> Row:
         emb.image,
         max_k,
         lambda ids: [cap_pos.get(c, -2) for c in searcher.store.caption_ids(ids)],
+        _most_captions(emb),
     )
     return _rows_from_hits(f"index {searcher.images.factory} (built)", t2i, i2t, emb, ks, max_k)
+
+
+def _most_captions(emb: Embedded) -> int:
+    return int(np.bincount(emb.text_to_image).max()) if len(emb.text_to_image) else 1
 
 
 def _caption_positions(searcher: Searcher, emb: Embedded) -> dict[str, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import signal
+import threading
 from pathlib import Path
 from typing import ClassVar
 
@@ -17,9 +18,10 @@ _MODEL_HELP = (
     "open_clip model name (e.g. ViT-B-32), a shipped config (tiny-vit, small-vit) or a path to "
     "an open_clip model-config JSON. Default: tiny-vit."
 )
-_PRETRAINED_HELP = (
-    "open_clip pretrained tag (e.g. laion2b_s34b_b79k) or a local checkpoint file. Alone: weights "
-    "for the default model or, with an index, for its own model (its checkpoint at a new path)."
+_PRETRAINED_HELP = "open_clip pretrained tag (e.g. laion2b_s34b_b79k) or a local checkpoint file."
+_ALONE_HELP = (
+    " Alone: weights for the default model or, with an index, for its own model (its checkpoint"
+    " at a new path)."
 )
 
 
@@ -27,8 +29,10 @@ class ErrorGroup(click.Group):
     """Turns the engine's errors into one line on stderr and exit status 1."""
 
     def invoke(self, ctx: click.Context):
-        # `kill` (SIGTERM) unwinds like Ctrl-C: locks released, and a line saying so.
-        signal.signal(signal.SIGTERM, _interrupt)
+        # `kill` (SIGTERM) unwinds like Ctrl-C: locks released, and a line saying so. Only the
+        # main thread may set handlers; the caller's is put back (tests, notebooks).
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
         try:
             return super().invoke(ctx)
         except (RetrievalError, FileNotFoundError, FileExistsError, ValueError) as e:
@@ -38,6 +42,9 @@ class ErrorGroup(click.Group):
                 "interrupted: nothing half-written was published (build, add and train "
                 "continue with --resume)"
             ) from None
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
 
 
 def _interrupt(signum, frame) -> None:
@@ -60,7 +67,8 @@ def model_options(default_model: str | None):
         f = click.option(
             "--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ..."
         )(f)
-        f = click.option("--pretrained", default=None, help=_PRETRAINED_HELP)(f)
+        alone = "" if default_model else _ALONE_HELP  # where --model may be left out
+        f = click.option("--pretrained", default=None, help=_PRETRAINED_HELP + alone)(f)
         return click.option("--model", default=default_model, help=_MODEL_HELP)(f)
 
     return wrap

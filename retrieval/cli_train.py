@@ -143,7 +143,13 @@ def train(corpus, out, model, pretrained, no_progress, read, **options):
 )
 @click.option("--beta", default=20.0, show_default=True, help="Querybank temperature.")
 @click.option("--bank-m", default=10, show_default=True, help="Querybank neighbours per item.")
-@click.option("--mix", default=0.2, show_default=True, help="Hybrid rows: caption weight.")
+@click.option(
+    "--mix",
+    type=click.FloatRange(0, 1),
+    default=0.2,  # search's DEFAULT_MIX: the library is imported only once the command runs
+    show_default=True,
+    help="Hybrid rows: caption weight.",
+)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 @click.option("--markdown", type=click.Path(path_type=Path), default=None)
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Recall@K curves PNG.")

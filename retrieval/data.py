@@ -64,6 +64,16 @@ class ReadOptions:
 _ANNOTATIONS = (".csv", ".tsv", ".jsonl", ".json")
 
 
+def _annotation_file(p: Path) -> bool:
+    """A corpus file, not a sidecar of one image (``a.json`` / ``a.jpg.json`` beside
+    ``a.jpg``) nor img2dataset's ``00000_stats.json``."""
+    if p.suffix.lower() not in _ANNOTATIONS or p.name.endswith("_stats.json") or not p.is_file():
+        return False
+    if Path(p.stem).suffix.lower() in IMAGE_SUFFIXES:
+        return False
+    return not any(p.with_suffix(s).exists() for s in IMAGE_SUFFIXES)
+
+
 def detect_format(path: Path) -> str:
     """Name the layout of ``path`` (one of `FORMATS`), or raise `CorpusError`."""
     from . import webdataset  # here: webdataset imports this module's Record
@@ -73,7 +83,7 @@ def detect_format(path: Path) -> str:
     if path.is_dir():
         # A folder beside its own annotation file: the file is what the user meant, or the
         # images would be indexed without their captions.
-        listed = sorted(p.name for p in path.iterdir() if p.suffix.lower() in _ANNOTATIONS)
+        listed = sorted(p.name for p in path.iterdir() if _annotation_file(p))
         if listed:
             raise CorpusError(
                 f"{path} holds {', '.join(listed[:3])}: give that file as the corpus, or "
@@ -115,6 +125,7 @@ def read_corpus(path: str | Path, options: ReadOptions | None = None) -> Iterato
 
     options = options or ReadOptions()
     # Absolute: the paths are stored in the index, which is used from any folder later.
+    # Not resolve(): a symlinked data folder keeps the name the user gave it.
     path = Path(path).expanduser().absolute()
     if options.image_root is not None:
         options = replace(options, image_root=Path(options.image_root).expanduser().absolute())
@@ -183,7 +194,11 @@ def _clean(captions: Any) -> tuple[str, ...]:
     if isinstance(captions, str):
         captions = [captions]
     # A null or non-text caption becomes empty, which the build reports per caption.
-    return tuple(str(c).strip() if isinstance(c, str | int | float) else "" for c in captions)
+    return tuple(_caption_text(c) for c in captions)
+
+
+def _caption_text(c: Any) -> str:
+    return str(c).strip() if isinstance(c, str | int | float) and not isinstance(c, bool) else ""
 
 
 def _read_folder(root: Path, options: ReadOptions) -> Iterator[Record]:
@@ -217,7 +232,7 @@ def _read_csv(path: Path, options: ReadOptions) -> Iterator[Record]:
     grouped: dict[str, dict[str, Any]] = {}
     skip = {options.image_col, options.caption_col, options.id_col}
     for lineno, values, problem in _csv_rows(lines, delimiter):
-        if len(values) > len(fields):
+        if any(v.strip() for v in values[len(fields) :]):  # empty extras: a trailing comma
             problem = f"{len(values)} fields where the header has {len(fields)} (unquoted comma?)"
         if problem:
             yield Record(id=f"{path.name}:{lineno}", image=Path(), problem=problem)
@@ -236,25 +251,42 @@ def _read_csv(path: Path, options: ReadOptions) -> Iterator[Record]:
 def _csv_rows(lines: list[str], delimiter: str) -> Iterator[tuple[int, list[str], str]]:
     """``(line number, values, problem)`` of each non-blank row after the header.
 
-    Strict parsing: a quote never closed would otherwise swallow every later row as text.
-    Such a row is reported and reading resumes on the line after it.
+    Lenient, as csv reads by default (``"Stop" sign`` is a value), except where a row runs over
+    several lines: that must parse strictly, or it is a quote never closed, which would swallow
+    every later row as text. Such a row is reported and reading resumes on the line after it.
     """
     pos = 1  # index in ``lines`` where the next reader starts
     while pos < len(lines):
-        reader = csv.reader(lines[pos:], delimiter=delimiter, strict=True)
-        base = pos
-        while True:
-            start = base + reader.line_num  # index of the row's first line
+        reader = csv.reader((lines[i] for i in range(pos, len(lines))), delimiter=delimiter)
+        start, resume = pos, None
+        while resume is None:
             try:
-                values = next(reader)
-            except StopIteration:
+                values = next(reader, None)
+            except csv.Error as e:  # e.g. a swallowed "field" over csv's size limit
+                values, problem = [], str(e)
+            else:
+                problem = ""
+            if values is None:
                 return
-            except csv.Error as e:
-                yield start + 1, [], f"malformed CSV row ({e}): an unclosed quote?"
-                pos = start + 1
-                break
-            if values:
+            end = pos + reader.line_num  # index after the row's last line
+            if not problem and end - start > 1 and not _strict(lines[start:end], delimiter):
+                problem = "a quote is never closed"
+            if problem:
+                yield start + 1, [], f"malformed CSV row ({problem}); read on from the next line"
+                resume = start + 1
+            elif values:
                 yield start + 1, values, ""
+            start = end
+        pos = resume
+
+
+def _strict(lines: list[str], delimiter: str) -> bool:
+    try:
+        for _ in csv.reader(lines, delimiter=delimiter, strict=True):
+            pass
+    except csv.Error:
+        return False
+    return True
 
 
 def _read_jsonl(path: Path, options: ReadOptions) -> Iterator[Record]:

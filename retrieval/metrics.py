@@ -110,7 +110,8 @@ def listed_ranks(correct: np.ndarray, scores: np.ndarray) -> np.ndarray:
     count against the model as in `first_hit_ranks`, whatever order the index put them in.
     A list knows only its top L, so the rank is L (a miss at every k < L) when no entry is
     correct, or when the best correct score ties the last entry: more ties may follow unseen.
-    Otherwise it is exact.
+    Otherwise it is exact; for a query with at most c correct candidates, recall@k is exact
+    for every k <= L - c (a tie reaching the end puts at least L - c wrong ones ahead).
     """
     length = correct.shape[1]
     best = np.where(correct, scores, -np.inf).max(axis=1, keepdims=True)  # (Q, 1)

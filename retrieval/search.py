@@ -124,8 +124,8 @@ def spec_from_manifest(manifest: dict) -> ModelSpec:
         path = Path(pretrained)
         if not path.is_file():
             raise SearchError(
-                f"the checkpoint this index was built with is gone: {path}; if it moved, "
-                "give its new path with --pretrained"
+                f"the checkpoint this index was built with is gone: {path}; if it moved, put it "
+                "back, or give search, serve and bench its new path with --pretrained"
             )
         if sha256_file(path) != sha:
             raise SearchError(f"the checkpoint {path} changed since the index was built")
@@ -192,13 +192,16 @@ class Searcher:
             except EncoderError:
                 raise
             except (FileNotFoundError, RuntimeError) as e:
-                # Two writers' publications in a row prune the version we had just resolved.
-                if attempt == 2 or folder.exists():
-                    msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-                    raise SearchError(
-                        f"index {name!r} cannot be opened ({msg}); `retrieval verify {name}` "
-                        "says what is damaged"
-                    ) from None
+                # Two writers' publications in a row prune the version we had just resolved,
+                # maybe while we read it: then open the one the name points to now.
+                moved = not folder.exists() or layout.resolve(name, index_dir) != folder
+                if attempt < 2 and moved:
+                    continue
+                msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                raise SearchError(
+                    f"index {name!r} cannot be opened ({msg}); `retrieval verify {name}` checks "
+                    "its files"
+                ) from None
         raise AssertionError("unreachable")
 
     def latest(self) -> Searcher:

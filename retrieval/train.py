@@ -130,7 +130,9 @@ def train(corpus: str | Path, out: str | Path, config: TrainConfig | None = None
     world, device = join_world(config.device)
     torch.manual_seed(config.seed)
     spec, latest = config.model, out / "checkpoints" / "latest.pt"
-    if config.resume and latest.is_file():  # load the weights the run goes on from, not random
+    # Resuming: load the weights the run goes on from. Not in place of an open_clip tag, whose
+    # preprocessing (mean, std, resize) a plain file would not carry.
+    if config.resume and latest.is_file() and (not spec.pretrained or spec.checkpoint):
         spec = replace(spec, pretrained=str(latest))
     encoder = Encoder.load(spec, device)
     model = encoder.model

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -139,7 +140,7 @@ def test_pretrained_alone_is_used_and_finds_a_moved_checkpoint(corpora, tmp_path
     run("build", corpora["jsonl"], "--name", "m", "--pretrained", first, "--workers", "0")
     moved = first.rename(tmp_path / "b.pt")
     result = CliRunner().invoke(main, ["search", "m", "--text", "a red picture"])
-    assert result.exit_code != 0 and "give its new path with --pretrained" in result.output
+    assert result.exit_code != 0 and "its new path with --pretrained" in result.output
     out = run("search", "m", "--text", "a red picture", "--pretrained", moved, "--json").output
     assert len(json.loads(out)["results"]) == 3
     other = torch.load(moved, weights_only=True)
@@ -274,6 +275,17 @@ def test_a_writer_stopped_by_sigterm_says_so_in_one_line(corpora, tmp_path):
         "with --resume)"
     ]
     assert layout.list_indexes(tmp_path) == []
+
+
+def test_commands_run_off_the_main_thread_and_leave_the_sigterm_handler_alone():
+    before = signal.getsignal(signal.SIGTERM)
+    out = []
+    worker = threading.Thread(target=lambda: out.append(CliRunner().invoke(main, ["info", "x"])))
+    worker.start()
+    worker.join()
+    assert "no index named 'x'" in out[0].output
+    CliRunner().invoke(main, ["info", "x"])
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_console_script_builds_and_searches_in_fresh_processes(corpora, tmp_path):

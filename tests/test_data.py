@@ -45,16 +45,16 @@ def test_malformed_csv_rows_are_reported_and_the_rows_after_them_still_read(tmp_
         "\n"
         'c.jpg,"never closed\n'
         "d.jpg,after it\n"
-        "e.jpg,last\n"
+        'e.jpg,"Stop" sign,\n'  # lenient quoting and a trailing comma, as csv always read them
     )
     (tmp_path / "c.csv").write_text(text, encoding="utf-8")
     records = list(read_corpus(tmp_path / "c.csv"))
     problems = {r.id: r.problem for r in records if r.problem}
     assert problems.keys() == {"c.csv:3", "c.csv:7"}
     assert "3 fields where the header has 2" in problems["c.csv:3"]
-    assert "unclosed quote" in problems["c.csv:7"]
+    assert "a quote is never closed" in problems["c.csv:7"]
     good = {r.id: r.captions for r in records if not r.problem}
-    assert good == {"a": ("fine",), "m": ("two\nlines",), "d": ("after it",), "e": ("last",)}
+    assert good == {"a": ("fine",), "m": ("two\nlines",), "d": ("after it",), "e": ("Stop sign",)}
 
 
 def test_paths_are_absolute_whatever_the_working_folder(tmp_path, monkeypatch):
@@ -89,7 +89,7 @@ def test_jsonl_caption_or_captions_id_and_metadata(tmp_path):
         [
             {"image": "a.jpg", "caption": "one", "id": 7, "year": 2020},
             {"image": "sub/b.jpg", "captions": ["two", "three"]},
-            {"image": "c.jpg", "captions": [1, None, "ok", {"a": 1}]},
+            {"image": "c.jpg", "captions": [1, None, "ok", {"a": 1}, True]},
         ],
     )
     (tmp_path / "c.jsonl").write_text((tmp_path / "c.jsonl").read_text() + "{broken\n")
@@ -97,7 +97,7 @@ def test_jsonl_caption_or_captions_id_and_metadata(tmp_path):
     assert [r.id for r in records[:2]] == ["7", "sub/b"]
     assert records[0].extra == {"year": 2020}
     assert records[1].captions == ("two", "three")
-    assert records[2].captions == ("1", "", "ok", "")  # empty ones: skipped, with a reason
+    assert records[2].captions == ("1", "", "ok", "", "")  # empty ones: skipped, with a reason
     assert records[3].problem == "malformed record"
 
 
@@ -134,6 +134,13 @@ def test_a_folder_beside_its_annotation_file_asks_which_is_meant(tmp_path):
         list(read_corpus(tmp_path))
     [record] = read_corpus(tmp_path, ReadOptions(format="folder"))
     assert record.id == "images/a" and record.captions == ()
+    # Per-image sidecars and img2dataset's stats files are not corpus files.
+    shots = tmp_path / "shots"
+    write_image(shots / "x.jpg")
+    write_image(shots / "y.png")
+    for name in ("x.json", "y.png.json", "00000_stats.json"):
+        (shots / name).write_text("{}")
+    assert [r.id for r in read_corpus(shots)] == ["x", "y"]
 
 
 def test_unknown_format_and_missing_corpus(tmp_path):

@@ -95,6 +95,22 @@ def test_listed_ranks_match_full_ranks_with_ties_in_any_list_order():
         assert (listed[open_end] == length).all() and (~open_end).sum() > q // 4
 
 
+def test_lists_with_room_for_every_correct_one_give_exact_recall_up_to_max_k():
+    rng = np.random.default_rng(11)
+    for q, c_all, max_k in [(200, 30, 5), (200, 12, 3)]:
+        scores = rng.integers(0, 3, size=(q, c_all)).astype(np.float32)
+        correct = rng.random((q, c_all)) < 0.2  # several correct ones, often tied
+        correct[np.arange(q), rng.integers(0, c_all, q)] = True
+        room = int(correct.sum(axis=1).max())
+        order = np.lexsort((rng.random((q, c_all)), -scores))[:, : max_k + room]
+        listed = metrics.listed_ranks(
+            np.take_along_axis(correct, order, 1), np.take_along_axis(scores, order, 1)
+        )
+        full = metrics.first_hit_ranks(scores, correct)
+        cut = max_k + 1  # every rank past max_k is the same miss
+        np.testing.assert_array_equal(np.minimum(listed, cut), np.minimum(full, cut))
+
+
 def test_listed_ranks_of_short_lists_and_curves():
     correct = np.array([[False, True, False], [False, False, False], [True, False, False]])
     scores = np.array([[0.9, 0.8, -np.inf], [0.7, 0.6, 0.5], [0.9, 0.9, 0.1]])

@@ -19,7 +19,6 @@ import contextlib
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 
 from .loss import clip_loss, positive_mask
 from .world import World
@@ -28,7 +27,29 @@ from .world import World
 def _gather_with_grad(x: torch.Tensor, world: World) -> torch.Tensor:
     if world.size == 1:
         return x
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    return _GatherWithGrad.apply(x)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """(B, D) per process -> (world * B, D), rank order; gradients flow back to each part.
+
+    torch.distributed.nn.functional.all_gather does this but is deprecated (it warns on every
+    step) in favour of a private module; every process has the same B here.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        # Every process's loss reads every part: this part's gradient is their sum.
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        n = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * n : (dist.get_rank() + 1) * n]
 
 
 def _gather(x: torch.Tensor, world: World) -> torch.Tensor:

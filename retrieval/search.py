@@ -163,7 +163,7 @@ class Searcher:
         self.images.exclude(self.store.tombstones("image"))
         self.captions.exclude(self.store.tombstones("caption"))
         self.corpus = _corpus(folder, self.manifest, self.images, self.captions)
-        self._allowed: dict[tuple, np.ndarray] = {}  # filter -> allowed item rows
+        self._allowed: dict[tuple, np.ndarray | str] = {}  # filter -> item rows, or the error
 
     @classmethod
     def open(
@@ -299,12 +299,15 @@ class Searcher:
                 fields.update(it.get("extra", {}))
                 if filters.matches_all(conds, it.get("extra", {})):
                     rows.append(it["row"])
-            if unknown := sorted({c.key for c in conds} - fields):
-                # Probably a typo: say so rather than answer "no results".
-                known = ", ".join(sorted(fields)[:12]) or "none"
-                raise SearchError(f"no item has the field {unknown[0]!r} (fields: {known})")
             self._allowed[where] = np.array(sorted(rows), dtype=np.int64)
-        return self._allowed[where]
+            if unknown := sorted({c.key for c in conds} - fields):
+                # Probably a typo: say so rather than answer "no results" (remembered, so a
+                # client repeating it does not rescan the store).
+                known = ", ".join(sorted(fields)[:12]) or "none"
+                self._allowed[where] = f"no item has the field {unknown[0]!r} (fields: {known})"
+        if isinstance(allowed := self._allowed[where], str):
+            raise SearchError(allowed)
+        return allowed
 
     def _result(self, rank: int, hit: query_layer.Hit) -> dict[str, Any]:
         item_id = self.store.item_ids([hit.item])[0]

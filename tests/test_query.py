@@ -131,8 +131,9 @@ def test_where_filters_results_exactly(searcher, encoder):
     none = searcher.search(Query(text=text), where=("relation=nowhere",))
     assert none["results"] == []
     # A field no item has is most likely a typo: an error naming the fields, not "no results".
-    with pytest.raises(SearchError, match=r"no item has the field 'size' \(fields: .*relation"):
-        searcher.search(Query(text=text), where=("relation=above", "size=2..5"))
+    for _ in range(2):  # the second answer comes from the cache
+        with pytest.raises(SearchError, match=r"no item has the field 'size' \(fields: .*rel"):
+            searcher.search(Query(text=text), where=("relation=above", "size=2..5"))
 
 
 def test_strategy_and_term_errors(searcher):

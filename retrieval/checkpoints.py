@@ -3,7 +3,7 @@
 ``checkpoints/epoch_N.pt`` (open_clip-compatible: ``{"epoch", "name", "state_dict"}``) with
 ``epoch_N.state.pt`` beside it (optimizer, scheduler, step, best score, history); ``latest.pt``
 and ``best.pt`` are hard links (or copies) of an epoch's file; ``metrics.jsonl`` has one row per
-epoch; ``config.json`` the run's settings.
+epoch; ``config.json`` the run's settings; ``skipped.jsonl`` the items left out, and why.
 """
 
 from __future__ import annotations
@@ -108,6 +108,15 @@ def end_epoch(out: Path, parts, state: dict, history: list, config: TrainConfig,
         return save(out, *parts, state, history, config)
     log_metrics(out, history[-1])
     return state["best"]
+
+
+def write_skips(out: Path, rows: list[dict]) -> Path:
+    """``skipped.jsonl``: the training items left out (repeated ids, unreadable images, no
+    caption), one JSON object each with its ``reason``, as a build reports its own."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "skipped.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    return path
 
 
 def log_metrics(out: Path, row: dict) -> None:

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .checkpoints import check_new, end_epoch, fresh, resume
+from .checkpoints import check_new, end_epoch, fresh, resume, write_skips
 from .data import ReadOptions, check_field, read_corpus, unique_records
 from .encoder import Encoder, ModelSpec, default_workers
 from .errors import TrainError
@@ -217,11 +217,11 @@ def _datasets(corpus, out: Path, config: TrainConfig, encoder, world: World):
 
     train_set = load(records, "train")
     val_set = load(val_records, "validation") if val_records else None
-    if len(skipped) + len(train_set.skipped):
-        log.warning(
-            "skipped %d training items (duplicates, unreadable images or no caption)",
-            len(skipped) + len(train_set.skipped),
-        )
+    rows = [{"id": i, "path": p, "reason": why} for i, p, why in skipped]
+    rows += [{"id": i, "reason": why} for i, why in train_set.skipped]
+    if rows and world.rank == 0:
+        report = write_skips(out, rows)
+        log.warning("skipped %d training items: each, with its reason, in %s", len(rows), report)
     return train_set, val_set
 
 

@@ -243,6 +243,27 @@ def test_divergence_stops_before_the_weights_and_keeps_saved_checkpoints(
     assert "diverged: the loss became nan at step" in result.output
 
 
+def test_items_left_out_of_training_are_listed_with_their_reasons(
+    small_corpus, micro_config, tmp_path
+):
+    lines = small_corpus.read_text().splitlines()
+    first = json.loads(lines[0])
+    extra = [
+        first,  # the same id again
+        {**first, "id": "gone", "image": "images/gone.png"},
+        {**first, "id": "mute", "caption": "", "captions": [""]},
+    ]
+    corpus = small_corpus.with_name("with_bad.jsonl")
+    corpus.write_text("\n".join([*lines, *map(json.dumps, extra)]) + "\n")
+    run_train(corpus, tmp_path, micro_config, steps=1)
+    rows = [json.loads(x) for x in (tmp_path / "skipped.jsonl").read_text().splitlines()]
+    assert {(r["id"], r["reason"]) for r in rows} == {
+        (str(first["id"]), "duplicate id"),
+        ("gone", "missing file"),
+        ("mute", "no caption"),
+    }
+
+
 def test_an_unknown_batch_group_field_is_an_error_before_any_decoding(
     small_corpus, micro_config, tmp_path
 ):

@@ -16,8 +16,9 @@ from .layout import ENV_INDEX_DIR
 
 _MODEL_HELP = (
     "open_clip model name (e.g. ViT-B-32), a shipped config (tiny-vit, small-vit) or a path to "
-    "an open_clip model-config JSON. Default: tiny-vit."
+    "an open_clip model-config JSON."
 )
+_OWN_MODEL_HELP = " Default: the index's own model (tiny-vit where no index is involved)."
 _PRETRAINED_HELP = "open_clip pretrained tag (e.g. laion2b_s34b_b79k) or a local checkpoint file."
 _ALONE_HELP = (
     " Alone: weights for the default model or, with an index, for its own model (its checkpoint"
@@ -43,7 +44,7 @@ class ErrorGroup(click.Group):
                 "continue with --resume)"
             ) from None
         finally:
-            if main:
+            if main and previous is not None:  # None: set outside Python (embedded)
                 signal.signal(signal.SIGTERM, previous)
 
 
@@ -69,7 +70,8 @@ def model_options(default_model: str | None):
         )(f)
         alone = "" if default_model else _ALONE_HELP  # where --model may be left out
         f = click.option("--pretrained", default=None, help=_PRETRAINED_HELP + alone)(f)
-        return click.option("--model", default=default_model, help=_MODEL_HELP)(f)
+        model_help = _MODEL_HELP + (" Default: tiny-vit." if default_model else _OWN_MODEL_HELP)
+        return click.option("--model", default=default_model, help=model_help)(f)
 
     return wrap
 

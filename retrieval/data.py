@@ -69,9 +69,9 @@ def _annotation_file(p: Path) -> bool:
     ``a.jpg``) nor img2dataset's ``00000_stats.json``."""
     if p.suffix.lower() not in _ANNOTATIONS or p.name.endswith("_stats.json") or not p.is_file():
         return False
-    if Path(p.stem).suffix.lower() in IMAGE_SUFFIXES:
+    if Path(p.stem).suffix.lower() in IMAGE_SUFFIXES:  # IMG_1.jpg.json
         return False
-    return not any(p.with_suffix(s).exists() for s in IMAGE_SUFFIXES)
+    return not any(p.with_suffix(s).exists() for x in IMAGE_SUFFIXES for s in (x, x.upper()))
 
 
 def detect_format(path: Path) -> str:
@@ -232,12 +232,13 @@ def _read_csv(path: Path, options: ReadOptions) -> Iterator[Record]:
     grouped: dict[str, dict[str, Any]] = {}
     skip = {options.image_col, options.caption_col, options.id_col}
     for lineno, values, problem in _csv_rows(lines, delimiter):
-        if any(v.strip() for v in values[len(fields) :]):  # empty extras: a trailing comma
-            problem = f"{len(values)} fields where the header has {len(fields)} (unquoted comma?)"
+        if not problem and not any(v.strip() for v in values):
+            continue  # ",," or spaces: an empty row, as spreadsheets write them
+        row = dict(zip(fields, values, strict=False))  # short rows: later columns empty
+        problem = problem or _row_problem(values, len(fields), row, options.image_col)
         if problem:
             yield Record(id=f"{path.name}:{lineno}", image=Path(), problem=problem)
             continue
-        row = dict(zip(fields, values, strict=False))  # short rows: later columns empty
         image = (row.get(options.image_col) or "").strip()
         key = (row.get(options.id_col) or "").strip() if options.id_col else image
         entry = grouped.setdefault(key or image, {"image": image, "captions": [], "extra": {}})
@@ -246,6 +247,14 @@ def _read_csv(path: Path, options: ReadOptions) -> Iterator[Record]:
     for key, entry in grouped.items():
         item_id = key if options.id_col else Path(entry["image"]).with_suffix("").as_posix()
         yield Record(item_id, resolve(entry["image"]), _clean(entry["captions"]), entry["extra"])
+
+
+def _row_problem(values: list[str], width: int, row: dict, image_col: str) -> str:
+    if any(v.strip() for v in values[width:]):  # empty extras: a trailing comma
+        return f"{len(values)} fields where the header has {width} (unquoted comma?)"
+    if not (row.get(image_col) or "").strip():
+        return f"no {image_col!r} value"
+    return ""
 
 
 def _csv_rows(lines: list[str], delimiter: str) -> Iterator[tuple[int, list[str], str]]:

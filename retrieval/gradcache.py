@@ -45,8 +45,9 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        # Every process's loss reads every part: this part's gradient is their sum.
-        grad = grad.contiguous()
+        # Every process's loss reads every part: this part's gradient is their sum. A copy:
+        # autograd may hand the same tensor to other consumers.
+        grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         n = grad.shape[0] // dist.get_world_size()
         return grad[dist.get_rank() * n : (dist.get_rank() + 1) * n]

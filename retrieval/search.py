@@ -182,7 +182,12 @@ class Searcher:
         link = layout.index_root(index_dir) / name
         for attempt in range(3):
             folder = layout.resolve(name, index_dir)
-            manifest = layout.read_manifest(folder)
+            try:
+                manifest = layout.read_manifest(folder)
+            except FileNotFoundError:  # pruned between resolve and read: resolve again
+                if attempt < 2:
+                    continue
+                raise
             if model is not None and not model.name:
                 model = replace(model, name=manifest["model"])
             check_model(manifest, model)

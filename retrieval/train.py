@@ -130,9 +130,11 @@ def train(corpus: str | Path, out: str | Path, config: TrainConfig | None = None
     world, device = join_world(config.device)
     torch.manual_seed(config.seed)
     spec, latest = config.model, out / "checkpoints" / "latest.pt"
-    # Resuming: load the weights the run goes on from. Not in place of an open_clip tag, whose
-    # preprocessing (mean, std, resize) a plain file would not carry.
-    if config.resume and latest.is_file() and (not spec.pretrained or spec.checkpoint):
+    # Resuming: load the weights the run goes on from (no "random weights" warning, no need for
+    # a base checkpoint since moved). Not in place of an open_clip tag, whose preprocessing
+    # (mean, std, resize) a plain file would not carry.
+    tag = spec.pretrained and not spec.checkpoint and not _looks_like_a_file(spec.pretrained)
+    if config.resume and latest.is_file() and not tag:
         spec = replace(spec, pretrained=str(latest))
     encoder = Encoder.load(spec, device)
     model = encoder.model
@@ -178,6 +180,10 @@ def train(corpus: str | Path, out: str | Path, config: TrainConfig | None = None
     return TrainResult(out, state["step"], best, ckpt / "latest.pt", history, rate)
 
 
+def _looks_like_a_file(pretrained: str) -> bool:
+    return "/" in pretrained or Path(pretrained).suffix != ""  # tags: "openai", "laion2b_s34b_b79k"
+
+
 def _adamw(model, config: TrainConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, config.wd)
     lr = DEFAULT_LR if config.lr is None else config.lr  # on resume, the saved state replaces it
@@ -219,9 +225,13 @@ def _datasets(corpus, out: Path, config: TrainConfig, encoder, world: World):
     val_set = load(val_records, "validation") if val_records else None
     rows = [{"id": i, "path": p, "reason": why} for i, p, why in skipped]
     rows += [{"id": i, "reason": why} for i, why in train_set.skipped]
-    if rows and world.rank == 0:
+    rows += [
+        {"id": i, "reason": why, "set": "validation"} for i, why in getattr(val_set, "skipped", [])
+    ]
+    if world.rank == 0:  # written even when empty: a resumed run's report must not be stale
         report = write_skips(out, rows)
-        log.warning("skipped %d training items: each, with its reason, in %s", len(rows), report)
+        if rows:
+            log.warning("skipped %d items: each, with its reason, in %s", len(rows), report)
     return train_set, val_set
 
 

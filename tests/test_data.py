@@ -46,11 +46,14 @@ def test_malformed_csv_rows_are_reported_and_the_rows_after_them_still_read(tmp_
         'c.jpg,"never closed\n'
         "d.jpg,after it\n"
         'e.jpg,"Stop" sign,\n'  # lenient quoting and a trailing comma, as csv always read them
+        ",,\n   \n"  # empty rows, as spreadsheets write them
+        ",a caption without its image\n"
     )
     (tmp_path / "c.csv").write_text(text, encoding="utf-8")
     records = list(read_corpus(tmp_path / "c.csv"))
     problems = {r.id: r.problem for r in records if r.problem}
-    assert problems.keys() == {"c.csv:3", "c.csv:7"}
+    assert problems.keys() == {"c.csv:3", "c.csv:7", "c.csv:12"}
+    assert problems["c.csv:12"] == "no 'filepath' value"
     assert "3 fields where the header has 2" in problems["c.csv:3"]
     assert "a quote is never closed" in problems["c.csv:7"]
     good = {r.id: r.captions for r in records if not r.problem}

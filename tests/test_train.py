@@ -66,7 +66,9 @@ def test_two_processes_match_one_process(micro_config, tmp_path, chunk):
         str(out),
         str(chunk),
     ]
-    env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
+    # The tree under test first: not whatever copy of `retrieval` is installed.
+    paths = os.pathsep.join([str(HERE), str(HERE.parent)])
+    env = {**os.environ, "PYTHONPATH": paths, "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
     got = torch.load(out, weights_only=True)
     loss, grads = grads_after_step(micro_config, None)
@@ -166,6 +168,20 @@ def test_resume_continues_exactly(small_corpus, micro_config, tmp_path):
         torch.testing.assert_close(a[name], b[name], atol=0, rtol=0, msg=name)
     assert [r["epoch"] for r in resumed.history] == [1, 2]
     assert "val_image_retrieval_recall@5" in resumed.history[-1]
+
+
+def test_resume_needs_only_the_run_not_the_checkpoint_it_started_from(
+    small_corpus, micro_config, tmp_path
+):
+    base = tmp_path / "base.pt"
+    model = Encoder.load(ModelSpec(str(micro_config)), device="cpu").model
+    torch.save({"state_dict": model.state_dict()}, base)
+    spec = ModelSpec(str(micro_config), str(base))
+    out = tmp_path / "run"
+    run_train(small_corpus, out, micro_config, model=spec, epochs=2, steps=2)
+    base.unlink()  # moved away after the first run started
+    done = run_train(small_corpus, out, micro_config, model=spec, epochs=2, resume=True)
+    assert done.steps > 2 and [r["epoch"] for r in done.history] == [1, 2]
 
 
 def test_save_every_skips_checkpoints_but_logs_every_epoch(small_corpus, micro_config, tmp_path):

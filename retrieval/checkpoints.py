@@ -39,6 +39,32 @@ def check_new(out: Path) -> None:
         )
 
 
+# What fixes the batches and the schedule: a resume with other values would not continue the run.
+_SAME_ON_RESUME = (
+    "batch_size",
+    "accum_steps",
+    "seed",
+    "warmup",
+    "val_fraction",
+    "batch_group",
+    "lock_image",
+    "lock_text",
+)
+
+
+def check_same_run(out: Path, config: TrainConfig) -> None:
+    """Refuse a resume whose settings differ from the run's own (``config.json``)."""
+    path = out / "config.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    differ = [k for k in _SAME_ON_RESUME if k in saved and saved[k] != getattr(config, k)]
+    if differ:
+        flags = " ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in differ)
+        raise TrainError(
+            f"--resume continues the run in {out} as it was started: pass {flags} (its "
+            "config.json), or start a new run in another --out"
+        )
+
+
 def fresh(out: Path, config: TrainConfig) -> dict:
     """Start a run folder: write ``config`` (a TrainConfig) and return the state of step 0."""
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)

@@ -191,7 +191,7 @@ def _resolver(corpus_file: Path, options: ReadOptions):
 def _clean(captions: Any) -> tuple[str, ...]:
     if captions is None:
         return ()
-    if isinstance(captions, str):
+    if not isinstance(captions, list | tuple):  # one caption, of whatever type
         captions = [captions]
     # A null or non-text caption becomes empty, which the build reports per caption.
     return tuple(_caption_text(c) for c in captions)

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .checkpoints import check_new, end_epoch, fresh, resume, write_skips
+from .checkpoints import check_new, check_same_run, end_epoch, fresh, resume, write_skips
 from .data import ReadOptions, check_field, read_corpus, unique_records
 from .encoder import Encoder, ModelSpec, default_workers
 from .errors import TrainError
@@ -124,7 +124,9 @@ def epoch_batches(
 def train(corpus: str | Path, out: str | Path, config: TrainConfig | None = None) -> TrainResult:
     """Fine-tune ``config.model`` on ``corpus``; write checkpoints under ``out``."""
     config, out = config or TrainConfig(), Path(out)
-    if not config.resume:
+    if config.resume:
+        check_same_run(out, config)  # before minutes of decoding
+    else:
         check_new(out)  # before anything is written into it
         config = replace(config, lr=DEFAULT_LR if config.lr is None else config.lr)
     world, device = join_world(config.device)
@@ -151,9 +153,7 @@ def train(corpus: str | Path, out: str | Path, config: TrainConfig | None = None
     epochs = math.ceil(total / steps_per_epoch)
     optimizer = _adamw(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, config.warmup))
-    state = (
-        resume(out, model, optimizer, scheduler, config.lr) if config.resume else fresh(out, config)
-    )
+    state = _start(out, config, (model, optimizer, scheduler), total)
     ddp = _wrap(model, world, device)
     history, speed = list(state["history"]), []
     for epoch in range(state["epoch"] + 1, epochs + 1):
@@ -178,6 +178,19 @@ def train(corpus: str | Path, out: str | Path, config: TrainConfig | None = None
     best = ckpt / "best.pt" if (ckpt / "best.pt").exists() else None
     rate = float(np.mean(speed)) if speed else 0.0
     return TrainResult(out, state["step"], best, ckpt / "latest.pt", history, rate)
+
+
+def _start(out: Path, config: TrainConfig, parts, total: int) -> dict:
+    """The state to go on from: the run's saved one on resume, else a new run folder's."""
+    if not config.resume:
+        return fresh(out, config)
+    state = resume(out, *parts, config.lr)
+    if state["step"] >= total:
+        raise TrainError(
+            f"the run in {out} has made all its {total} steps; give more --epochs or --steps "
+            "to train on"
+        )
+    return state
 
 
 def _looks_like_a_file(pretrained: str) -> bool:

@@ -93,6 +93,7 @@ def test_jsonl_caption_or_captions_id_and_metadata(tmp_path):
             {"image": "a.jpg", "caption": "one", "id": 7, "year": 2020},
             {"image": "sub/b.jpg", "captions": ["two", "three"]},
             {"image": "c.jpg", "captions": [1, None, "ok", {"a": 1}, True]},
+            {"image": "d.jpg", "caption": 42},
         ],
     )
     (tmp_path / "c.jsonl").write_text((tmp_path / "c.jsonl").read_text() + "{broken\n")
@@ -101,7 +102,8 @@ def test_jsonl_caption_or_captions_id_and_metadata(tmp_path):
     assert records[0].extra == {"year": 2020}
     assert records[1].captions == ("two", "three")
     assert records[2].captions == ("1", "", "ok", "", "")  # empty ones: skipped, with a reason
-    assert records[3].problem == "malformed record"
+    assert records[3].captions == ("42",)
+    assert records[4].problem == "malformed record"
 
 
 def test_json_list_like_coco_mini_finds_images_folder(tmp_path):

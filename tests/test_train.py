@@ -184,6 +184,16 @@ def test_resume_needs_only_the_run_not_the_checkpoint_it_started_from(
     assert done.steps > 2 and [r["epoch"] for r in done.history] == [1, 2]
 
 
+def test_resume_refuses_other_settings_and_a_finished_run(small_corpus, micro_config, tmp_path):
+    run_train(small_corpus, tmp_path, micro_config, epochs=1, batch_size=8)
+    with pytest.raises(TrainError, match=r"as it was started: pass --batch-size 8 \(its config"):
+        run_train(small_corpus, tmp_path, micro_config, epochs=2, resume=True)  # batch 16
+    with pytest.raises(TrainError, match="has made all its 7 steps; give more --epochs"):
+        run_train(small_corpus, tmp_path, micro_config, epochs=1, batch_size=8, resume=True)
+    more = run_train(small_corpus, tmp_path, micro_config, epochs=2, batch_size=8, resume=True)
+    assert more.steps == 14
+
+
 def test_save_every_skips_checkpoints_but_logs_every_epoch(small_corpus, micro_config, tmp_path):
     run = run_train(small_corpus, tmp_path, micro_config, epochs=5, save_every=2)
     ckpt = tmp_path / "checkpoints"
@@ -239,7 +249,7 @@ def test_divergence_stops_before_the_weights_and_keeps_saved_checkpoints(
     for lr, warned in ((None, False), (1e-4, True)):
         caplog.clear()
         with caplog.at_level(logging.WARNING), pytest.raises(TrainError, match="diverged"):
-            run_train(small_corpus, tmp_path, micro_config, epochs=6, lr=lr, resume=True)
+            run_train(small_corpus, tmp_path, micro_config, epochs=6, lr=lr, warmup=0, resume=True)
         said = "own learning rate 100: --lr 0.0001 applies to new runs only" in caplog.text
         assert said == warned
     # The command line says it in one line.

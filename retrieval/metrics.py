@@ -16,16 +16,20 @@ from __future__ import annotations
 import numpy as np
 
 _CHUNK_FLOATS = 32 << 20  # floats per chunk of a score matrix
+# Scores this close are equal: the same two vectors score a float32 ulp or two apart in different
+# kernels (an index's and numpy's), and a tie must be a tie on every path.
+TIE_TOLERANCE = 1e-6
 
 
 def first_hit_ranks(scores: np.ndarray, correct: np.ndarray) -> np.ndarray:
     """(Q,) 1-based rank of the best-scored correct candidate per query.
 
     ``scores``: (Q, C) similarities; ``correct``: (Q, C) bool with at least one True per row.
-    Rank = 1 + number of incorrect candidates scoring >= the best correct score.
+    Rank = 1 + number of incorrect candidates scoring >= the best correct score (less
+    `TIE_TOLERANCE`).
     """
     best = np.where(correct, scores, -np.inf).max(axis=1, keepdims=True)  # (Q, 1)
-    return ((scores >= best) & ~correct).sum(axis=1) + 1
+    return ((scores >= best - TIE_TOLERANCE) & ~correct).sum(axis=1) + 1
 
 
 def retrieval_ranks(
@@ -115,8 +119,8 @@ def listed_ranks(correct: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """
     length = correct.shape[1]
     best = np.where(correct, scores, -np.inf).max(axis=1, keepdims=True)  # (Q, 1)
-    ranks = ((scores >= best) & ~correct).sum(axis=1) + 1
-    known = correct.any(axis=1) & (scores[:, -1] < best[:, 0])
+    ranks = ((scores >= best - TIE_TOLERANCE) & ~correct).sum(axis=1) + 1
+    known = correct.any(axis=1) & (scores[:, -1] < best[:, 0] - TIE_TOLERANCE)
     return np.where(known, ranks, length)
 
 

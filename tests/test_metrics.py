@@ -18,7 +18,9 @@ def reference(image_emb, text_emb, text_to_image, ks):
         t2i_ranks.append(
             1
             + sum(
-                1 for i in range(len(image_emb)) if i != text_to_image[t] and scores[t, i] >= mine
+                1
+                for i in range(len(image_emb))
+                if i != text_to_image[t] and scores[t, i] >= mine - metrics.TIE_TOLERANCE
             )
         )
     i2t_ranks = []
@@ -29,7 +31,11 @@ def reference(image_emb, text_emb, text_to_image, ks):
         best = max(scores[t, i] for t in caps)
         i2t_ranks.append(
             1
-            + sum(1 for t in range(len(text_emb)) if text_to_image[t] != i and scores[t, i] >= best)
+            + sum(
+                1
+                for t in range(len(text_emb))
+                if text_to_image[t] != i and scores[t, i] >= best - metrics.TIE_TOLERANCE
+            )
         )
     for k in ks:
         out[f"image_retrieval_recall@{k}"] = np.mean([r <= k for r in t2i_ranks])
@@ -109,6 +115,15 @@ def test_lists_with_room_for_every_correct_one_give_exact_recall_up_to_max_k():
         full = metrics.first_hit_ranks(scores, correct)
         cut = max_k + 1  # every rank past max_k is the same miss
         np.testing.assert_array_equal(np.minimum(listed, cut), np.minimum(full, cut))
+
+
+def test_scores_a_float_ulp_apart_are_a_tie_on_both_paths():
+    # FAISS scored two copies of one caption vector 0.93865871 and 0.93865865 (one ulp apart).
+    scores = np.array([[0.9386587142944336, 0.9386586546897888]], dtype=np.float32)
+    for correct in (np.array([[True, False]]), np.array([[False, True]])):
+        assert metrics.first_hit_ranks(scores, correct).tolist() == [2]
+        listed = np.c_[correct, [[False]]], np.c_[scores, [[0.1]]]  # a list of 3, best first
+        assert metrics.listed_ranks(*listed).tolist() == [2]
 
 
 def test_listed_ranks_of_short_lists_and_curves():

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from . import ablation, layout, metrics, querybank
-from .data import ReadOptions, check_field, read_corpus, unique_records
+from .data import ReadOptions, read_corpus, unique_records
 from .encoder import Encoder, ModelSpec
 from .errors import RetrievalError
+from .filters import check_field, group_codes
 from .index import VectorIndex
 from .querybank import BankConfig
 from .search import DEFAULT_MIX, Searcher
@@ -101,14 +102,7 @@ def _with_captions(kept, img: np.ndarray, encoder: Encoder, config: BenchConfig)
     texts = [c for r in kept for c in r.captions if c]
     owner = np.array([i for i, r in enumerate(kept) for c in r.captions if c], dtype=np.int64)
     text = encoder.encode_texts(texts, progress=config.progress)
-    groups = None
-    if config.group_key:
-        # An item without the field (or null) is a group of its own, not one with all such.
-        key = config.group_key
-        values = [r.extra.get(key) for r in kept]
-        groups = np.array(
-            [json.dumps(["<own>", i] if v is None else v) for i, v in enumerate(values)]
-        )
+    groups = group_codes(kept, config.group_key) if config.group_key else None
     return Embedded(img, text, owner, [r.id for r in kept], groups)
 
 

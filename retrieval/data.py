@@ -23,7 +23,7 @@ import csv
 import json
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -146,13 +146,6 @@ def read_corpus(path: str | Path, options: ReadOptions | None = None) -> Iterato
     if options.split and fmt != "karpathy":  # any format: records whose "split" field matches
         records = (r for r in records if r.extra.get("split") == options.split)
     yield from records
-
-
-def check_field(records: Sequence[Record], key: str) -> None:
-    """CorpusError when no record carries metadata field ``key`` (a typo, most likely)."""
-    if records and not any(key in r.extra for r in records):
-        known = ", ".join(sorted({k for r in records for k in r.extra})[:12]) or "none"
-        raise CorpusError(f"no item has the field {key!r} (fields: {known})")
 
 
 def unique_records(records) -> tuple[list[Record], list[tuple[str, str, str]]]:

@@ -48,6 +48,12 @@ class ModelSpec:
             return Path(self.pretrained).expanduser().resolve()
         return None
 
+    @property
+    def is_tag(self) -> bool:
+        """``pretrained`` names open_clip weights ("openai", "laion2b_s34b_b79k"), not a file."""
+        p = self.pretrained
+        return bool(p) and self.checkpoint is None and "/" not in p and Path(p).suffix == ""
+
     def describe(self) -> dict:
         """What the manifest records so that a later search can check it uses the same model."""
         ckpt = self.checkpoint

@@ -1,4 +1,5 @@
-"""Metadata conditions for searches: ``key=value``, ``key>=3``, ``key<2.5``, ``key=1..9``.
+"""Metadata fields: conditions for searches (``key=value``, ``key>=3``, ``key<2.5``,
+``key=1..9``), the check that a named field exists, and groups of equal values.
 
 Equality compares as text, and matches a list-valued field when any element matches; the
 comparisons and ranges compare as numbers (a value that is not a number never matches).
@@ -6,11 +7,15 @@ comparisons and ranges compare as numbers (a value that is not a number never ma
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import SearchError
+import numpy as np
+
+from .errors import CorpusError, SearchError
 
 _COND = re.compile(r"^\s*([^=<>!\s]+)\s*(>=|<=|!=|=|>|<)\s*(.*?)\s*$")
 
@@ -71,5 +76,31 @@ def parse(text: str) -> Condition:
     return Condition(key, op, value)
 
 
+def unknown_field(keys, fields) -> str | None:
+    """The message for the first of ``keys`` that is not among ``fields`` (a typo, most
+    likely: say so rather than match nothing); None when all are known."""
+    if unknown := sorted(set(keys) - set(fields)):
+        known = ", ".join(sorted(fields)[:12]) or "none"
+        return f"no item has the field {unknown[0]!r} (fields: {known})"
+    return None
+
+
 def matches_all(conditions: tuple[Condition, ...], extra: dict[str, Any]) -> bool:
     return all(c.matches(extra) for c in conditions)
+
+
+def check_field(records: Sequence, key: str) -> None:
+    """CorpusError when no record carries metadata field ``key`` (a typo, most likely)."""
+    if records and (msg := unknown_field([key], {k for r in records for k in r.extra})):
+        raise CorpusError(msg)
+
+
+def group_codes(records: Sequence, key: str) -> np.ndarray:
+    """(N,) int64: equal codes for records with equal ``extra[key]``; a record without the
+    field (or null) is a group of its own, not one with every other such record."""
+    values = [r.extra.get(key) for r in records]
+    labels = [
+        json.dumps(["<own>", i] if v is None else v, sort_keys=True) for i, v in enumerate(values)
+    ]
+    index = {label: g for g, label in enumerate(dict.fromkeys(labels))}
+    return np.array([index[label] for label in labels], dtype=np.int64)

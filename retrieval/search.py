@@ -304,12 +304,10 @@ class Searcher:
                 fields.update(it.get("extra", {}))
                 if filters.matches_all(conds, it.get("extra", {})):
                     rows.append(it["row"])
-            self._allowed[where] = np.array(sorted(rows), dtype=np.int64)
-            if unknown := sorted({c.key for c in conds} - fields):
-                # Probably a typo: say so rather than answer "no results" (remembered, so a
-                # client repeating it does not rescan the store).
-                known = ", ".join(sorted(fields)[:12]) or "none"
-                self._allowed[where] = f"no item has the field {unknown[0]!r} (fields: {known})"
+            # An unknown field's message is remembered too: a client repeating it must not
+            # rescan the store.
+            msg = filters.unknown_field([c.key for c in conds], fields)
+            self._allowed[where] = msg or np.array(sorted(rows), dtype=np.int64)
         if isinstance(allowed := self._allowed[where], str):
             raise SearchError(allowed)
         return allowed

@@ -30,9 +30,10 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .checkpoints import check_new, check_same_run, end_epoch, fresh, resume, write_skips
-from .data import ReadOptions, check_field, read_corpus, unique_records
+from .data import ReadOptions, read_corpus, unique_records
 from .encoder import Encoder, ModelSpec, default_workers
 from .errors import TrainError
+from .filters import check_field
 from .gradcache import contrastive_step
 from .loss import clamp_logit_scale
 from .trainset import TrainSet, load_trainset, split_records
@@ -135,8 +136,7 @@ def train(corpus: str | Path, out: str | Path, config: TrainConfig | None = None
     # Resuming: load the weights the run goes on from (no "random weights" warning, no need for
     # a base checkpoint since moved). Not in place of an open_clip tag, whose preprocessing
     # (mean, std, resize) a plain file would not carry.
-    tag = spec.pretrained and not spec.checkpoint and not _looks_like_a_file(spec.pretrained)
-    if config.resume and latest.is_file() and not tag:
+    if config.resume and latest.is_file() and not spec.is_tag:
         spec = replace(spec, pretrained=str(latest))
     encoder = Encoder.load(spec, device)
     model = encoder.model
@@ -191,10 +191,6 @@ def _start(out: Path, config: TrainConfig, parts, total: int) -> dict:
             "to train on"
         )
     return state
-
-
-def _looks_like_a_file(pretrained: str) -> bool:
-    return "/" in pretrained or Path(pretrained).suffix != ""  # tags: "openai", "laion2b_s34b_b79k"
 
 
 def _adamw(model, config: TrainConfig) -> torch.optim.Optimizer:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 
 from . import pixels
 from .data import Record
+from .filters import group_codes
 from .metrics import retrieval_metrics
 
 
@@ -135,16 +135,8 @@ def load_trainset(
         mean=mean,
         std=std,
         skipped=skipped,
-        groups=_groups([records[i] for i in rows], group_field) if group_field else None,
+        groups=group_codes([records[i] for i in rows], group_field) if group_field else None,
     )
-
-
-def _groups(records: Sequence[Record], name: str) -> np.ndarray:
-    keys = [
-        json.dumps(r.extra.get(name, ["<own>", k]), sort_keys=True) for k, r in enumerate(records)
-    ]
-    index = {k: g for g, k in enumerate(dict.fromkeys(keys))}
-    return np.array([index[k] for k in keys], dtype=np.int64)
 
 
 def _image_size(encoder) -> int:

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv demo test lint clean
 
-$(STAMP): pyproject.toml setup.py retrieval/_skinny.c retrieval/_skinny_kernel.h retrieval/_skinny_workers.h
+$(STAMP): pyproject.toml setup.py retrieval/index/_skinny.c retrieval/index/_skinny_kernel.h retrieval/index/_skinny_workers.h
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval import autoindex
-from retrieval.exact import exact_search
+from retrieval.index import autoindex
+from retrieval.index.exact import exact_search
 
 D, K, TARGET = 128, 10, 0.95
-MODEL = ("tiny-vit", "retrieval/models/tiny-vit-shapes.pt")
+MODEL = ("tiny-vit", "retrieval/model/weights/tiny-vit-shapes.pt")
 TUNING_QUERIES = autoindex.TUNING_QUERIES
 THREADS = 2
 
@@ -29,8 +29,9 @@ def real_embeddings(work: Path, n_images: int) -> dict[str, np.ndarray]:
         return dict(np.load(cache))
     import torch
 
-    from retrieval import synthetic
-    from retrieval.encoder import Encoder, ModelSpec
+    from retrieval.corpus import synthetic
+    from retrieval.model.encoder import Encoder
+    from retrieval.model.spec import ModelSpec
 
     torch.set_num_threads(THREADS)
     corpus = synthetic.generate(work / f"corpus-{n_images}", n=n_images, seed=0)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from ann_data import TARGET, THREADS, D, K
 
-from retrieval import autoindex
+from retrieval.index import autoindex
 
 LADDER = autoindex._EF  # the engine's efSearch ladder, used for every library
 CURVE = (10, 12, *LADDER)  # measured efforts: two lower steps, to bracket recall 0.95
@@ -33,8 +33,8 @@ class Engine:
     def build(cls, xb: np.ndarray, spec: dict) -> Engine:
         import faiss
 
-        from retrieval import index as engine_index
-        from retrieval.index import VectorIndex
+        from retrieval.index import vector_index as engine_index
+        from retrieval.index.vector_index import VectorIndex
 
         ids = np.arange(len(xb))
         if spec.get("efc") is None:  # exactly what the engine builds
@@ -49,7 +49,7 @@ class Engine:
 
     @classmethod
     def load(cls, path: Path, spec: dict) -> Engine:
-        from retrieval.index import VectorIndex
+        from retrieval.index.vector_index import VectorIndex
 
         return cls(VectorIndex.load(path, spec["factory"]))
 

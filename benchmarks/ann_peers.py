@@ -61,8 +61,8 @@ import machine
 from ann_data import TARGET, THREADS, D, prepare
 from ann_libraries import LIBRARIES, recall_curve, set_threads
 
-from retrieval import autoindex
-from retrieval.index import HNSW_EF_CONSTRUCTION
+from retrieval.index import autoindex
+from retrieval.index.vector_index import HNSW_EF_CONSTRUCTION
 
 
 def status_bytes(field: str) -> int:

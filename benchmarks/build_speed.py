@@ -57,7 +57,8 @@ from machine import background_cores, busy_seconds, describe
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from retrieval.encoder import Encoder, ModelSpec, default_workers
+from retrieval.model.encoder import Encoder, default_workers
+from retrieval.model.spec import ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 COCO_MINI = ROOT.parent / "shared" / "data" / "coco-mini" / "images"

@@ -23,7 +23,7 @@ import numpy as np
 from machine import describe
 from search_speed import D, K, embeddings, gemm_gflops, time_batches
 
-from retrieval.index import VectorIndex
+from retrieval.index.vector_index import VectorIndex
 
 TARGET = 0.8
 

@@ -26,12 +26,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 import machine
 from search_speed import embeddings
 
-from retrieval import __version__, layout, lifecycle, synthetic
-from retrieval.build import BuildConfig, Embeddings, save_embeddings
-from retrieval.encoder import Encoder, ModelSpec
-from retrieval.index import VectorIndex
-from retrieval.store import ItemEntry, Store
-from retrieval.verify import verify
+from retrieval import __version__
+from retrieval.corpus import synthetic
+from retrieval.index import layout, lifecycle
+from retrieval.index.build import BuildConfig
+from retrieval.index.embeddings import Embeddings, save_embeddings
+from retrieval.index.store import ItemEntry, Store
+from retrieval.index.vector_index import VectorIndex
+from retrieval.index.verify import verify
+from retrieval.model.encoder import Encoder
+from retrieval.model.spec import ModelSpec
 
 CONFIG = {
     "embed_dim": 512,

@@ -20,12 +20,12 @@ import json
 import tempfile
 from pathlib import Path
 
-from retrieval import synthetic
-from retrieval.bench import BenchConfig, run_bench, to_json, to_markdown
-from retrieval.data import ReadOptions
-from retrieval.demo import SHIPPED_MODEL
-from retrieval.encoder import ModelSpec
-from retrieval.train import TrainConfig, train
+from retrieval.corpus import synthetic
+from retrieval.corpus.records import ReadOptions
+from retrieval.eval.bench import BenchConfig, run_bench, to_json, to_markdown
+from retrieval.model.spec import SHIPPED_MODEL, ModelSpec
+from retrieval.train.config import TrainConfig
+from retrieval.train.loop import train
 
 COCO_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini"
 

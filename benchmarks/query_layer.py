@@ -1,6 +1,6 @@
 """Which query-layer strategies pay, and what they cost: sweeps on synthetic data and coco-mini.
 
-    python benchmarks/query_layer.py --pretrained retrieval/models/tiny-vit-shapes.pt
+    python benchmarks/ranking.py --pretrained retrieval/model/weights/tiny-vit-shapes.pt
 
 Quality (exact search, every strategy against plain cosine, Recall@1/5 both ways):
 - synthetic: 1,000 held-out images (seed 999), querybank from another 1,000 (seed 998);
@@ -29,13 +29,17 @@ from pathlib import Path
 import numpy as np
 from quality import COCO_MINI, coco_model  # the sibling script: one coco recipe
 
-from retrieval import ablation, metrics, querybank, synthetic
-from retrieval import query as query_layer
-from retrieval.bench import BenchConfig, embed_with_model, load_dataset
-from retrieval.build import BuildConfig, build
-from retrieval.data import ReadOptions
-from retrieval.encoder import Encoder, ModelSpec
-from retrieval.search import Query, Searcher
+from retrieval.corpus import synthetic
+from retrieval.corpus.records import ReadOptions
+from retrieval.eval import strategies
+from retrieval.eval.bench import BenchConfig, embed_with_model, load_dataset
+from retrieval.index import querybank
+from retrieval.index.build import BuildConfig, build
+from retrieval.model.encoder import Encoder
+from retrieval.model.spec import ModelSpec
+from retrieval.query import ranking
+from retrieval.query.search import Query, Searcher
+from retrieval.scoring import metrics
 
 BETAS, MS, MIXES = (5.0, 10.0, 20.0, 50.0, 100.0), (1, 3, 10, 30), (0.1, 0.2, 0.3, 0.5)
 
@@ -58,7 +62,7 @@ def sweep(dataset: Path, bank: Path, model: ModelSpec, read: ReadOptions) -> lis
     for beta in BETAS:
         for m in MS:
             qb = querybank.BankConfig(beta=beta, m=m)
-            ranks = ablation.qbnorm_ranks(
+            ranks = strategies.qbnorm_ranks(
                 emb.image,
                 emb.text,
                 emb.text_to_image,
@@ -68,13 +72,13 @@ def sweep(dataset: Path, bank: Path, model: ModelSpec, read: ReadOptions) -> lis
             )
             rows.append({"strategy": f"qbnorm beta={beta:g} m={m}", **recalls(*ranks)})
     for mix in MIXES:
-        ranks = ablation.hybrid_ranks(emb.image, emb.text, emb.text_to_image, mix, False)
+        ranks = strategies.hybrid_ranks(emb.image, emb.text, emb.text_to_image, mix, False)
         grouped = {}
         if scenes is not None:
-            g = ablation.hybrid_ranks(emb.image, emb.text, emb.text_to_image, mix, False, scenes)
+            g = strategies.hybrid_ranks(emb.image, emb.text, emb.text_to_image, mix, False, scenes)
             grouped = {f"t2i scene R@{k}": v for k, v in metrics.recall_at_k(g, (1, 5)).items()}
         rows.append({"strategy": f"hybrid mix={mix:g}", **recalls(ranks, None), **grouped})
-    ranks = ablation.hybrid_ranks(emb.image, emb.text, emb.text_to_image, 0.5, True)
+    ranks = strategies.hybrid_ranks(emb.image, emb.text, emb.text_to_image, 0.5, True)
     rows.append({"strategy": "hybrid-rrf", **recalls(ranks, None)})
     return rows
 
@@ -107,11 +111,11 @@ def latency(corpus: Path, model: ModelSpec, tmp: Path, n_queries: int = 200) -> 
     out = []
     with Searcher.open("ql", tmp, encoder=encoder) as s:
         for strategy in ("cosine", "qbnorm", "hybrid", "hybrid-rrf"):
-            options = query_layer.Options(k=10, target="images", strategy=strategy)
+            options = ranking.Options(k=10, target="images", strategy=strategy)
             times = []
             for v in vecs:
                 start = time.perf_counter()
-                query_layer.run(s.corpus, [query_layer.Term("t", v[None, :])], options)
+                ranking.run(s.corpus, [ranking.Term("t", v[None, :])], options)
                 times.append(time.perf_counter() - start)
             e2e = []
             for text in texts[:n_queries]:

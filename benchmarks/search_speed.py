@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from machine import describe
 
-from retrieval import exact, index
-from retrieval.index import VectorIndex, choose_factory
+from retrieval.index import exact, vector_index
+from retrieval.index.vector_index import VectorIndex, choose_factory
 
 D, K = 512, 10
 BATCHES = (1, 16, 32, 64, 128, 256, 1000)
@@ -222,7 +222,7 @@ def earlier_exact(xb, queries, truth, untiled: bool) -> dict:
     never = 1 << 62
     name = "exact, untiled (before)" if untiled else "exact, FAISS tiled (before)"
     with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(index, "PACK_MIN_VECTORS", never))
+        stack.enter_context(mock.patch.object(vector_index, "PACK_MIN_VECTORS", never))
         if untiled:
             stack.enter_context(mock.patch.object(exact, "TILED_MIN_QUERIES", never))
         [row] = engine_rows(xb, queries, truth, [(name, "Flat", None)])

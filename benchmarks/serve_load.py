@@ -27,11 +27,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from retrieval import synthetic
-from retrieval.build import BuildConfig, build
-from retrieval.data import read_corpus
-from retrieval.demo import SHIPPED_MODEL
-from retrieval.encoder import Encoder, ModelSpec
+from retrieval.corpus import synthetic
+from retrieval.corpus.readers import read_corpus
+from retrieval.index.build import BuildConfig, build
+from retrieval.model.encoder import Encoder
+from retrieval.model.spec import SHIPPED_MODEL, ModelSpec
 
 
 def _rss(pid: int) -> dict[str, float]:

@@ -6,7 +6,7 @@ whose scene matches the caption as correct (the issue's target for the demo mode
 mirror accuracy: how often a caption scores its own scene above the same scene with its two
 shapes swapped ("A left of B" against "B left of A"); a bag-of-words model is at 0.5.
 
-    python benchmarks/synthetic_quality.py --model tiny-vit --pretrained retrieval/models/demo.pt
+    python benchmarks/synthetic_quality.py --model tiny-vit --pretrained retrieval/model/weights/tiny-vit-shapes.pt
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval import synthetic
-from retrieval.data import read_corpus
-from retrieval.encoder import Encoder, ModelSpec
-from retrieval.metrics import grouped_text_to_image_ranks, recall_at_k, retrieval_metrics
+from retrieval.corpus import synthetic
+from retrieval.corpus.readers import read_corpus
+from retrieval.model.encoder import Encoder
+from retrieval.model.spec import ModelSpec
+from retrieval.scoring.metrics import grouped_text_to_image_ranks, recall_at_k, retrieval_metrics
 
 
 def evaluate(model: str, pretrained: str | None, n: int, seed: int) -> dict[str, float]:

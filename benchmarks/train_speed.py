@@ -55,7 +55,7 @@ from machine import busy_seconds, describe
 
 REPO = Path(__file__).resolve().parents[1]
 COCO_MINI = REPO.parent / "shared" / "data" / "coco-mini"
-CONFIG = REPO / "retrieval" / "model_configs" / "tiny-vit.json"
+CONFIG = REPO / "retrieval" / "model" / "configs" / "tiny-vit.json"
 MODEL = CONFIG.stem
 CHILD = "--child"
 
@@ -125,7 +125,7 @@ def _child(kind: str, stamps: Path, argv: list[str]) -> None:
         if code not in (None, 0):
             raise SystemExit(code)
     else:
-        from retrieval.cli import main as cli
+        from retrieval.cli.main import main as cli
 
         cli(argv, prog_name="retrieval")
 
@@ -291,8 +291,9 @@ def recall(checkpoint: Path | None, splits: dict[str, list[Item]]) -> dict[str, 
     """Recall@1/5/10 both ways of one checkpoint (None: the untrained init) on each split."""
     import numpy as np
 
-    from retrieval.encoder import Encoder, ModelSpec
-    from retrieval.metrics import retrieval_metrics
+    from retrieval.model.encoder import Encoder
+    from retrieval.model.spec import ModelSpec
+    from retrieval.scoring.metrics import retrieval_metrics
 
     encoder = Encoder.load(ModelSpec(MODEL, str(checkpoint) if checkpoint else None), "cpu")
     out = {}
@@ -387,7 +388,7 @@ def run_all(
     h: Hyper,
 ) -> tuple[dict[str, list[Run]], dict[str, list[dict]]]:
     """Both trainers ``repeats`` times, alternating which goes first; their runs and recalls."""
-    from retrieval.encoder import default_workers
+    from retrieval.model.encoder import default_workers
 
     workers = default_workers()
     epochs, oc_per_epoch = open_clip_epochs
@@ -436,7 +437,7 @@ def main() -> None:
         _child(sys.argv[2], Path(sys.argv[3]), sys.argv[4:])
         return
     args = parse()
-    from retrieval.encoder import default_workers
+    from retrieval.model.encoder import default_workers
 
     h = Hyper()
     workers = default_workers()

@@ -2,12 +2,15 @@
 
 The Python API mirrors the command line::
 
-    from retrieval import BuildConfig, ModelSpec, Query, Searcher
-    from retrieval.build import build
+    from retrieval import BuildConfig, ModelSpec, Query, Searcher, build
 
     build("photos/", "holiday", BuildConfig(model=ModelSpec("tiny-vit")))
     with Searcher.open("holiday") as s:
         s.search(Query(text="a dog on a beach"), k=5)
+
+Subpackages are layers, each importing only those below it (docs/ARCHITECTURE.md):
+``scoring`` < ``corpus`` < ``model`` < ``index``, ``train`` < ``query`` < ``eval`` <
+``serve`` < ``cli``; ``errors`` and ``files`` sit under all of them.
 """
 
 from __future__ import annotations
@@ -22,15 +25,18 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 # Imported on first use: `import retrieval` (and `retrieval --help`) must not pay for torch.
 _LAZY = {
-    "BuildConfig": "build",
-    "BuildReport": "build",
-    "Encoder": "encoder",
-    "ModelSpec": "encoder",
-    "Query": "search",
-    "Searcher": "search",
-    "ReadOptions": "data",
-    "Record": "data",
-    "read_corpus": "data",
+    "BuildConfig": "index.build",
+    "BuildReport": "index.build",
+    "build": "index.build",
+    "Encoder": "model.encoder",
+    "ModelSpec": "model.spec",
+    "Query": "query.search",
+    "QueryTerm": "query.search",
+    "Searcher": "query.search",
+    "ReadOptions": "corpus.records",
+    "Record": "corpus.records",
+    "read_corpus": "corpus.readers",
+    "TrainConfig": "train.config",
     "RetrievalError": "errors",
 }
 

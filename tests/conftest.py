@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval import synthetic
-from retrieval.encoder import Encoder, ModelSpec
+from retrieval.corpus import synthetic
+from retrieval.model.encoder import Encoder
+from retrieval.model.spec import ModelSpec
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,10 @@ import sys
 import torch
 import torch.distributed as dist
 
-from retrieval.encoder import Encoder, ModelSpec
-from retrieval.gradcache import World, contrastive_step
+from retrieval.model.distributed import World
+from retrieval.model.encoder import Encoder
+from retrieval.model.spec import ModelSpec
+from retrieval.train.gradcache import contrastive_step
 
 
 def global_batch(encoder: Encoder, n: int):

@@ -10,10 +10,11 @@ import resource
 import time
 from pathlib import Path
 
-from retrieval import lifecycle
-from retrieval.build import BuildConfig, build
-from retrieval.encoder import Encoder, ModelSpec
 from retrieval.errors import RetrievalError
+from retrieval.index import lifecycle
+from retrieval.index.build import BuildConfig, build
+from retrieval.model.encoder import Encoder
+from retrieval.model.spec import ModelSpec
 
 CONFIG = BuildConfig(progress=False, workers=0, shard_size=8, batch_size=8)
 

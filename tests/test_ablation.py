@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from retrieval import ablation, fusion, metrics
+from retrieval.eval import strategies
+from retrieval.scoring import fusion, metrics
 
 
 def data(seed=0, n_img=9, per=3, d=6):
@@ -21,7 +22,7 @@ def test_qbnorm_ranks_equal_ranks_of_the_corrected_matrix():
     image, text, owner = data()
     rng = np.random.default_rng(1)
     n_img, n_cap, beta = rng.random(len(image)) * 3, rng.random(len(text)) * 3, 7.0
-    t2i, i2t = ablation.qbnorm_ranks(image, text, owner, n_img, n_cap, beta)
+    t2i, i2t = strategies.qbnorm_ranks(image, text, owner, n_img, n_cap, beta)
     s = text @ image.T  # (T, I)
     want_t2i = metrics.first_hit_ranks(
         beta * s - n_img[None, :], owner[:, None] == np.arange(len(image))[None, :]
@@ -36,7 +37,7 @@ def test_qbnorm_ranks_equal_ranks_of_the_corrected_matrix():
 def test_hybrid_ranks_leave_the_query_caption_out():
     image, text, owner = data(seed=2)
     for rrf in (False, True):
-        got = ablation.hybrid_ranks(image, text, owner, 0.4, rrf)
+        got = strategies.hybrid_ranks(image, text, owner, 0.4, rrf)
         want = []
         for q in range(len(text)):
             t2i = text[q] @ image.T
@@ -64,9 +65,11 @@ def test_hybrid_ranks_leave_the_query_caption_out():
 def test_grouped_hybrid_ranks_count_any_item_of_the_group():
     image, text, owner = data(seed=4, n_img=8)
     groups = np.array([0, 0, 1, 1, 2, 2, 3, 3])
-    got = ablation.hybrid_ranks(image, text, owner, 0.3, False, item_groups=groups)
-    plain = ablation.hybrid_ranks(image, text, owner, 0.3, False)
+    got = strategies.hybrid_ranks(image, text, owner, 0.3, False, item_groups=groups)
+    plain = strategies.hybrid_ranks(image, text, owner, 0.3, False)
     assert (got <= plain).all() and (got < plain).any()
     # Rank 1 exactly when the best fused item is in the caption's group.
-    same = np.array(ablation.hybrid_ranks(image, text, owner, 0.3, False, item_groups=np.zeros(8)))
+    same = np.array(
+        strategies.hybrid_ranks(image, text, owner, 0.3, False, item_groups=np.zeros(8))
+    )
     assert (same == 1).all()

@@ -6,14 +6,15 @@ import faiss
 import numpy as np
 import pytest
 
-from retrieval import autoindex, layout
-from retrieval.autoindex import bytes_per_vector, choose, nlist_for, tune
-from retrieval.build import BuildConfig, build
 from retrieval.errors import IndexBuildError
-from retrieval.exact import exact_search
-from retrieval.index import VectorIndex
-from retrieval.search import Query, Searcher
-from retrieval.verify import verify
+from retrieval.index import autoindex, layout
+from retrieval.index.autoindex import bytes_per_vector, choose, nlist_for, tune
+from retrieval.index.build import BuildConfig, build
+from retrieval.index.exact import exact_search
+from retrieval.index.manifest import read_manifest
+from retrieval.index.vector_index import VectorIndex
+from retrieval.index.verify import verify
+from retrieval.query.search import Query, Searcher
 
 MIB = 2**20
 
@@ -92,7 +93,7 @@ def test_exact_indexes_need_no_tuning():
 def test_build_records_the_tuned_knob_and_searchers_apply_it(tmp_path, synth_corpus, encoder):
     config = BuildConfig(progress=False, workers=0, index="HNSW8", target_recall=0.99)
     build(synth_corpus, "h", config, tmp_path, encoder=encoder)
-    manifest = layout.read_manifest(layout.resolve("h", tmp_path))
+    manifest = read_manifest(layout.resolve("h", tmp_path))
     for kind in ("image", "caption"):
         search = manifest["indexes"][kind]["search"]
         assert search["knob"] == "efSearch" and search["target"] == 0.99
@@ -107,7 +108,7 @@ def test_a_memory_budget_compresses_and_results_are_reranked_exactly(
 ):
     config = BuildConfig(progress=False, workers=0, max_memory=32_000)
     report = build(synth_corpus, "small", config, tmp_path, encoder=encoder)
-    manifest = layout.read_manifest(layout.resolve("small", tmp_path))
+    manifest = read_manifest(layout.resolve("small", tmp_path))
     image = manifest["indexes"]["image"]
     assert report.factories["image"] == image["factory"] != "Flat"
     total = image["memory_bytes"] + manifest["indexes"]["caption"]["memory_bytes"]

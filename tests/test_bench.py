@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from retrieval import metrics
-from retrieval.bench import (
+from retrieval.cli.main import main
+from retrieval.corpus.records import ReadOptions
+from retrieval.errors import RetrievalError
+from retrieval.eval.bench import (
     BenchConfig,
     Embedded,
     ann_row,
@@ -18,10 +20,8 @@ from retrieval.bench import (
     to_json,
     write_outputs,
 )
-from retrieval.build import BuildConfig, build
-from retrieval.cli import main
-from retrieval.data import ReadOptions
-from retrieval.errors import RetrievalError
+from retrieval.index.build import BuildConfig, build
+from retrieval.scoring import metrics
 
 
 @pytest.fixture(scope="module")

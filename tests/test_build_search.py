@@ -9,11 +9,12 @@ import pytest
 from badinputs import EXPECTED, make_catalogue
 from conftest import write_jsonl
 
-from retrieval import layout
-from retrieval.build import BuildConfig, build
-from retrieval.encoder import ModelSpec
 from retrieval.errors import IndexBuildError, SearchError
-from retrieval.search import Query, Searcher
+from retrieval.index import layout
+from retrieval.index.build import BuildConfig, build
+from retrieval.index.manifest import read_manifest
+from retrieval.model.spec import ModelSpec
+from retrieval.query.search import Query, Searcher
 
 QUIET = BuildConfig(progress=False, workers=0)
 
@@ -27,7 +28,7 @@ def synth_index(tmp_path_factory, synth_corpus, encoder):
 
 def test_build_writes_a_self_describing_folder(synth_index):
     folder = layout.resolve("synth", synth_index)
-    m = layout.read_manifest(folder)
+    m = read_manifest(folder)
     assert m["model"] == "tiny-vit" and m["pretrained"] is None and m["dim"] == 128
     assert m["counts"]["items"] == 40 and m["counts"]["captions"] == 120
     assert m["indexes"]["image"]["factory"] == "Flat"

@@ -17,8 +17,9 @@ from click.testing import CliRunner
 from conftest import write_image, write_jsonl
 from PIL import Image
 
-from retrieval import layout
-from retrieval.cli import main
+from retrieval.cli.main import main
+from retrieval.index import layout
+from retrieval.model.spec import SHIPPED_MODEL
 
 COCO_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini"
 
@@ -132,7 +133,7 @@ def test_info_and_errors_are_one_line(corpora, tmp_path, monkeypatch):
 
 def test_pretrained_alone_is_used_and_finds_a_moved_checkpoint(corpora, tmp_path, monkeypatch):
     monkeypatch.setenv("RETRIEVAL_INDEX_DIR", str(tmp_path / "ix"))
-    shipped = Path(__file__).resolve().parents[1] / "retrieval" / "models" / "tiny-vit-shapes.pt"
+    shipped = SHIPPED_MODEL
     first = tmp_path / "a.pt"
     shutil.copy(shipped, first)
     out = run("bench", corpora["jsonl"], "--pretrained", first, "--no-progress").output
@@ -154,7 +155,7 @@ def test_pretrained_alone_is_used_and_finds_a_moved_checkpoint(corpora, tmp_path
 
 def test_wrong_checkpoint_files_are_one_line_errors(corpora, tmp_path, monkeypatch):
     monkeypatch.setenv("RETRIEVAL_INDEX_DIR", str(tmp_path / "ix"))
-    shipped = Path(__file__).resolve().parents[1] / "retrieval" / "models" / "tiny-vit-shapes.pt"
+    shipped = SHIPPED_MODEL
     state_file = tmp_path / "epoch_1.state.pt"  # what sits beside epoch_1.pt: no weights
     torch.save({"optimizer": {"state": {}}, "epoch": 1, "history": [{"epoch": 1}]}, state_file)
     photo = corpora["folder"] / "red.jpg"
@@ -225,11 +226,11 @@ def test_synth_and_demo(tmp_path):
 
 
 def test_shipped_demo_model_finds_the_scene(tmp_path):
-    from retrieval import synthetic
-    from retrieval.data import read_corpus
-    from retrieval.demo import SHIPPED_MODEL
-    from retrieval.encoder import Encoder, ModelSpec
-    from retrieval.metrics import grouped_text_to_image_ranks, recall_at_k
+    from retrieval.corpus import synthetic
+    from retrieval.corpus.readers import read_corpus
+    from retrieval.model.encoder import Encoder
+    from retrieval.model.spec import SHIPPED_MODEL, ModelSpec
+    from retrieval.scoring.metrics import grouped_text_to_image_ranks, recall_at_k
 
     records = list(read_corpus(synthetic.generate(tmp_path, n=60, seed=4242)))
     enc = Encoder.load(ModelSpec("tiny-vit", str(SHIPPED_MODEL)), device="cpu")
@@ -246,9 +247,9 @@ def test_shipped_demo_model_finds_the_scene(tmp_path):
 def test_shipped_demo_model_reads_word_order():
     """A caption prefers its own scene over the mirrored one ("A left of B" vs "B left of A"),
     which a bag-of-words model cannot do better than chance."""
-    from retrieval import synthetic
-    from retrieval.demo import SHIPPED_MODEL
-    from retrieval.encoder import Encoder, ModelSpec
+    from retrieval.corpus import synthetic
+    from retrieval.model.encoder import Encoder
+    from retrieval.model.spec import SHIPPED_MODEL, ModelSpec
 
     enc = Encoder.load(ModelSpec("tiny-vit", str(SHIPPED_MODEL)), device="cpu")
     captions, images, flipped = synthetic.mirror_pairs(40, seed=77)

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from conftest import write_image, write_jsonl
 
-from retrieval.data import ReadOptions, detect_format, read_corpus
+from retrieval.corpus.readers import detect_format, read_corpus
+from retrieval.corpus.records import ReadOptions
 from retrieval.errors import CorpusError
 
 

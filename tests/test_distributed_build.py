@@ -8,10 +8,11 @@ import sys
 
 import numpy as np
 
-from retrieval import layout, synthetic
-from retrieval.build import BuildConfig, build
-from retrieval.index import VectorIndex
-from retrieval.store import Store
+from retrieval.corpus import synthetic
+from retrieval.index import layout
+from retrieval.index.build import BuildConfig, build
+from retrieval.index.store import Store
+from retrieval.index.vector_index import VectorIndex
 
 
 def _state(root, name):

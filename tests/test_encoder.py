@@ -7,8 +7,9 @@ import open_clip
 import pytest
 import torch
 
-from retrieval.encoder import CONFIG_DIR, Encoder, ModelSpec
 from retrieval.errors import EncoderError
+from retrieval.model.encoder import Encoder
+from retrieval.model.spec import CONFIG_DIR, ModelSpec
 
 
 def check_contract(x: np.ndarray, n: int, d: int) -> None:

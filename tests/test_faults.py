@@ -19,13 +19,15 @@ import numpy as np
 import pytest
 from fault_worker import CONFIG, job
 
-from retrieval import layout, lifecycle, synthetic
-from retrieval.build import build
-from retrieval.data import read_corpus, unique_records
-from retrieval.index import VectorIndex
-from retrieval.search import Query, Searcher
-from retrieval.store import Store
-from retrieval.verify import verify
+from retrieval.corpus import synthetic
+from retrieval.corpus.readers import read_corpus
+from retrieval.corpus.records import unique_records
+from retrieval.index import layout, lifecycle
+from retrieval.index.build import build
+from retrieval.index.store import Store
+from retrieval.index.vector_index import VectorIndex
+from retrieval.index.verify import verify
+from retrieval.query.search import Query, Searcher
 
 KILLS = 20
 HERE = Path(__file__).parent
@@ -36,7 +38,7 @@ def ctx():
     context = mp.get_context("forkserver")
     # The engine's modules, imported once in the server; "fault_worker" itself is not on the
     # server's path when it starts, and a failed preload is silent.
-    context.set_forkserver_preload(["retrieval.lifecycle", "retrieval.verify"])
+    context.set_forkserver_preload(["retrieval.index.lifecycle", "retrieval.index.verify"])
     return context
 
 

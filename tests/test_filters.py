@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
+from retrieval.corpus.filters import matches_all, parse
 from retrieval.errors import SearchError
-from retrieval.filters import matches_all, parse
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from retrieval import fusion
+from retrieval.scoring import fusion
 
 
 def test_logsumexp_is_stable_and_ignores_padding():

@@ -7,7 +7,7 @@ import pytest
 from conftest import write_image
 from PIL import Image
 
-from retrieval.grid import contact_sheet
+from retrieval.serve.sheets import contact_sheet
 
 
 def result(rank, path, caption="a red circle", score=0.5):

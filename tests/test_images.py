@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from badinputs import EXPECTED, make_catalogue
 
-from retrieval.images import BadImage, load_image
+from retrieval.corpus.images import BadImage, load_image
 
 
 @pytest.fixture(scope="module")

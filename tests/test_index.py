@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from conftest import unit_rows
 
-from retrieval import exact
 from retrieval.errors import IndexBuildError
-from retrieval.exact import exact_search
-from retrieval.index import VectorIndex, choose_factory
+from retrieval.index import exact
+from retrieval.index.exact import exact_search
+from retrieval.index.vector_index import VectorIndex, choose_factory
 
 
 def brute_force(xb, ids, q, k):

@@ -12,15 +12,21 @@ import torch
 from badinputs import EXPECTED, make_catalogue
 from conftest import write_jsonl
 
-from retrieval import layout, lifecycle, spool, synthetic
-from retrieval.build import BuildConfig, build, load_embeddings
-from retrieval.data import read_corpus, unique_records
-from retrieval.encoder import Encoder, ModelSpec
+from retrieval.corpus import synthetic
+from retrieval.corpus.readers import read_corpus
+from retrieval.corpus.records import unique_records
 from retrieval.errors import IndexBusyError
-from retrieval.index import VectorIndex
-from retrieval.search import Query, Searcher
-from retrieval.store import Store
-from retrieval.verify import verify
+from retrieval.index import layout, lifecycle
+from retrieval.index.build import BuildConfig, build
+from retrieval.index.embeddings import load_embeddings
+from retrieval.index.manifest import read_manifest
+from retrieval.index.store import Store
+from retrieval.index.vector_index import VectorIndex
+from retrieval.index.verify import verify
+from retrieval.model import spool
+from retrieval.model.encoder import Encoder
+from retrieval.model.spec import ModelSpec
+from retrieval.query.search import Query, Searcher
 
 
 def _config(index: str = "Flat") -> BuildConfig:
@@ -77,7 +83,7 @@ def test_add_remove_compact_keep_every_index_consistent(tmp_path, corpora, encod
     assert set(_ids(tmp_path)) == live
     if factory == "Flat":  # exact search: the same ranking from the compacted index
         assert _everything(tmp_path, encoder, "a blue circle") == before
-    manifest = layout.read_manifest(layout.resolve("x", tmp_path))
+    manifest = read_manifest(layout.resolve("x", tmp_path))
     assert [h["op"] for h in manifest["history"]] == ["add", "remove", "compact"]
     assert manifest["counts"]["items"] == len(live)
 

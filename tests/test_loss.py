@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from retrieval.loss import clamp_logit_scale, clip_loss, positive_mask
+from retrieval.train.loss import clamp_logit_scale, clip_loss, positive_mask
 
 
 def features(b: int, d: int, seed: int):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval import metrics
+from retrieval.scoring import metrics
 
 
 def reference(image_emb, text_emb, text_to_image, ks):

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from conftest import unit_rows
 
-from retrieval import packed
-from retrieval.exact import exact_search
-from retrieval.index import PACK_MIN_VECTORS, VectorIndex
-from retrieval.packed import PackedBase
+from retrieval.index import packed
+from retrieval.index.exact import exact_search
+from retrieval.index.packed import PackedBase
+from retrieval.index.vector_index import PACK_MIN_VECTORS, VectorIndex
 
 needs_kernel = pytest.mark.skipif(not packed.available(), reason="packed kernel not built here")
 

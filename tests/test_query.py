@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval import fusion, layout
-from retrieval.build import BuildConfig, build
+from retrieval.corpus.images import load_image
 from retrieval.errors import SearchError
-from retrieval.images import load_image
-from retrieval.search import Query, QueryTerm, Searcher
+from retrieval.index import layout
+from retrieval.index.build import BuildConfig, build
+from retrieval.query.search import Query, QueryTerm, Searcher
+from retrieval.scoring import fusion
 
 ALL = 100  # overfetch x k covers the whole 40-item corpus: fused results must be exact
 

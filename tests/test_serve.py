@@ -13,10 +13,11 @@ from conftest import write_image
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from retrieval.build import BuildConfig, build
-from retrieval.encoder import Encoder, ModelSpec
-from retrieval.search import Query, Searcher
-from retrieval.serve import ServeConfig, create_app
+from retrieval.index.build import BuildConfig, build
+from retrieval.model.encoder import Encoder
+from retrieval.model.spec import ModelSpec
+from retrieval.query.search import Query, Searcher
+from retrieval.serve.app import ServeConfig, create_app
 
 QUERY = "a red circle left of a blue square"
 
@@ -235,7 +236,8 @@ def test_items_refuse_unknown_ids_and_paths(client, searcher):
 
 
 def test_a_running_server_follows_adds_and_removes(tmp_path, synth_corpus, encoder):
-    from retrieval import lifecycle, synthetic
+    from retrieval.corpus import synthetic
+    from retrieval.index import lifecycle
 
     config = BuildConfig(progress=False, workers=0)
     build(synth_corpus, "live", config, tmp_path, encoder=encoder)

@@ -20,10 +20,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from retrieval import synthetic
-from retrieval.build import BuildConfig, build
-from retrieval.demo import SHIPPED_MODEL
-from retrieval.encoder import Encoder, ModelSpec
+from retrieval.corpus import synthetic
+from retrieval.index.build import BuildConfig, build
+from retrieval.model.encoder import Encoder
+from retrieval.model.spec import SHIPPED_MODEL, ModelSpec
 
 QUERY = "a red circle left of a blue square"
 

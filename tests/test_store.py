@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from retrieval.store import ItemEntry, Store
+from retrieval.index.store import ItemEntry, Store
 
 
 def test_items_captions_and_row_maps_roundtrip(tmp_path):

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from retrieval import synthetic
+from retrieval.corpus import synthetic
 
 
 def test_generation_is_deterministic_and_prefix_stable(tmp_path):
@@ -48,7 +48,7 @@ def test_relation_is_visible_in_the_pixels():
 
 
 def test_twins_swap_the_shapes_of_the_previous_scene(tmp_path):
-    from retrieval.data import read_corpus
+    from retrieval.corpus.readers import read_corpus
 
     records = list(read_corpus(synthetic.generate(tmp_path, n=6, seed=4, twins=True)))
     for even, odd in zip(records[::2], records[1::2], strict=True):
@@ -59,7 +59,7 @@ def test_twins_swap_the_shapes_of_the_previous_scene(tmp_path):
 
 
 def test_part_captions_say_where_each_shape_is(tmp_path):
-    from retrieval.data import read_corpus
+    from retrieval.corpus.readers import read_corpus
 
     (r,) = read_corpus(synthetic.generate(tmp_path, n=1, seed=2, parts=True))
     a, rel, b = r.extra["scene"].split("|")

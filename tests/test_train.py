@@ -18,13 +18,15 @@ import torch
 from click.testing import CliRunner
 from ddp_worker import global_batch
 
-from retrieval import synthetic
-from retrieval.build import BuildConfig, build
-from retrieval.cli import main
-from retrieval.encoder import Encoder, ModelSpec
+from retrieval.cli.main import main
+from retrieval.corpus import synthetic
 from retrieval.errors import CorpusError, TrainError
-from retrieval.gradcache import contrastive_step
-from retrieval.train import TrainConfig, epoch_batches, lr_lambda, param_groups, train
+from retrieval.index.build import BuildConfig, build
+from retrieval.model.encoder import Encoder
+from retrieval.model.spec import ModelSpec
+from retrieval.train.config import TrainConfig
+from retrieval.train.gradcache import contrastive_step
+from retrieval.train.loop import epoch_batches, lr_lambda, param_groups, train
 
 HERE = Path(__file__).parent
 
@@ -117,8 +119,8 @@ def test_no_weight_decay_on_gains_biases_and_logit_scale(micro_config):
 
 
 def test_equal_caption_texts_share_an_id(tmp_path, micro_config):
-    from retrieval.data import Record
-    from retrieval.trainset import load_trainset
+    from retrieval.corpus.records import Record
+    from retrieval.train.trainset import load_trainset
 
     for i in range(3):
         synthetic.render(

@@ -13,14 +13,14 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from retrieval import webdataset
-from retrieval.build import BuildConfig, build
-from retrieval.cli import main
-from retrieval.data import detect_format, read_corpus
-from retrieval.images import BadImage, load_image
-from retrieval.search import Query, Searcher
-from retrieval.serve import create_app
-from retrieval.verify import verify
+from retrieval.cli.main import main
+from retrieval.corpus import webdataset
+from retrieval.corpus.images import BadImage, load_image
+from retrieval.corpus.readers import detect_format, read_corpus
+from retrieval.index.build import BuildConfig, build
+from retrieval.index.verify import verify
+from retrieval.query.search import Query, Searcher
+from retrieval.serve.app import create_app
 
 QUIET = BuildConfig(progress=False, workers=0)
 COLOURS = {

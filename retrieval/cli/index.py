@@ -1,0 +1,191 @@
+"""The `retrieval` commands that make, change, check and describe an index: build, add, remove,
+compact, verify, info."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..index.manifest import read_manifest
+from .options import (
+    ByteSize,
+    CorpusPath,
+    encoding_options,
+    index_dir_option,
+    model_options,
+    read_options,
+    wait_option,
+)
+
+
+@click.group()
+def commands() -> None:
+    """Registered on the main group by `retrieval.cli.main`."""
+
+
+@commands.command()
+@click.argument("name")
+@click.argument("corpus", type=CorpusPath(exists=True, path_type=Path))
+@click.option("--upsert", is_flag=True, help="Replace items whose id is already indexed.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, ...")
+@encoding_options
+@read_options
+@index_dir_option
+def add(name, corpus, upsert, no_progress, index_dir, resume, wait, **options):
+    """Add CORPUS's records to index NAME, encoded with the model NAME was built with."""
+    from ..index.build import BuildConfig
+    from ..index.lifecycle import add as run_add
+
+    config = BuildConfig(progress=not no_progress, **options)
+    report = run_add(corpus, name, index_dir, config, upsert=upsert, resume=resume, wait=wait)
+    click.echo(report.summary())
+    if sum(report.skipped.values()):
+        click.echo(f"skipped records and their reasons: {report.path / 'skipped.jsonl'}")
+
+
+@commands.command()
+@click.argument("name")
+@click.option("--id", "ids", multiple=True, help="Id of an item to remove (repeatable).")
+@click.option(
+    "--ids-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="File with one item id per line.",
+)
+@wait_option
+@index_dir_option
+def remove(name, ids, ids_file, wait, index_dir):
+    """Remove items (and their captions) from index NAME."""
+    from ..index.lifecycle import remove as run_remove
+
+    wanted = list(ids)
+    if ids_file is not None:
+        lines = ids_file.read_text(encoding="utf-8").splitlines()
+        wanted += [line.strip() for line in lines if line.strip()]
+    if not wanted:
+        raise click.UsageError("give the items to remove with --id ID or --ids-file FILE")
+    report = run_remove(name, wanted, index_dir, wait=wait)
+    click.echo(report.summary())
+
+
+@commands.command()
+@click.argument("name")
+@wait_option
+@index_dir_option
+def compact(name, wait, index_dir):
+    """Rebuild index NAME without removed items, from its stored vectors (no re-encoding)."""
+    from ..index.lifecycle import compact as run_compact
+
+    click.echo(run_compact(name, index_dir, wait=wait).summary())
+
+
+@commands.command()
+@click.argument("name")
+@click.option(
+    "--sample",
+    default=16,
+    show_default=True,
+    help="Items re-encoded from their files and checked against their stored vectors (0: none).",
+)
+@index_dir_option
+def verify(name, sample, index_dir):
+    """Check index NAME: checksums, counts, ids, stored vectors; exit 1 on any mismatch."""
+    from ..index.verify import verify as run_verify
+
+    report = run_verify(name, index_dir, sample=sample)
+    click.echo(report.summary())
+    if not report.ok:
+        raise SystemExit(1)
+
+
+@commands.command()
+@click.argument("corpus", type=CorpusPath(exists=True, path_type=Path))
+@click.option("--name", required=True, help="Name of the index to create or replace.")
+@model_options("tiny-vit")
+@click.option(
+    "--index",
+    "index",
+    default="auto",
+    show_default=True,
+    help="auto (exact below 100k vectors; above, HNSW, IVF or IVF-PQ, whatever fits "
+    "--max-memory) or a FAISS factory string.",
+)
+@click.option(
+    "--max-memory",
+    type=ByteSize(),
+    default=None,
+    help="FAISS memory budget for both indexes (e.g. 2GB) when --index is auto [no limit].",
+)
+@click.option(
+    "--target-recall",
+    default=0.95,
+    show_default=True,
+    help="Recall@10 that approximate indexes' search effort is tuned to at build time.",
+)
+@click.option(
+    "--bank",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="Querybank corpus for qbnorm [the corpus's own captions and images].",
+)
+@encoding_options
+@read_options
+@index_dir_option
+def build(corpus, name, model, pretrained, no_progress, index_dir, resume, wait, **options):
+    """Build index NAME from CORPUS (any format: see --format), replacing any index NAME."""
+    from ..index.build import BuildConfig
+    from ..index.build import build as run_build
+    from ..model.spec import ModelSpec
+
+    # The other options are named after their BuildConfig fields.
+    config = BuildConfig(model=ModelSpec(model, pretrained), progress=not no_progress, **options)
+    report = run_build(corpus, name, config, index_dir=index_dir, resume=resume, wait=wait)
+    if report is None:  # a torchrun rank other than 0: it encoded its share, rank 0 reports
+        return
+    click.echo(report.summary())
+    if sum(report.skipped.values()):
+        click.echo(f"skipped records and their reasons: {report.path / 'skipped.jsonl'}")
+
+
+@commands.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@index_dir_option
+def info(name, as_json, index_dir):
+    """Describe index NAME: model, counts, index types, where it lives."""
+    from ..index import layout
+
+    folder = layout.resolve(name, index_dir)
+    manifest = {**read_manifest(folder), "folder": str(folder)}
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    c, ix = manifest["counts"], manifest["indexes"]
+    click.echo(f"index     {manifest['name']}  ({manifest['folder']})")
+    click.echo(f"model     {manifest['model']}  pretrained: {manifest.get('pretrained') or 'none'}")
+    click.echo(f"dim       {manifest['dim']}")
+    click.echo(f"items     {c['items']}  ({ix['image']['factory']}{_tuned(ix['image'])})")
+    click.echo(f"captions  {c['captions']}  ({ix['caption']['factory']}{_tuned(ix['caption'])})")
+    click.echo(f"skipped   {c['skipped']}  {c['skipped_by_reason'] or ''}")
+    tombstones = c.get("tombstones", {})
+    if any(tombstones.values()):
+        click.echo(
+            f"removed   {tombstones['image']} items still in the {ix['image']['factory']} index "
+            "as tombstones (retrieval compact drops them)"
+        )
+    click.echo(f"created   {manifest['created']}  by retrieval {manifest['package_version']}")
+    for change in manifest.get("history", []):
+        detail = ", ".join(f"{k} {v}" for k, v in change.items() if k not in ("op", "at"))
+        click.echo(f"{change['op']:<9} {change['at']}  {detail}")
+
+
+def _tuned(index: dict) -> str:
+    search = index.get("search")
+    if not search:
+        return ""
+    return (
+        f", {search['knob']} {search['value']}: recall@10 {search['recall@10']:.3f} on "
+        f"{search['queries']} held-out queries"
+    )

@@ -1,0 +1,137 @@
+"""The `retrieval` commands that query a built index: search, serve."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..query.ranking import STRATEGIES
+from .options import index_dir_option, model_options, model_spec
+
+
+@click.group()
+def commands() -> None:
+    """Registered on the main group by `retrieval.cli.main`."""
+
+
+@commands.command()
+@click.argument("name")
+@click.option("--text", default=None, help="Text query.")
+@click.option("--image", type=click.Path(path_type=Path), default=None, help="Image query file.")
+@click.option(
+    "--image-weight",
+    default=0.5,
+    show_default=True,
+    help="With both --text and --image: the image's weight (the text gets 1 - it).",
+)
+@click.option(
+    "--term",
+    "terms",
+    multiple=True,
+    metavar="KIND:WEIGHT:VALUE",
+    help="Extra term, e.g. text:-0.5:blurry or image:0.3:ref.jpg (repeatable).",
+)
+@click.option("-k", "k", default=10, show_default=True, help="Number of results.")
+@click.option(
+    "--target",
+    type=click.Choice(["images", "captions"]),
+    default=None,
+    help="What to match [text or composed: images; image alone: captions].",
+)
+@click.option(
+    "--strategy",
+    type=click.Choice(STRATEGIES),
+    default=None,
+    help="How signals are fused [the index's default for the target].",
+)
+@click.option(
+    "--where",
+    multiple=True,
+    metavar="COND",
+    help="Metadata condition: key=value, key!=value, key>=n, key<n, key=lo..hi.",
+)
+@click.option("--overfetch", default=10, show_default=True, help="Candidates per signal: x k.")
+@click.option(
+    "--mix", default=0.2, show_default=True, help="hybrid: weight of the other modality's signal."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option(
+    "--grid",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write a contact sheet (.png, .jpg, .webp): thumbnails, rank, score, caption.",
+)
+@model_options(None)
+@index_dir_option
+def search(name, text, image, image_weight, terms, as_json, grid, model, pretrained, **options):
+    """Search index NAME by --text, --image, or both (and more --term)."""
+    from ..query.search import Query
+    from ..query.search import search as run_search
+
+    terms = tuple(_parse_term(t) for t in terms)
+    query = Query(text=text, image=image, image_weight=image_weight, terms=terms)
+    if not query.all_terms():
+        raise click.UsageError("give --text, --image or both")
+    if grid is not None:
+        from ..serve.sheets import sheet_format
+
+        sheet_format(grid)  # a bad file name fails before the search, not after it
+    spec = model_spec(model, pretrained, index=True)
+    # The other options are named after Searcher.search's keywords (and index_dir, device).
+    out = run_search(name, query, model=spec, **options)
+    click.echo(json.dumps(out, ensure_ascii=False, indent=2) if as_json else results_table(out))
+    if grid is not None:
+        from ..serve.sheets import contact_sheet
+
+        click.echo(f"contact sheet: {contact_sheet(out['results'], grid)}", err=as_json)
+
+
+@commands.command()
+@click.argument("name")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
+@click.option("--port", default=8000, show_default=True)
+@click.option(
+    "--max-upload-mb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Largest request body accepted.",
+)
+@model_options(None)
+@index_dir_option
+def serve(name, host, port, max_upload_mb, model, pretrained, device, index_dir):
+    """Serve index NAME over HTTP: a search page at / and a JSON API (docs at /docs)."""
+    from ..serve.app import ServeConfig
+    from ..serve.app import serve as run_server
+
+    config = ServeConfig(max_upload_bytes=int(max_upload_mb * 2**20))
+    spec = model_spec(model, pretrained, index=True)
+    run_server(name, index_dir, host=host, port=port, device=device, config=config, model=spec)
+
+
+def _parse_term(text: str):
+    from ..query.search import QueryTerm
+
+    kind, _, rest = text.partition(":")
+    weight, _, value = rest.partition(":")
+    try:
+        w = float(weight)
+    except ValueError:
+        w = None
+    if kind not in ("text", "image") or w is None or not value:
+        raise click.BadParameter(
+            f"{text!r}: use text:WEIGHT:words or image:WEIGHT:path", param_hint="--term"
+        )
+    return QueryTerm(text=value, weight=w) if kind == "text" else QueryTerm(image=value, weight=w)
+
+
+def results_table(out: dict) -> str:
+    lines = [f"{'rank':>4}  {'score':>7}  {'id':<24}  caption"]
+    for r in out["results"]:
+        caption = r["caption"]["text"] if "caption" in r else (r["captions"] or [""])[0]
+        lines.append(f"{r['rank']:>4}  {r['score']:>7.4f}  {r['id']:<24}  {caption[:70]}")
+    if not out["results"]:
+        lines.append("(no results)")
+    return "\n".join(lines)

@@ -1,0 +1,385 @@
+"""`retrieval bench`: Recall@K of a model or of a built index, with CLIP_benchmark's definitions.
+
+Every strategy is one row: ``exact`` (brute force over the embeddings) and each approximate
+index, so users see what an index costs in recall; query-layer strategies join as rows too.
+Metric keys follow CLIP_benchmark (``image_retrieval_recall@5`` = text->image,
+``text_retrieval_recall@5`` = image->text); see `retrieval.scoring.metrics` for ranks and ties.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..corpus.filters import check_field, group_codes
+from ..corpus.readers import read_corpus
+from ..corpus.records import ReadOptions, unique_records
+from ..errors import RetrievalError
+from ..index import layout, querybank
+from ..index.querybank import BankConfig
+from ..index.vector_index import VectorIndex
+from ..model.encoder import Encoder
+from ..model.spec import ModelSpec
+from ..query.search import DEFAULT_MIX, Searcher
+from ..scoring import metrics
+from . import strategies
+
+log = logging.getLogger(__name__)
+
+DIRECTIONS = {"image_retrieval": "text->image", "text_retrieval": "image->text"}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: ModelSpec | None = None  # encode the dataset with this model ...
+    index: str | None = None  # ... or evaluate this built index (and its model)
+    index_dir: Path | None = None
+    ks: tuple[int, ...] = (1, 5, 10)
+    factories: tuple[str, ...] = ()  # approximate indexes to compare with exact search
+    group_key: str | None = None  # also count any image whose metadata[key] matches as correct
+    bank: Path | None = None  # querybank corpus (disjoint from the dataset) for the qbnorm row
+    querybank: BankConfig = field(default_factory=BankConfig)
+    mix: float = DEFAULT_MIX  # hybrid rows: weight of the caption signal (as `search`'s)
+    read: ReadOptions = field(default_factory=ReadOptions)
+    batch_size: int = 64
+    workers: int | None = None
+    device: str = "auto"
+    progress: bool = True
+
+
+@dataclass
+class Embedded:
+    """What is scored: ``image`` (I, D), ``text`` (T, D), ``text_to_image`` (T,) positions."""
+
+    image: np.ndarray
+    text: np.ndarray
+    text_to_image: np.ndarray
+    item_ids: list[str]
+    groups: np.ndarray | None = None
+
+
+@dataclass
+class Row:
+    strategy: str
+    metrics: dict[str, float]
+    curves: dict[str, np.ndarray]  # direction key -> recall@1..max_k
+
+
+@dataclass
+class BenchResult:
+    dataset: str
+    model: dict
+    rows: list[Row]
+    counts: dict[str, int]
+
+    def row(self, strategy: str) -> Row:
+        return next(r for r in self.rows if r.strategy == strategy)
+
+
+def load_dataset(path: Path, config: BenchConfig) -> tuple[list, list]:
+    records, skipped = unique_records(read_corpus(path, config.read))
+    records = [r for r in records if any(r.captions)]
+    if not records:
+        split = f" in split {config.read.split!r}" if config.read.split else ""
+        raise RetrievalError(f"{path}: no item with a caption to evaluate{split}")
+    if config.group_key:
+        check_field(records, config.group_key)
+    return records, skipped
+
+
+def embed_with_model(records, config: BenchConfig) -> tuple[Embedded, Encoder]:
+    encoder = Encoder.load(config.model or ModelSpec(), config.device)
+    img, pos, failures = encoder.encode_image_files(
+        [r.image for r in records], config.batch_size, config.workers, progress=config.progress
+    )
+    if failures:
+        log.warning("%d images could not be decoded and are left out", len(failures))
+    kept = [records[p] for p in pos]
+    return _with_captions(kept, img, encoder, config), encoder
+
+
+def _with_captions(kept, img: np.ndarray, encoder: Encoder, config: BenchConfig) -> Embedded:
+    texts = [c for r in kept for c in r.captions if c]
+    owner = np.array([i for i, r in enumerate(kept) for c in r.captions if c], dtype=np.int64)
+    text = encoder.encode_texts(texts, progress=config.progress)
+    groups = group_codes(kept, config.group_key) if config.group_key else None
+    return Embedded(img, text, owner, [r.id for r in kept], groups)
+
+
+def embed_from_index(records, searcher: Searcher, config: BenchConfig) -> Embedded:
+    """Images: the index's stored vectors; captions: the dataset's, encoded by its model."""
+    stored = np.load(searcher.folder / layout.EMBEDDINGS / "image.npy").astype(np.float32)
+    stored /= np.maximum(np.linalg.norm(stored, axis=1, keepdims=True), 1e-12)
+    kept, rows = [], []
+    for r in records:
+        item = searcher.store.item(r.id)
+        if item is not None:
+            kept.append(r)
+            rows.append(item["row"])
+    if not kept:
+        raise RetrievalError("none of the dataset's ids is in the index; build it from the dataset")
+    if len(kept) < len(records):
+        log.warning("%d dataset items are not in the index", len(records) - len(kept))
+    img = np.ascontiguousarray(stored[rows])
+    return _with_captions(kept, img, searcher.encoder, config)
+
+
+def exact_row(emb: Embedded, ks, max_k: int) -> Row:
+    t2i, i2t = metrics.retrieval_ranks(emb.image, emb.text, emb.text_to_image)
+    m = metrics.retrieval_metrics(emb.image, emb.text, emb.text_to_image, ks)
+    curves = {
+        "image_retrieval": metrics.recall_curve(t2i, max_k),
+        "text_retrieval": metrics.recall_curve(i2t, max_k),
+    }
+    return Row("exact", m, curves)
+
+
+def grouped_row(emb: Embedded, ks, max_k: int, key: str) -> Row:
+    ranks = metrics.grouped_text_to_image_ranks(
+        emb.image, emb.text, emb.groups, emb.groups[emb.text_to_image]
+    )
+    m = {f"image_retrieval_recall@{k}": v for k, v in metrics.recall_at_k(ranks, ks).items()}
+    return Row(
+        f"exact, any image of the same {key}",
+        m,
+        {"image_retrieval": metrics.recall_curve(ranks, max_k)},
+    )
+
+
+def _rows_from_hits(name: str, t2i_hits, i2t_hits, emb: Embedded, ks, max_k: int) -> Row:
+    """``t2i_hits``: (T, L) image positions and their scores; ``i2t_hits``: (I, L) caption
+    positions and scores; position -1: no result, -2: not in the dataset (a distractor)."""
+    (t2i_pos, t2i_scores), (i2t_pos, i2t_scores) = t2i_hits, i2t_hits
+    t2i = metrics.listed_ranks(t2i_pos == emb.text_to_image[:, None], t2i_scores)
+    owner = np.where(i2t_pos >= 0, emb.text_to_image[np.maximum(i2t_pos, 0)], -1)
+    captioned = np.bincount(emb.text_to_image, minlength=len(emb.image)) > 0
+    mine = owner == np.arange(len(emb.image))[:, None]
+    i2t = metrics.listed_ranks(mine, i2t_scores)[captioned]
+    m = {}
+    for key, ranks in (("image_retrieval", t2i), ("text_retrieval", i2t)):
+        for k, v in metrics.recall_at_k(ranks, ks).items():
+            m[f"{key}_recall@{k}"] = v
+    return Row(
+        name,
+        m,
+        {
+            "image_retrieval": metrics.recall_curve(t2i, max_k),
+            "text_retrieval": metrics.recall_curve(i2t, max_k),
+        },
+    )
+
+
+def _hits(index: VectorIndex, queries: np.ndarray, max_k: int, to_position, room: int = 1):
+    """(Q, max_k + room) positions and scores. ``room``: the most correct results a query has;
+    with that many more than reported, recall@k up to max_k is exact (`metrics.listed_ranks`)."""
+    k = max_k + room
+    pos = np.full((len(queries), k), -1, dtype=np.int64)
+    scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    for q, nb in enumerate(index.search(queries, k)):
+        pos[q, : len(nb.ids)] = to_position(nb.ids)
+        scores[q, : len(nb.ids)] = nb.scores
+    return pos, scores
+
+
+def ann_row(factory: str, emb: Embedded, ks, max_k: int) -> Row:
+    """Build ``factory`` over the embeddings and evaluate through it."""
+    images = VectorIndex.build(emb.image, np.arange(len(emb.image)), factory)
+    captions = VectorIndex.build(emb.text, np.arange(len(emb.text)), factory)
+    t2i = _hits(images, emb.text, max_k, lambda ids: ids)
+    i2t = _hits(captions, emb.image, max_k, lambda ids: ids, _most_captions(emb))
+    return _rows_from_hits(f"index {images.factory}", t2i, i2t, emb, ks, max_k)
+
+
+def built_index_row(searcher: Searcher, emb: Embedded, ks, max_k: int) -> Row:
+    """Evaluate through the built index's own FAISS indexes; its other items are distractors."""
+    position = {item_id: i for i, item_id in enumerate(emb.item_ids)}
+
+    def items_to_positions(ids):
+        return [position.get(i, -2) if i else -2 for i in searcher.store.item_ids(ids)]
+
+    t2i = _hits(searcher.images, emb.text, max_k, items_to_positions)
+    cap_pos = _caption_positions(searcher, emb)
+    i2t = _hits(
+        searcher.captions,
+        emb.image,
+        max_k,
+        lambda ids: [cap_pos.get(c, -2) for c in searcher.store.caption_ids(ids)],
+        _most_captions(emb),
+    )
+    return _rows_from_hits(f"index {searcher.images.factory} (built)", t2i, i2t, emb, ks, max_k)
+
+
+def _most_captions(emb: Embedded) -> int:
+    return int(np.bincount(emb.text_to_image).max()) if len(emb.text_to_image) else 1
+
+
+def _caption_positions(searcher: Searcher, emb: Embedded) -> dict[str, int]:
+    """Index caption id -> position of a dataset caption of the same item (any will do)."""
+    first = {}
+    for pos, owner in enumerate(emb.text_to_image):
+        first.setdefault(int(owner), pos)
+    out = {}
+    for i, item_id in enumerate(emb.item_ids):
+        item = searcher.store.item(item_id) or {}
+        for cap in item.get("captions", []):
+            if i in first:
+                out[cap["id"]] = first[i]
+    return out
+
+
+def _row_from_ranks(name: str, t2i, i2t, ks, max_k: int) -> Row:
+    m, curves = {}, {}
+    for key, ranks in (("image_retrieval", t2i), ("text_retrieval", i2t)):
+        if ranks is None:
+            continue
+        for k, v in metrics.recall_at_k(ranks, ks).items():
+            m[f"{key}_recall@{k}"] = v
+        curves[key] = metrics.recall_curve(ranks, max_k)
+    return Row(name, m, curves)
+
+
+def strategy_rows(emb: Embedded, config: BenchConfig, encoder: Encoder, ks, max_k) -> list[Row]:
+    """One row per query-layer strategy (see `retrieval.eval.strategies`)."""
+    rows = []
+    if config.bank is not None:
+        bank_images, bank_text = querybank.encode_bank(config.bank, encoder, config.read)
+        qb = config.querybank
+        t2i, i2t = strategies.qbnorm_ranks(
+            emb.image,
+            emb.text,
+            emb.text_to_image,
+            querybank.normalisers(emb.image, bank_text, qb),
+            querybank.normalisers(emb.text, bank_images, qb),
+            qb.beta,
+        )
+        name = f"qbnorm (beta {qb.beta:g}, m {qb.m}, bank {Path(config.bank).name})"
+        rows.append(_row_from_ranks(name, t2i, i2t, ks, max_k))
+    for rrf in (False, True):
+        t2i = strategies.hybrid_ranks(emb.image, emb.text, emb.text_to_image, config.mix, rrf)
+        name = "hybrid-rrf" if rrf else f"hybrid (mix {config.mix:g})"
+        rows.append(_row_from_ranks(name, t2i, None, ks, max_k))
+    return rows
+
+
+def run_bench(
+    dataset: str | Path, config: BenchConfig, save_embeddings: Path | None = None
+) -> BenchResult:
+    """Evaluate ``config.model`` (or index ``config.index``) on ``dataset``."""
+    if not config.ks or min(config.ks) < 1:
+        raise RetrievalError(f"every k must be at least 1: {', '.join(map(str, config.ks))}")
+    records, skipped = load_dataset(Path(dataset), config)
+    ks = tuple(sorted(set(config.ks)))
+    max_k = max(max(ks), 10)
+    searcher = None
+    if config.index:
+        searcher = Searcher.open(
+            config.index, config.index_dir, model=config.model, device=config.device
+        )
+        emb, model_info = embed_from_index(records, searcher, config), searcher.encoder.spec
+        encoder = searcher.encoder
+    else:
+        emb, encoder = embed_with_model(records, config)
+        model_info = encoder.spec
+    try:
+        rows = [exact_row(emb, ks, max_k)]
+        if searcher is not None:
+            rows.append(built_index_row(searcher, emb, ks, max_k))
+        rows += [ann_row(f, emb, ks, max_k) for f in config.factories]
+        rows += strategy_rows(emb, config, searcher.encoder if searcher else encoder, ks, max_k)
+        if config.group_key:
+            rows.append(grouped_row(emb, ks, max_k, config.group_key))
+    finally:
+        if searcher is not None:
+            searcher.close()
+    if save_embeddings:
+        np.savez(
+            save_embeddings,
+            image=emb.image,
+            text=emb.text,
+            text_to_image=emb.text_to_image,
+            item_ids=np.array(emb.item_ids),
+        )
+    counts = {"images": len(emb.image), "captions": len(emb.text), "skipped": len(skipped)}
+    return BenchResult(
+        str(dataset), {"model": model_info.name, "pretrained": model_info.pretrained}, rows, counts
+    )
+
+
+def table(result: BenchResult) -> str:
+    """A readable table: one row per strategy, Recall@K in both directions, loss vs exact."""
+    keys = [k for k in result.rows[0].metrics if "recall@" in k]
+    head = ["strategy"] + [_short(k) for k in keys]
+    lines = [" | ".join(head)]
+    base = result.rows[0].metrics
+    for row in result.rows:
+        cells = [row.strategy]
+        for k in keys:
+            v = row.metrics.get(k)
+            delta = "" if v is None or row is result.rows[0] else f" ({100 * (v - base[k]):+.1f})"
+            cells.append("-" if v is None else f"{100 * v:.1f}{delta}")
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def _short(key: str) -> str:
+    direction, k = key.split("_recall@")
+    return f"{DIRECTIONS[direction]} R@{k}"
+
+
+def to_json(result: BenchResult) -> dict:
+    """CLIP_benchmark's result layout (``metrics`` flat, exact search), plus every strategy."""
+    exact = result.rows[0].metrics
+    return {
+        "dataset": result.dataset,
+        "task": "zeroshot_retrieval",
+        "language": "en",
+        "model": result.model["model"],
+        "pretrained": result.model["pretrained"],
+        "metrics": exact,
+        "counts": result.counts,
+        "strategies": {r.strategy: r.metrics for r in result.rows},
+    }
+
+
+def to_markdown(result: BenchResult) -> str:
+    lines = table(result).splitlines()
+    sep = "|" + "|".join("---" for _ in lines[0].split(" | ")) + "|"
+    body = [f"| {ln} |" for ln in lines]
+    return "\n".join([body[0], sep, *body[1:]]) + "\n"
+
+
+def plot(result: BenchResult, path: Path) -> Path:
+    """Recall@K curves, one panel per direction, one line per strategy (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, (key, label) in zip(axes, DIRECTIONS.items(), strict=True):
+        for row in result.rows:
+            if key in row.curves:
+                curve = row.curves[key]
+                ax.plot(np.arange(1, len(curve) + 1), 100 * curve, marker=".", label=row.strategy)
+        ax.set(title=label, xlabel="K", xscale="log", ylim=(0, 100))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("Recall@K (%)")
+    axes[0].legend(loc="lower right", fontsize=8)  # the left panel has every strategy
+    fig.suptitle(f"{Path(result.dataset).name} - {result.model['model']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(result: BenchResult, json_path=None, markdown_path=None, plot_path=None):
+    if json_path:
+        Path(json_path).write_text(json.dumps(to_json(result), indent=2) + "\n")
+    if markdown_path:
+        Path(markdown_path).write_text(to_markdown(result))
+    if plot_path:
+        plot(result, Path(plot_path))

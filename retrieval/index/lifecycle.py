@@ -1,0 +1,394 @@
+"""Changing a published index: add items, remove them, compact tombstones away.
+
+Each operation writes a new version from the published one and swaps it in (`layout.commit`)
+under the index's writer lock. A crash at any moment leaves the old version published; readers
+keep the version they opened and never wait; a second writer waits or fails. Files a change
+does not touch are hard-linked; the FAISS indexes and the LMDB store are rewritten whole, which
+keeps every published file immutable at O(index size) I/O per change.
+
+Rows are never reused: added items get rows after the last one, removed rows stay in the
+embedding arrays, and in FAISS too where the index type cannot delete (HNSW, IVF), as
+tombstones that searches exclude. `compact` renumbers the live rows and rebuilds both FAISS
+indexes from their stored vectors, without re-encoding.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..corpus.readers import read_corpus
+from ..corpus.records import unique_records
+from ..model import spool
+from ..model.encoder import Encoder
+from . import autoindex, layout, querybank
+from .build import BuildConfig, Skips, entries_for
+from .embeddings import Embeddings, load_embeddings, save_embeddings
+from .manifest import MANIFEST, check_model, read_manifest, spec_from_manifest
+from .store import ItemEntry, Store
+from .vector_index import VectorIndex
+
+_KINDS = ("image", "caption")
+
+
+@dataclass
+class ChangeReport:
+    name: str
+    op: str
+    path: Path
+    added: int = 0
+    replaced: int = 0
+    removed: int = 0
+    missing: list[str] = field(default_factory=list)  # ids asked to remove that were not there
+    skipped: Counter = field(default_factory=Counter)
+    tombstones: int = 0  # rows removed items still hold in FAISS
+    seconds: float = 0.0
+    changed: bool = True  # False: nothing to do, no new version published
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{r}: {n}" for r, n in self.skipped.most_common()) or "none"
+        parts = {
+            "add": f"added {self.added}, replaced {self.replaced}; skipped "
+            f"{sum(self.skipped.values())} ({reasons})",
+            "remove": f"removed {self.removed}; not in the index: {len(self.missing)}"
+            + (
+                f" ({', '.join(self.missing[:5])}{', ...' if len(self.missing) > 5 else ''})"
+                if self.missing
+                else ""
+            ),
+            "compact": f"dropped {self.removed} removed rows",
+        }[self.op]
+        state = "" if self.changed else " (nothing changed)"
+        return (
+            f"index {self.name!r}: {parts}; {self.tombstones} tombstones; "
+            f"{self.seconds:.1f}s{state}; at {self.path}"
+        )
+
+
+def add(
+    corpus: str | Path,
+    name: str,
+    index_dir: str | Path | None = None,
+    config: BuildConfig | None = None,
+    *,
+    upsert: bool = False,
+    encoder: Encoder | None = None,
+    resume: bool = False,
+    wait: float = 0.0,
+) -> ChangeReport:
+    """Add ``corpus``'s records to index ``name`` with the model it was built with.
+
+    Ids already in the index are skipped (recorded), or replaced with ``upsert``; bad records
+    are skipped with their reasons as in a build. ``config``: reading and encoding options
+    (its model is ignored: an index has one model).
+    """
+    config, start = config or BuildConfig(), time.perf_counter()
+    root = layout.index_root(index_dir)
+    guard = layout.disk_guard(root, f"adding to index {name!r}", "free some space and retry")
+    with layout.writer_lock(root, name, wait), guard:
+        current = layout.resolve(name, root)
+        manifest = read_manifest(current)
+        if encoder is None:
+            encoder = Encoder.load(spec_from_manifest(manifest), config.device)
+        else:
+            check_model(manifest, encoder.spec)
+        skips = Skips()
+        records, dropped = unique_records(read_corpus(corpus, config.read))
+        skips.dropped(dropped)
+        with Store.open(current / layout.STORE) as old:
+            present = {r.id for r in records if old.item(r.id) is not None}
+        if not upsert:
+            for r in records:
+                if r.id in present:
+                    skips.add("item", r.id, "id already in the index (use --upsert to replace)")
+            records = [r for r in records if r.id not in present]
+        spool_dir = layout.spool_dir(root, name)
+        enc = spool.encode(records, encoder, spool_dir, config.spool_options(resume))
+        kept = skips.failed(records, enc)
+        replaced = [r.id for r in kept if r.id in present]
+        report = ChangeReport(name, "add", root / name, len(kept) - len(replaced), len(replaced))
+        if kept or skips.rows:
+            change = _Addition(kept, enc, replaced, skips, encoder, config, str(corpus))
+            layout.commit(root, name, lambda folder: change.write(current, folder))
+        else:
+            report.changed = False
+        report.skipped = skips.counts()
+        spool.discard(spool_dir)
+    return _finish(report, start)
+
+
+@dataclass
+class _Addition:
+    kept: list
+    enc: spool.Encoded
+    replaced: list[str]
+    skips: Skips
+    encoder: Encoder
+    config: BuildConfig
+    corpus: str
+
+    def write(self, current: Path, folder: Path) -> dict:
+        old = load_embeddings(current)
+        entries, _ = entries_for(
+            self.kept, self.encoder, self.skips, len(old.image), len(old.caption)
+        )
+        indexes = _load_indexes(current)
+        _copy_store(current, folder)
+        with Store.create(folder / layout.STORE) as store:
+            _drop(store, indexes, self.replaced)
+            store.put_items(entries)
+            for kind in _KINDS:
+                indexes[kind].exclude(store.tombstones(kind))
+        indexes["image"].add(self.enc.image_emb, np.array([e.row for e in entries]))
+        caption_rows = np.array([c[1] for e in entries for c in e.captions], dtype=np.int64)
+        indexes["caption"].add(self.enc.caption_emb, caption_rows)
+        _save_indexes(indexes, folder)
+        emb = Embeddings(
+            image=np.concatenate([old.image, self.enc.image_emb.astype(np.float16)]),
+            caption=np.concatenate([old.caption, self.enc.caption_emb.astype(np.float16)]),
+            caption_owner=np.concatenate(
+                [old.caption_owner, [e.row for e in entries for _ in e.captions]]
+            ).astype(np.int64),
+            image_norm=old.image_norm,
+            caption_norm=old.caption_norm,
+        )
+        _normalise_new(
+            emb, indexes, current, self.config.querybank, len(old.image), len(old.caption)
+        )
+        save_embeddings(folder, emb, bank=_bank(current))
+        self.skips.write(folder / layout.SKIPPED, previous=current / layout.SKIPPED)
+        history = {
+            "corpus": self.corpus,
+            "added": len(entries) - len(self.replaced),
+            "replaced": len(self.replaced),
+            "skipped": sum(self.skips.counts().values()),
+        }
+        manifest = _manifest(current, folder, indexes, "add", history)
+        counts = manifest["counts"]
+        by_reason = Counter(counts.get("skipped_by_reason", {})) + self.skips.counts()
+        counts["skipped"], counts["skipped_by_reason"] = sum(by_reason.values()), dict(by_reason)
+        return manifest
+
+
+def _normalise_new(emb: Embeddings, indexes, current: Path, config, first_image, first_caption):
+    """Querybank normalisers of the new rows, against the build's bank or the live corpus.
+
+    The live corpus is already indexed: its FAISS indexes (tombstones excluded) are the bank.
+    Old rows keep their normalisers, computed against the bank as it was then.
+    """
+    new_images = _unit(emb.image[first_image:])
+    new_captions = _unit(emb.caption[first_caption:])
+    bank = _bank(current)
+    if bank is not None:
+        image_norm = querybank.normalisers(new_images, _unit(bank[1]), config)
+        caption_norm = querybank.normalisers(new_captions, _unit(bank[0]), config)
+    else:
+        image_norm = querybank.normalisers_in(new_images, indexes["caption"], config)
+        caption_norm = querybank.normalisers_in(new_captions, indexes["image"], config)
+    emb.image_norm = np.concatenate([emb.image_norm, image_norm])
+    emb.caption_norm = np.concatenate([emb.caption_norm, caption_norm])
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    """fp16-stored rows back to (N, D) float32 unit vectors."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _bank(current: Path):
+    folder = current / layout.EMBEDDINGS
+    if not (folder / "bank.image.npy").is_file():
+        return None
+    return np.load(folder / "bank.image.npy"), np.load(folder / "bank.caption.npy")
+
+
+def remove(
+    name: str, ids: list[str], index_dir: str | Path | None = None, wait: float = 0.0
+) -> ChangeReport:
+    """Remove items ``ids`` (with their captions) from index ``name``."""
+    start, root = time.perf_counter(), layout.index_root(index_dir)
+    guard = layout.disk_guard(root, f"removing from index {name!r}", "free some space and retry")
+    with layout.writer_lock(root, name, wait), guard:
+        current = layout.resolve(name, root)
+        with Store.open(current / layout.STORE) as old:
+            present = list(dict.fromkeys(i for i in ids if old.item(i) is not None))
+        found = set(present)
+        missing = list(dict.fromkeys(i for i in ids if i not in found))
+        report = ChangeReport(name, "remove", root / name, removed=len(present), missing=missing)
+        if present:
+
+            def fill(folder: Path) -> dict:
+                indexes = _load_indexes(current)
+                _copy_store(current, folder)
+                with Store.create(folder / layout.STORE) as store:
+                    _drop(store, indexes, present)
+                _save_indexes(indexes, folder)
+                _link(current, folder, layout.EMBEDDINGS, layout.SKIPPED)
+                return _manifest(current, folder, indexes, "remove", {"removed": len(present)})
+
+            layout.commit(root, name, fill)
+        else:
+            report.changed = False
+    return _finish(report, start)
+
+
+def _drop(store: Store, indexes: dict[str, VectorIndex], item_ids: list[str]) -> None:
+    """Remove items from ``store`` and from FAISS, or tombstone them where FAISS cannot."""
+    rows = dict(zip(_KINDS, store.remove_items(item_ids), strict=True))
+    for kind in _KINDS:
+        if not indexes[kind].remove(np.array(rows[kind], dtype=np.int64)):
+            store.add_tombstones(kind, rows[kind])
+
+
+def compact(name: str, index_dir: str | Path | None = None, wait: float = 0.0) -> ChangeReport:
+    """Rebuild index ``name`` without its tombstones and removed rows, from stored vectors."""
+    start, root = time.perf_counter(), layout.index_root(index_dir)
+    guard = layout.disk_guard(root, f"compacting index {name!r}", "free some space and retry")
+    with layout.writer_lock(root, name, wait), guard:
+        current = layout.resolve(name, root)
+        old = load_embeddings(current)
+        with Store.open(current / layout.STORE) as store:
+            live = {kind: store.rows(kind) for kind in _KINDS}
+            entries = _renumbered(store, live)
+        report = ChangeReport(name, "compact", root / name)
+        report.removed = len(old.image) - len(live["image"])
+        if report.removed or len(old.caption) != len(live["caption"]):
+            layout.commit(root, name, lambda folder: _rebuild(current, folder, live, entries, old))
+        else:
+            report.changed = False
+    return _finish(report, start)
+
+
+def _renumbered(store: Store, live: dict[str, np.ndarray]) -> list[ItemEntry]:
+    """Every live item with rows renumbered 0.. in the order of their old rows."""
+    entries = []
+    for it in store.iter_items():
+        caps = tuple(
+            (
+                c["id"],
+                int(np.searchsorted(live["caption"], store.caption(c["id"])["row"])),
+                c["text"],
+            )
+            for c in it["captions"]
+        )
+        row = int(np.searchsorted(live["image"], it["row"]))
+        entries.append(ItemEntry(it["id"], row, it["path"], caps, it["extra"]))
+    return entries
+
+
+def _rebuild(current: Path, folder: Path, live, entries, old: Embeddings) -> dict:
+    manifest = read_manifest(current)
+    indexes = _load_indexes(current)
+    vectors = {
+        kind: _stored_vectors(
+            indexes[kind], live[kind], old.image if kind == "image" else old.caption, manifest, kind
+        )
+        for kind in _KINDS
+    }
+    train = autoindex.training_sample(vectors["image"], vectors["caption"])
+    rebuilt, searches = {}, {}
+    for kind, other in (("image", "caption"), ("caption", "image")):
+        factory = manifest["indexes"][kind]["factory"] if len(vectors[kind]) else "Flat"
+        rebuilt[kind] = VectorIndex.build(
+            vectors[kind], np.arange(len(vectors[kind])), factory, train=train
+        )
+        target = (manifest["indexes"][kind].get("search") or {}).get("target", 0.95)
+        searches[kind] = autoindex.tune(rebuilt[kind], vectors[kind], vectors[other], target)
+    _save_indexes(rebuilt, folder)
+    owner = np.empty(len(live["caption"]), np.int64)
+    for e in entries:
+        owner[[c[1] for c in e.captions]] = e.row
+    emb = Embeddings(
+        image=old.image[live["image"]],
+        caption=old.caption[live["caption"]],
+        caption_owner=owner,
+        image_norm=old.image_norm[live["image"]],
+        caption_norm=old.caption_norm[live["caption"]],
+    )
+    save_embeddings(folder, emb, bank=_bank(current))
+    with Store.create(folder / layout.STORE) as store:
+        store.put_items(sorted(entries, key=lambda e: e.row))
+    _link(current, folder, layout.SKIPPED)
+    out = _manifest(
+        current, folder, rebuilt, "compact", {"dropped": len(old.image) - len(live["image"])}
+    )
+    for kind in _KINDS:
+        out["indexes"][kind]["search"] = searches[kind]
+    return out
+
+
+def _stored_vectors(index: VectorIndex, rows, stored, manifest: dict, kind: str) -> np.ndarray:
+    """(R, D) float32 vectors of ``rows``: FAISS's own copy when it is exact, else fp16 rows."""
+    factory = manifest["indexes"][kind]["factory"]
+    if not autoindex.compressed(factory):
+        return index.vectors(rows)
+    return _unit(stored[rows])
+
+
+def _load_indexes(folder: Path) -> dict[str, VectorIndex]:
+    manifest = read_manifest(folder)
+    return {
+        kind: autoindex.apply(
+            VectorIndex.load(
+                folder / layout.INDEX_FILES[kind], manifest["indexes"][kind]["factory"]
+            ),
+            manifest["indexes"][kind],
+        )
+        for kind in _KINDS
+    }
+
+
+def _save_indexes(indexes: dict[str, VectorIndex], folder: Path) -> None:
+    for kind in _KINDS:
+        indexes[kind].save(folder / layout.INDEX_FILES[kind])
+
+
+def _copy_store(current: Path, folder: Path) -> None:
+    with Store.open(current / layout.STORE) as old:
+        old.copy_to(folder / layout.STORE)
+
+
+def _link(current: Path, folder: Path, *names: str) -> None:
+    """Share files a change leaves alone with the previous version (hard links)."""
+    for name in names:
+        src = current / name
+        if src.is_dir():
+            (folder / name).mkdir()
+            for f in src.iterdir():
+                layout.link_or_copy(f, folder / name / f.name)
+        elif src.exists():
+            layout.link_or_copy(src, folder / name)
+
+
+def _manifest(current: Path, folder: Path, indexes, op: str, detail: dict) -> dict:
+    """The previous manifest with this version's counts, and the change appended to history."""
+    manifest = read_manifest(current)
+    manifest.pop("sha256", None)
+    manifest.pop("format_version", None)
+    with Store.open(folder / layout.STORE) as store:
+        counts = store.counts()
+    for kind in _KINDS:
+        manifest["indexes"][kind]["count"] = indexes[kind].ntotal
+        manifest["indexes"][kind]["factory"] = indexes[kind].factory
+    manifest["counts"].update(
+        items=counts["items"],
+        captions=counts["captions"],
+        tombstones={kind: counts[f"{kind}_tombstones"] for kind in _KINDS},
+    )
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    manifest["updated"] = stamp
+    manifest.setdefault("history", []).append({"op": op, "at": stamp, **detail})
+    return manifest
+
+
+def _finish(report: ChangeReport, start: float) -> ChangeReport:
+    report.seconds = time.perf_counter() - start
+    folder = report.path.resolve() if report.path.exists() else report.path
+    if (folder / MANIFEST).is_file():
+        tomb = read_manifest(folder)["counts"].get("tombstones", {})
+        report.tombstones = int(tomb.get("image", 0))
+    return report

@@ -1,0 +1,268 @@
+"""open_clip models: loading by name, config file, tag or local checkpoint, and batched encoding.
+
+Every embedding leaving this module follows the engine's one contract: a float32, L2-normalised,
+C-contiguous numpy array of shape (N, D).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ..corpus.images import DEFAULT_MAX_PIXELS, BadImage, load_image
+from ..errors import EncoderError
+from .checkpoints import read_checkpoint
+from .spec import CONFIG_DIR, ModelSpec
+
+log = logging.getLogger(__name__)
+
+RANDOM_INIT_SEED = 0
+
+
+def resolve_device(device: str | None = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _model_name(name: str) -> str:
+    """Register the shipped configs (and a config-JSON path); return the open_clip name."""
+    open_clip.add_model_config(CONFIG_DIR)
+    path = Path(name).expanduser()
+    if name.endswith(".json"):
+        if not path.is_file():
+            raise EncoderError(f"model config file not found: {path}")
+        open_clip.add_model_config(path)
+        return path.stem
+    if name not in open_clip.list_models():
+        raise EncoderError(
+            f"unknown model {name!r}: give an open_clip model name (see open_clip.list_models()), "
+            f"a shipped config ({', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.json')))}) "
+            "or a path to a model-config JSON"
+        )
+    return name
+
+
+def _create(spec: ModelSpec, device: torch.device):
+    name = _model_name(spec.name)
+    pretrained = str(spec.checkpoint) if spec.checkpoint else spec.pretrained
+    if pretrained and not spec.checkpoint:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            known = ", ".join(tags) or "none"
+            raise EncoderError(
+                f"--pretrained {pretrained!r} is neither a file nor an open_clip tag for {name} "
+                f"(known tags: {known})"
+            )
+    try:
+        # A model without weights is seeded, so that the process that builds an index and the
+        # one that searches it get the same random model; the caller's RNG is left untouched.
+        with torch.random.fork_rng(devices=[]), _offline_if_hub_unreachable(pretrained):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained, device=device
+            )
+    except Exception as e:
+        if pretrained and not spec.checkpoint:
+            raise EncoderError(
+                f"could not download the pretrained weights {pretrained!r} for {name} "
+                f"({type(e).__name__}); without a network, pass a local checkpoint file instead: "
+                "--pretrained /path/to/checkpoint.pt"
+            ) from None
+        why = _why(spec, e)
+        raise EncoderError(f"could not load model {name} from {pretrained}: {why}") from None
+    if not pretrained:
+        log.warning("model %s has random weights (no --pretrained given)", name)
+    return model.eval(), preprocess, open_clip.get_tokenizer(name)
+
+
+def _why(spec: ModelSpec, e: Exception) -> str:
+    """One line on why open_clip could not load ``spec``'s weights (its errors run to pages)."""
+    if spec.checkpoint is not None:
+        read_checkpoint(spec.checkpoint)  # its own message for a file that is not weights
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"{first[:200]} (is --model the architecture this checkpoint was trained as?)"
+
+
+@contextlib.contextmanager
+def _offline_if_hub_unreachable(pretrained: str | None):
+    """Without a network, ask the hub client for cached files only.
+
+    Otherwise huggingface_hub retries with back-off for about a minute before it gives up;
+    offline, it still serves weights downloaded earlier. A proxy may reach what DNS cannot,
+    so with one set nothing changes.
+    """
+    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY"))
+    if not pretrained or proxied or Path(pretrained).is_file():
+        yield
+        return
+    from huggingface_hub import constants
+
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or ""
+    try:
+        socket.getaddrinfo(host, 443)
+        offline = False
+    except OSError:
+        offline = True
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = saved or offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, paths: Sequence[Path], preprocess, max_pixels: int) -> None:
+        self.paths, self.preprocess, self.max_pixels = list(paths), preprocess, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.preprocess(load_image(self.paths[i], self.max_pixels)), None
+        except BadImage as e:
+            return i, None, e.reason
+        except Exception as e:
+            return i, None, f"decode error ({type(e).__name__})"
+
+
+def _collate(batch):
+    good = [(i, x) for i, x, reason in batch if reason is None]
+    bad = {i: reason for i, _, reason in batch if reason is not None}
+    idx = [i for i, _ in good]
+    pixels = torch.stack([x for _, x in good]) if good else None
+    return idx, pixels, bad
+
+
+class Encoder:
+    """A loaded dual encoder. Build with `Encoder.load`; the weights are read-only after that."""
+
+    def __init__(self, spec: ModelSpec, model, preprocess, tokenizer, device) -> None:
+        self.spec, self.model, self.preprocess = spec, model, preprocess
+        self.tokenizer, self.device = tokenizer, device
+        self.dim = 0  # set by `load` from a real forward pass, whatever the architecture
+
+    @classmethod
+    def load(cls, spec: ModelSpec | None = None, device: str | None = "auto") -> Encoder:
+        spec = spec or ModelSpec()
+        dev = resolve_device(device)
+        model, preprocess, tokenizer = _create(spec, dev)
+        enc = cls(spec, model, preprocess, tokenizer, dev)
+        enc.dim = int(enc.encode_texts([""]).shape[1])
+        return enc
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.tokenizer, "context_length", 77))
+
+    def _autocast(self):
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+
+    @staticmethod
+    def _finish(features: torch.Tensor) -> np.ndarray:
+        out = F.normalize(features.float(), dim=-1).cpu().numpy()
+        # A NaN row would be indexed yet never found, and a NaN query finds nothing: refuse both
+        # here, where every embedding leaves the model, rather than in each consumer.
+        finite = np.isfinite(out).all(axis=1)
+        if not finite.all():
+            raise EncoderError(
+                f"the model gave NaN or infinite embeddings ({int((~finite).sum())} of a batch "
+                f"of {len(out)}): its weights are corrupt, its training diverged, or half "
+                "precision overflowed"
+            )
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+    def too_long(self, texts: Sequence[str]) -> list[bool]:
+        """Which texts the tokenizer will cut at the context length (start/end tokens included)."""
+        encode = getattr(self.tokenizer, "encode", None)
+        if encode is None:
+            return [False] * len(texts)
+        limit = self.context_length - 2
+        return [len(encode(t)) > limit for t in texts]
+
+    @torch.inference_mode()
+    def encode_texts(
+        self, texts: Sequence[str], batch_size: int = 256, progress: bool = False
+    ) -> np.ndarray:
+        """Texts -> (N, D) float32 unit vectors. Over-long texts are truncated by the tokenizer."""
+        chunks = []
+        bar = tqdm(total=len(texts), unit="txt", desc="captions", disable=not progress)
+        for start in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(list(texts[start : start + batch_size])).to(self.device)
+            with self._autocast():
+                chunks.append(self._finish(self.model.encode_text(tokens)))
+            bar.update(len(tokens))
+        bar.close()
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.dim or 0), np.float32)
+
+    @torch.inference_mode()
+    def encode_pil(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Already-decoded RGB images -> (N, D) float32 unit vectors (queries, small batches)."""
+        pixels = torch.stack([self.preprocess(im) for im in images]).to(self.device)
+        with self._autocast():
+            return self._finish(self.model.encode_image(pixels))
+
+    @torch.inference_mode()
+    def encode_image_files(
+        self,
+        paths: Sequence[Path],
+        batch_size: int = 64,
+        workers: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        progress: bool = False,
+        bar: tqdm | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+        """Decode and encode image files in batches, decoding in DataLoader workers.
+
+        Returns ``(embeddings (M, D), positions (M,), failures)``: row j of ``embeddings`` is
+        ``paths[positions[j]]``, in input order; ``failures`` maps the positions that could not
+        be decoded to their reason. ``bar``: a caller's progress bar to advance (else its own).
+        """
+        workers = default_workers() if workers is None else workers
+        loader = DataLoader(
+            _ImageFiles(paths, self.preprocess, max_pixels),
+            batch_size=batch_size,
+            num_workers=workers,
+            collate_fn=_collate,
+            pin_memory=self.device.type == "cuda",
+        )
+        chunks, positions, failures = [], [], {}
+        own = bar is None
+        if own:
+            bar = tqdm(total=len(paths), unit="img", desc="images", disable=not progress)
+        for idx, pixels, bad in loader:
+            failures.update(bad)
+            if pixels is not None:
+                with self._autocast():
+                    feats = self.model.encode_image(pixels.to(self.device, non_blocking=True))
+                chunks.append(self._finish(feats))
+                positions.extend(idx)
+            bar.update(len(idx) + len(bad))
+        if own:
+            bar.close()
+        emb = np.concatenate(chunks) if chunks else np.zeros((0, self.dim or 0), np.float32)
+        return emb, np.asarray(positions, dtype=np.int64), failures
+
+
+def default_workers() -> int:
+    """Decoding workers: leave one core to the model, but use at least one worker."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))

@@ -1,0 +1,198 @@
+"""The query layer: weighted query terms -> candidates -> exact re-score -> one fused ranking.
+
+Signals are named ``<query><candidate>`` with ``t`` for text and ``i`` for image: ``t2i``
+scores an item by its image against a text query, ``t2t`` by its best caption, and so on.
+Each signal fetches ``overfetch * k`` candidates from its FAISS index; the union is re-scored
+exactly from the stored (fp16) embeddings, then fused by the strategy:
+
+- ``cosine``: the target's signal, plain cosine similarity;
+- ``qbnorm``: the same, corrected by querybank normalisation (hub candidates demoted);
+- ``hybrid``: the target's signal and the other modality's, min-max normalised and summed with
+  weights ``1 - mix`` and ``mix``; ``hybrid-rrf``: the two fused by reciprocal-rank fusion;
+- ``arith``: composed queries only: one embedding, the weighted sum of the terms' embeddings.
+
+Several terms (a text and an image, negative terms) are fused at score level over the union of
+their candidates: ``sum_t weight_t * score_t``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import SearchError
+from ..scoring import fusion
+
+if TYPE_CHECKING:  # the CLI imports STRATEGIES; it must not pay for FAISS and torch
+    from ..index.vector_index import VectorIndex
+
+STRATEGIES = ("cosine", "qbnorm", "hybrid", "hybrid-rrf", "arith")
+
+
+@dataclass(frozen=True)
+class Options:
+    k: int = 10
+    target: str = "images"  # "images" or "captions"
+    strategy: str = "cosine"
+    overfetch: int = 10  # candidates per signal: overfetch * k
+    mix: float = 0.5  # hybrid: weight of the other modality's signal
+
+
+@dataclass
+class Corpus:
+    """What queries are scored against. Embeddings (N, D) fp16, rows = FAISS ids."""
+
+    images: VectorIndex
+    captions: VectorIndex
+    image_emb: np.ndarray
+    caption_emb: np.ndarray
+    caption_owner: np.ndarray  # (C,) item row of each caption row
+    image_norm: np.ndarray  # (I,) querybank normalisers (text->image)
+    caption_norm: np.ndarray  # (C,) querybank normalisers (image->text)
+    beta: float
+    _order: np.ndarray = field(init=False, repr=False)
+    _starts: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._order = np.argsort(self.caption_owner, kind="stable")  # caption rows by item
+        bounds = np.searchsorted(
+            self.caption_owner[self._order], np.arange(len(self.image_emb) + 1)
+        )
+        self._starts = bounds
+
+    def captions_of(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Caption rows of ``items`` (U,), and for each the position in ``items`` it belongs to."""
+        lo, hi = self._starts[items], self._starts[items + 1]
+        counts = hi - lo
+        pos = np.repeat(np.arange(len(items)), counts)
+        within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        return self._order[np.repeat(lo, counts) + within], pos
+
+
+@dataclass(frozen=True, eq=False)  # compared by identity: it holds an array
+class Term:
+    """One query vector (1, D) with its weight; ``kind`` is "t" (text) or "i" (image)."""
+
+    kind: str
+    vector: np.ndarray
+    weight: float = 1.0
+
+
+@dataclass
+class Hit:
+    item: int  # item row
+    score: float
+    scores: dict[str, float]
+    caption: int | None  # best caption row, when captions were the target
+
+
+def _signals(kind: str, options: Options) -> list[tuple[str, float]]:
+    own = "i" if options.target == "images" else "t"
+    other = "t" if own == "i" else "i"
+    if options.strategy in ("hybrid", "hybrid-rrf"):
+        return [(f"{kind}2{own}", 1 - options.mix), (f"{kind}2{other}", options.mix)]
+    return [(f"{kind}2{own}", 1.0)]
+
+
+def candidates(
+    corpus: Corpus, vec: np.ndarray, side: str, k: int, fetch: int, allowed: np.ndarray | None
+) -> np.ndarray:
+    """Item rows among the top hits of one signal: at least ``k`` items unless exhausted."""
+    if side == "i":
+        return corpus.images.search(vec, fetch, allowed=allowed)[0].ids
+    allowed_caps = (
+        None if allowed is None else np.flatnonzero(np.isin(corpus.caption_owner, allowed))
+    )
+    total = corpus.captions.ntotal if allowed_caps is None else len(allowed_caps)
+    while True:  # several captions of one item collapse into one candidate
+        rows = corpus.captions.search(vec, fetch, allowed=allowed_caps)[0].ids
+        items = np.unique(corpus.caption_owner[rows])
+        if len(items) >= k or fetch >= total:
+            return items
+        fetch *= 4
+
+
+def rescore(corpus: Corpus, vec: np.ndarray, side: str, items: np.ndarray, qbnorm: bool):
+    """Exact scores of ``items`` (U,): (U,) values (NaN: no caption) and best caption rows."""
+    v = vec[0].astype(np.float32)
+    if side == "i":
+        s = corpus.image_emb[items].astype(np.float32) @ v
+        if qbnorm:
+            s = fusion.querybank_scores(s, corpus.image_norm[items], corpus.beta)
+        return s.astype(np.float64), None
+    rows, pos = corpus.captions_of(items)
+    s = (corpus.caption_emb[rows].astype(np.float32) @ v).astype(np.float64)
+    if qbnorm:
+        s = fusion.querybank_scores(s, corpus.caption_norm[rows], corpus.beta)
+    best = np.full(len(items), np.nan)
+    best_row = np.full(len(items), -1, dtype=np.int64)
+    order = np.lexsort((-s, pos))  # per item, best caption first
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = pos[order][1:] != pos[order][:-1]
+    best[pos[order][first]] = s[order][first]
+    best_row[pos[order][first]] = rows[order][first]
+    return best, best_row
+
+
+def run(
+    corpus: Corpus, terms: list[Term], options: Options, allowed: np.ndarray | None = None
+) -> list[Hit]:
+    """The ``options.k`` best items for ``terms`` under ``options.strategy``."""
+    if options.strategy not in STRATEGIES:
+        raise SearchError(
+            f"unknown strategy {options.strategy!r}; choose one of {', '.join(STRATEGIES)}"
+        )
+    if options.strategy == "arith":
+        terms = [_arithmetic(terms)]
+    k, fetch = options.k, max(options.k, options.overfetch * options.k)
+    if options.strategy == "cosine" and len(terms) == 1:
+        fetch = k  # nothing to fuse: the index's own top k are the answer
+    plan = [(t, name, w) for t in terms for name, w in _signals(t.kind, options)]
+    pool = [candidates(corpus, t.vector, name[-1], k, fetch, allowed) for t, name, _ in plan]
+    items = np.unique(np.concatenate(pool)) if pool else np.zeros(0, np.int64)
+    values, best_caption = {}, None
+    for n, (t, name, _) in enumerate(plan):
+        key = name if len(terms) == 1 else f"{name}[{terms.index(t)}]"
+        values[key], rows = rescore(corpus, t.vector, name[-1], items, options.strategy == "qbnorm")
+        if n == 0 and rows is not None:
+            best_caption = rows
+    total = _fuse(plan, values, options, terms)
+    keep = np.flatnonzero(~np.isnan(total))
+    top = keep[fusion.top_k(total[keep], k)]
+    return [
+        Hit(
+            int(items[j]),
+            float(total[j]),
+            {s: round(float(v[j]), 6) for s, v in values.items() if not np.isnan(v[j])},
+            int(best_caption[j]) if best_caption is not None else None,
+        )
+        for j in top
+    ]
+
+
+def _arithmetic(terms: list[Term]) -> Term:
+    vec = sum(t.weight * t.vector for t in terms)
+    norm = np.linalg.norm(vec)
+    if norm < 1e-12:
+        raise SearchError("the weighted terms cancel out: no direction left to search")
+    kinds = {t.kind for t in terms}
+    return Term(kinds.pop() if len(kinds) == 1 else "q", (vec / norm).astype(np.float32))
+
+
+def _fuse(plan, values: dict[str, np.ndarray], options: Options, terms) -> np.ndarray:
+    keys = list(values)
+    if options.strategy == "hybrid-rrf":
+        weights = {key: t.weight * w for key, (t, _, w) in zip(keys, plan, strict=True)}
+        return fusion.reciprocal_rank_fusion(values, weights)
+    total = None
+    for t in terms:
+        mine = [(key, w) for key, (tt, _, w) in zip(keys, plan, strict=True) if tt is t]
+        if options.strategy == "hybrid":
+            part = fusion.weighted_sum({key: values[key] for key, _ in mine}, dict(mine))
+            part[np.isnan(values[mine[0][0]]) & np.isnan(values[mine[-1][0]])] = np.nan
+        else:
+            part = values[mine[0][0]]
+        total = t.weight * part if total is None else total + t.weight * part
+    return total

@@ -1,0 +1,325 @@
+"""The query path: encode the query, gather candidates, fuse, resolve them in LMDB.
+
+A text query searches item images by default (text->image); an image query searches captions
+(image->text) and returns the items whose caption matched, with that caption; a text and an
+image together (a composed query) search images. ``target`` picks the other directions, and
+``strategy`` how signals are fused (see `retrieval.query.ranking`).
+
+Results follow one shape everywhere (Python, ``--json``, HTTP)::
+
+    {"rank", "id", "score", "scores": {signal: value}, "path", "captions", "extra"
+     [, "caption": {"id", "text"}]}
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..corpus import filters
+from ..corpus.images import BadImage, load_image
+from ..errors import EncoderError, SearchError
+from ..index import autoindex, layout
+from ..index.manifest import MANIFEST, check_model, read_manifest, spec_from_manifest
+from ..index.store import Store
+from ..index.vector_index import VectorIndex
+from ..model.encoder import Encoder
+from ..model.spec import ModelSpec
+from . import ranking
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("images", "captions")
+# Per (query, target), chosen by measurement (benchmarks/README.md, "Query layer"). None of the
+# fused strategies met the bar everywhere: hybrid text->image gains 2.5 points of R@1 on
+# coco-mini but loses 1.1 on the synthetic set and costs 1.5x a plain query, and querybank
+# normalisation did not pay; so every direction stays plain cosine unless asked otherwise.
+DEFAULT_STRATEGY: dict[tuple[str, str], str] = {}
+DEFAULT_MIX = 0.2
+
+
+@dataclass(frozen=True)
+class QueryTerm:
+    """An extra term of a composed query: a text or an image; a negative weight pushes away."""
+
+    text: str | None = None
+    image: str | Path | Image.Image | None = None
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Query:
+    """A text, an image, or both (weighted by ``image_weight``), plus any extra terms."""
+
+    text: str | None = None
+    image: str | Path | Image.Image | None = None
+    image_weight: float = 0.5
+    terms: tuple[QueryTerm, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.image_weight <= 1:
+            raise SearchError(f"the image weight must be between 0 and 1, not {self.image_weight}")
+
+    def all_terms(self) -> tuple[QueryTerm, ...]:
+        both = self.text is not None and self.image is not None
+        first = []
+        if self.text is not None:
+            first.append(QueryTerm(text=self.text, weight=1 - self.image_weight if both else 1.0))
+        if self.image is not None:
+            first.append(QueryTerm(image=self.image, weight=self.image_weight if both else 1.0))
+        return (*first, *self.terms)
+
+    def describe(self) -> dict[str, Any]:
+        terms = [_describe(t) for t in self.all_terms()]
+        if len(terms) == 1:
+            terms[0].pop("weight")
+            return terms[0]
+        return {"terms": terms}
+
+
+def _describe(t: QueryTerm) -> dict[str, Any]:
+    if t.text is not None:
+        return {"text": t.text, "weight": t.weight}
+    img = "<image>" if isinstance(t.image, Image.Image) else str(t.image)
+    return {"image": img, "weight": t.weight}
+
+
+def _check_numbers(k: int, overfetch: int, mix: float) -> None:
+    """The ranges the HTTP API enforces too, so that both refuse the same requests."""
+    if k < 1:
+        raise SearchError(f"k must be at least 1, not {k}")
+    if not 1 <= overfetch <= 100:
+        raise SearchError(f"overfetch must be between 1 and 100, not {overfetch}")
+    if not 0 <= mix <= 1:
+        raise SearchError(f"mix must be between 0 and 1, not {mix}")
+
+
+class Searcher:
+    """An open index: FAISS indexes, the store and the model, loaded once, then queried."""
+
+    def __init__(
+        self,
+        folder: Path,
+        encoder: Encoder | None = None,
+        device: str = "auto",
+        link: Path | None = None,
+    ) -> None:
+        self.folder, self.link = folder, link  # link: the name's symlink, to follow updates
+        self.manifest = read_manifest(folder)
+        self.encoder = encoder or Encoder.load(spec_from_manifest(self.manifest), device)
+        faiss_device = "cuda" if self.encoder.device.type == "cuda" else "cpu"
+        idx = self.manifest["indexes"]
+        # Memory-mapped: a published index is read-only, so pages load on demand, are shared
+        # by every process serving it, and an index larger than RAM still serves.
+        self.images, self.captions = (
+            autoindex.apply(
+                VectorIndex.load(folder / file, idx[kind]["factory"], faiss_device, mmap=True),
+                idx[kind],  # the search knob tuned at build time
+            )
+            for kind, file in layout.INDEX_FILES.items()
+        )
+        self.store = Store.open(folder / layout.STORE)
+        # A searcher replaced by `latest` is closed when its last request lets go of it.
+        self._close = weakref.finalize(self, self.store.close)
+        # Removed items that HNSW / IVF indexes still hold: never returned (until compact).
+        self.images.exclude(self.store.tombstones("image"))
+        self.captions.exclude(self.store.tombstones("caption"))
+        self.corpus = _corpus(folder, self.manifest, self.images, self.captions)
+        self._allowed: dict[tuple, np.ndarray | str] = {}  # filter -> item rows, or the error
+
+    @classmethod
+    def open(
+        cls,
+        name: str,
+        index_dir: str | Path | None = None,
+        model: ModelSpec | None = None,
+        device: str = "auto",
+        encoder: Encoder | None = None,
+    ) -> Searcher:
+        """Open index ``name``; ``model``, when given, must be the one the index was built with.
+
+        ``model`` with an empty name: the index's own model, weights from ``model.pretrained``
+        (its checkpoint moved: the sha256 must match).
+        """
+        link = layout.index_root(index_dir) / name
+        for attempt in range(3):
+            folder = layout.resolve(name, index_dir)
+            try:
+                manifest = read_manifest(folder)
+            except FileNotFoundError:  # pruned between resolve and read: resolve again
+                if attempt < 2:
+                    continue
+                raise
+            if model is not None and not model.name:
+                model = replace(model, name=manifest["model"])
+            check_model(manifest, model)
+            encoder = encoder or (Encoder.load(model, device) if model else None)
+            try:
+                return cls(folder, encoder=encoder, device=device, link=link)
+            except EncoderError:
+                raise
+            except (FileNotFoundError, RuntimeError) as e:
+                # Two writers' publications in a row prune the version we had just resolved,
+                # maybe while we read it: then open the one the name points to now.
+                moved = not folder.exists() or layout.resolve(name, index_dir) != folder
+                if attempt < 2 and moved:
+                    continue
+                msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                raise SearchError(
+                    f"index {name!r} cannot be opened ({msg}); `retrieval verify {name}` checks "
+                    "its files"
+                ) from None
+        raise AssertionError("unreachable")
+
+    def latest(self) -> Searcher:
+        """This searcher, or one on the version published since it opened (same model)."""
+        if self.link is None:
+            return self
+        try:
+            folder = self.link.resolve(strict=True)
+        except OSError:
+            return self
+        if folder == self.folder or not (folder / MANIFEST).is_file():
+            return self
+        try:
+            newer = Searcher(folder, encoder=self.encoder, link=self.link)
+        except (FileNotFoundError, RuntimeError):  # already replaced again: next time
+            return self
+        log.info("index %s: switched to the newly published version %s", self.link.name, folder)
+        return newer
+
+    def close(self) -> None:
+        self._close()
+
+    def __enter__(self) -> Searcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def info(self) -> dict[str, Any]:
+        return {**self.manifest, "folder": str(self.folder), "store": self.store.counts()}
+
+    def embed(self, term: QueryTerm) -> np.ndarray:
+        """The term's (1, D) unit vector."""
+        if (term.text is None) == (term.image is None):
+            raise SearchError("each query term is exactly one of a text or an image")
+        if term.text is not None:
+            if not term.text.strip():
+                raise SearchError("the text query is empty")
+            return self.encoder.encode_texts([term.text])
+        image = term.image
+        if not isinstance(image, Image.Image):
+            try:
+                image = load_image(image)
+            except BadImage as e:
+                raise SearchError(f"cannot use the query image: {e}") from None
+        return self.encoder.encode_pil([image])
+
+    def search(
+        self,
+        query: Query,
+        k: int = 10,
+        target: str | None = None,
+        strategy: str | None = None,
+        where: tuple[str, ...] = (),
+        overfetch: int = 10,
+        mix: float = DEFAULT_MIX,
+    ) -> dict[str, Any]:
+        """``{"query", "target", "strategy", "where", "results"}`` with the ``k`` best items."""
+        terms = query.all_terms()
+        if not terms:
+            raise SearchError("the query is empty: give a text, an image or both")
+        _check_numbers(k, overfetch, mix)
+        solo_image = len(terms) == 1 and terms[0].image is not None
+        target = target or ("captions" if solo_image else "images")
+        if target not in TARGETS:
+            raise SearchError(f"target must be one of {', '.join(TARGETS)}, not {target!r}")
+        kind = "text" if len(terms) == 1 and terms[0].text is not None else "other"
+        strategy = strategy or DEFAULT_STRATEGY.get((kind, target), "cosine")
+        if strategy == "arith" and len(terms) < 2:
+            strategy = "cosine"  # arithmetic on one term is plain cosine
+        vectors = [
+            ranking.Term("t" if t.text is not None else "i", self.embed(t), t.weight) for t in terms
+        ]
+        options = ranking.Options(
+            k=k, target=target, strategy=strategy, overfetch=overfetch, mix=mix
+        )
+        hits = ranking.run(self.corpus, vectors, options, self._filter(tuple(where)))
+        return {
+            "query": query.describe(),
+            "target": target,
+            "strategy": strategy,
+            "where": list(where),
+            "results": [self._result(rank, hit) for rank, hit in enumerate(hits, 1)],
+        }
+
+    def _filter(self, where: tuple[str, ...]) -> np.ndarray | None:
+        """Sorted item rows passing every condition (None: no filter), computed once each."""
+        if not where:
+            return None
+        if where not in self._allowed:
+            conds = tuple(filters.parse(w) for w in where)
+            rows, fields = [], set()
+            for it in self.store.iter_items():
+                fields.update(it.get("extra", {}))
+                if filters.matches_all(conds, it.get("extra", {})):
+                    rows.append(it["row"])
+            # An unknown field's message is remembered too: a client repeating it must not
+            # rescan the store.
+            msg = filters.unknown_field([c.key for c in conds], fields)
+            self._allowed[where] = msg or np.array(sorted(rows), dtype=np.int64)
+        if isinstance(allowed := self._allowed[where], str):
+            raise SearchError(allowed)
+        return allowed
+
+    def _result(self, rank: int, hit: ranking.Hit) -> dict[str, Any]:
+        item_id = self.store.item_ids([hit.item])[0]
+        item = self.store.item(item_id) or {}
+        out = {
+            "rank": rank,
+            "id": item_id,
+            "score": round(hit.score, 6),
+            "scores": hit.scores,
+            "path": item.get("path"),
+            "captions": [c["text"] for c in item.get("captions", [])],
+            "extra": item.get("extra", {}),
+        }
+        if hit.caption is not None and hit.caption >= 0:
+            cap = self.store.caption(self.store.caption_ids([hit.caption])[0]) or {}
+            out["caption"] = {"id": cap.get("id"), "text": cap.get("text")}
+        return out
+
+
+def _corpus(folder: Path, manifest: dict, images, captions) -> ranking.Corpus:
+    emb = folder / layout.EMBEDDINGS
+    # Memory-mapped: re-scoring reads only the candidates' rows.
+    return ranking.Corpus(
+        images=images,
+        captions=captions,
+        image_emb=np.load(emb / "image.npy", mmap_mode="r"),
+        caption_emb=np.load(emb / "caption.npy", mmap_mode="r"),
+        caption_owner=np.load(emb / "caption_owner.npy"),
+        image_norm=np.load(emb / "image.qbnorm.npy"),
+        caption_norm=np.load(emb / "caption.qbnorm.npy"),
+        beta=float(manifest["querybank"]["beta"]),
+    )
+
+
+def search(
+    name: str,
+    query: Query,
+    index_dir: str | Path | None = None,
+    model: ModelSpec | None = None,
+    device: str = "auto",
+    **options: Any,
+) -> dict[str, Any]:
+    """One-shot search: open index ``name``, run one query (see `Searcher.search`), close it."""
+    with Searcher.open(name, index_dir, model=model, device=device) as s:
+        return s.search(query, **options)

@@ -1,0 +1,392 @@
+"""An HTTP API and a search page over one index (FastAPI + uvicorn).
+
+    POST /search               JSON {"text", "image" (base64), "image_id", "k", ...} or a
+                               multipart form (the file in field ``image``): the same object
+                               as ``retrieval search --json``
+    GET  /items/{id}           an item's metadata
+    GET  /items/{id}/image     its image (``?size=N``: a JPEG thumbnail at most N px a side)
+    GET  /health, GET /stats   liveness; model, counts and index types
+    GET  /                     the search page; OpenAPI docs at /docs
+
+Every client error is a 4xx with ``{"error": "<one sentence>"}`` and the server carries on.
+Images are served by item id only: the file path comes from the store, never from a client.
+The index (model, FAISS, LMDB) is opened once; searches hold a lock so that the model and the
+query layer's caches are used by one request at a time (torch already spreads one query's
+work over the cores), while item and image reads run concurrently.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import logging
+import mimetypes
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import quote
+
+from fastapi import FastAPI, Request
+from fastapi import Query as QueryParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..corpus import images, webdataset
+from ..errors import EncoderError, SearchError
+from ..model.spec import ModelSpec
+from ..query.ranking import STRATEGIES
+from ..query.search import DEFAULT_MIX, DEFAULT_STRATEGY, Query, Searcher
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Limits of one server."""
+
+    max_upload_bytes: int = 10 * 1024 * 1024  # whole request body, image included
+    max_pixels: int = images.DEFAULT_MAX_PIXELS
+    max_k: int = 1000
+    max_thumb: int = 1024
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class SearchRequest(BaseModel):
+    """The body of ``POST /search`` (multipart forms carry the same fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = None
+    image: str | None = Field(None, description="Base64 image bytes, or a data: URL.")
+    image_id: str | None = Field(None, description="Use this indexed item's image as the query.")
+    image_weight: float = Field(0.5, ge=0, le=1)
+    k: int = 10
+    target: Literal["images", "captions"] | None = None
+    strategy: Literal[STRATEGIES] | None = None  # type: ignore[valid-type]
+    where: list[str] = Field(default_factory=list, description="key=value, key>=n, key=lo..hi")
+    overfetch: int = Field(10, ge=1, le=100)
+    mix: float = Field(DEFAULT_MIX, ge=0, le=1)
+
+
+class _Latest:
+    """The searcher of the index's published version: after an add or a remove publishes a new
+    one, the next request opens it (sharing the model); requests under way finish on the old."""
+
+    def __init__(self, searcher: Searcher) -> None:
+        self.searcher, self._lock = searcher, threading.Lock()
+
+    def __call__(self) -> Searcher:
+        with self._lock:
+            self.searcher = self.searcher.latest()
+            return self.searcher
+
+
+def create_app(searcher: Searcher, config: ServeConfig = ServeConfig()) -> FastAPI:
+    """The application serving ``searcher``'s index, and its later versions."""
+    app = FastAPI(title="retrieval", version=__version__, summary="Search images by text & image")
+    lock = threading.Lock()
+    current = _Latest(searcher)
+    _add_error_handlers(app)
+
+    @app.post("/search", openapi_extra=_search_openapi())
+    async def search(request: Request) -> JSONResponse:
+        fields, raw = await _read_query(request, config.max_upload_bytes)
+        req = _validate(fields, config.max_k)
+
+        # In a thread: decoding and the model must not hold up the event loop.
+        out = await run_in_threadpool(_run_search, current(), lock, req, raw, config)
+        for r in out["results"]:
+            r["image_url"] = _image_url(r["id"])
+        if req.image_id is not None:
+            out["query"] = _describe(out["query"], req.image_id)
+        return JSONResponse(out)
+
+    @app.get("/items/{item_id:path}/image")
+    def item_image(
+        item_id: str, size: int | None = QueryParam(None, ge=16, le=config.max_thumb)
+    ) -> Response:
+        return _image_response(current(), item_id, size, config.max_pixels)
+
+    @app.get("/items/{item_id:path}")
+    def item(item_id: str) -> dict[str, Any]:
+        found = current().store.item(item_id)
+        if found is None:
+            raise ApiError(404, f"no item {item_id!r} in this index")
+        return {"id": item_id, **found, "image_url": _image_url(item_id)}
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "index": current().manifest["name"]}
+
+    @app.get("/stats")
+    def stats() -> dict[str, Any]:
+        return _stats(current())
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _image_response(searcher: Searcher, item_id: str, size: int | None, max_pixels: int):
+    """An item's image: the file itself, a tar member's bytes, or a JPEG thumbnail of ``size``."""
+    found = searcher.store.item(item_id)
+    member = webdataset.parse_reference(found["path"]) if found else None
+    path = Path(str(member)) if member else _item_path(searcher, item_id)
+    if size is not None:  # images.load_image reads tar members too
+        return Response(_thumbnail(path, size, max_pixels), media_type="image/jpeg")
+    name = member.name if member else path.name
+    media = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    if member is None:
+        return FileResponse(path, media_type=media)
+    try:  # an image inside a WebDataset shard has no file of its own to hand over
+        return Response(webdataset.member_bytes(member), media_type=media)
+    except (OSError, EOFError) as e:
+        raise ApiError(404, f"the image of item {item_id!r} cannot be read: {e}") from None
+
+
+def _run_search(
+    searcher: Searcher, lock: threading.Lock, req: SearchRequest, raw: bytes | None, config
+) -> dict[str, Any]:
+    options = {"k": req.k, "target": req.target, "strategy": req.strategy, "mix": req.mix}
+    try:
+        query = _query(searcher, req, raw, config.max_pixels)
+        with lock:
+            return searcher.search(
+                query, where=tuple(req.where), overfetch=req.overfetch, **options
+            )
+    except SearchError as e:
+        raise ApiError(400, str(e)) from None
+    except EncoderError as e:  # the server's model is at fault, not the request
+        log.error("search failed: %s", e)
+        raise ApiError(500, f"the server's model cannot encode this query: {e}") from None
+
+
+def _search_openapi() -> dict[str, Any]:
+    """The body schema of ``POST /search``, which reads its body itself to accept both kinds."""
+    schema = SearchRequest.model_json_schema()
+    form = json.loads(json.dumps(schema))
+    form["properties"]["image"] = {"type": "string", "format": "binary"}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": schema},
+                "multipart/form-data": {"schema": form},
+            },
+        },
+        "responses": {"400": {"description": 'A bad query: {"error": "..."}'}},
+    }
+
+
+def _image_url(item_id: str) -> str:
+    return f"/items/{quote(item_id, safe='/')}/image"
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": _one_line(exc.errors())}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+
+def _one_line(errors: list[dict[str, Any]]) -> str:
+    e = errors[0]
+    where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+    return f"{where}: {e.get('msg', 'invalid')}" if where else str(e.get("msg", "invalid"))
+
+
+async def _read_query(request: Request, limit: int) -> tuple[dict[str, Any], bytes | None]:
+    """The request's fields and the uploaded image's bytes (None when there is none)."""
+    body = await _read_body(request, limit)
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        return await _read_form(request, body)
+    if ctype not in ("application/json", ""):
+        raise ApiError(415, "send application/json or multipart/form-data")
+    try:
+        fields = json.loads(body or b"null")
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, f"malformed JSON: {e}") from None
+    if not isinstance(fields, dict):
+        raise ApiError(400, 'the JSON body must be an object such as {"text": "a dog"}')
+    image = fields.pop("image", None)
+    return fields, None if image is None else _b64(image)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request is larger than the {limit // 2**20} MB limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:  # chunked bodies declare no length
+            raise ApiError(413, f"the request is larger than the {limit // 2**20} MB limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _read_form(request: Request, body: bytes) -> tuple[dict[str, Any], bytes | None]:
+    async def replay() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_part_size=len(body) + 1)
+    except Exception as e:  # starlette raises its own parse errors for broken forms
+        raise ApiError(400, f"malformed multipart form: {e}") from None
+    fields: dict[str, Any] = {}
+    raw = None
+    for key in set(form.keys()):
+        values = form.getlist(key)
+        if key == "image":
+            upload = values[0]
+            raw = await upload.read() if hasattr(upload, "read") else _b64(str(upload))
+        elif key == "where":
+            fields["where"] = [str(v) for v in values if str(v).strip()]
+        elif str(values[0]) != "":
+            fields[key] = str(values[0])
+    return fields, raw
+
+
+def _b64(value: Any) -> bytes:
+    if not isinstance(value, str):
+        raise ApiError(422, "image: must be a base64 string")
+    if value.startswith("data:"):
+        value = value.partition(",")[2]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "image: not valid base64") from None
+
+
+def _validate(fields: dict[str, Any], max_k: int) -> SearchRequest:
+    try:
+        req = SearchRequest.model_validate(fields)
+    except ValidationError as e:
+        raise ApiError(422, _one_line(e.errors())) from None
+    if not 1 <= req.k <= max_k:
+        raise ApiError(422, f"k: must be between 1 and {max_k}, not {req.k}")
+    return req
+
+
+def _query(searcher: Searcher, req: SearchRequest, raw: bytes | None, max_pixels: int) -> Query:
+    text = req.text if req.text and req.text.strip() else None
+    if raw is not None and req.image_id is not None:
+        raise ApiError(400, "give an uploaded image or an image_id, not both")
+    image = None
+    if raw is not None:
+        image = _decode_upload(raw, max_pixels)
+    elif req.image_id is not None:
+        image = _load(_item_path(searcher, req.image_id), max_pixels)
+    if text is None and image is None:
+        raise ApiError(400, "the query is empty: give a text, an image or both")
+    return Query(text=text, image=image, image_weight=req.image_weight)
+
+
+def _decode_upload(raw: bytes, max_pixels: int) -> Image.Image:
+    if not raw:
+        raise ApiError(400, "the uploaded image is empty")
+    try:
+        return images.decode(io.BytesIO(raw), max_pixels=max_pixels, name="the upload")
+    except images.BadImage as e:
+        status = {"not an image": 415, "too many pixels": 413}.get(e.reason, 400)
+        raise ApiError(status, f"cannot use the uploaded image: {e}") from None
+
+
+def _item_path(searcher: Searcher, item_id: str) -> Path:
+    found = searcher.store.item(item_id)
+    if found is None:
+        raise ApiError(404, f"no item {item_id!r} in this index")
+    path = Path(found["path"])
+    if not webdataset.backing_file(path).is_file():  # a tar member's tar, or the file itself
+        raise ApiError(404, f"the image of item {item_id!r} is no longer on disk")
+    return path
+
+
+def _load(path: Path, max_pixels: int) -> Image.Image:
+    try:
+        return images.load_image(path, max_pixels=max_pixels)
+    except images.BadImage as e:
+        raise ApiError(404, f"the item's image cannot be read: {e}") from None
+
+
+def _thumbnail(path: Path, size: int, max_pixels: int) -> bytes:
+    im = _load(path, max_pixels)
+    im.thumbnail((size, size), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def _describe(query: dict[str, Any], image_id: str) -> dict[str, Any]:
+    """Name an image_id query's image by its item rather than by an in-memory placeholder."""
+    terms = query.get("terms", [query])
+    for t in terms:
+        if t.get("image") == "<image>":
+            t.pop("image")
+            t["image_id"] = image_id
+    return query
+
+
+def _stats(searcher: Searcher) -> dict[str, Any]:
+    m = searcher.manifest
+    return {
+        "name": m["name"],
+        "model": m["model"],
+        "pretrained": m.get("pretrained"),
+        "dim": m.get("dim"),
+        "counts": searcher.store.counts(),
+        "indexes": {k: v.get("factory") for k, v in m["indexes"].items()},
+        "created": m.get("created"),
+        "updated": m.get("updated"),
+        "strategies": list(STRATEGIES),
+        "default_strategy": {f"{q}->{t}": s for (q, t), s in DEFAULT_STRATEGY.items()},
+        "version": __version__,
+    }
+
+
+def serve(
+    name: str,
+    index_dir: str | Path | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    device: str = "auto",
+    config: ServeConfig = ServeConfig(),
+    model: ModelSpec | None = None,
+) -> None:
+    """Open index ``name`` once and serve it until interrupted (``model``: see `Searcher.open`)."""
+    import uvicorn
+
+    searcher = Searcher.open(name, index_dir, model=model, device=device)
+    log.info("serving index %s on http://%s:%d", name, host, port)
+    try:
+        uvicorn.run(create_app(searcher, config), host=host, port=port, log_level="info")
+    finally:
+        searcher.close()

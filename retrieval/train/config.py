@@ -1,0 +1,40 @@
+"""How a training run is set up: `TrainConfig`, the one source of every training default.
+
+Torch-free, so the command line can read the defaults without loading torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..corpus.records import ReadOptions
+from ..model.spec import ModelSpec
+
+DEFAULT_LR = 5e-4
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    epochs: int = 10
+    steps: int | None = None  # total optimizer steps; overrides epochs
+    batch_size: int = 128  # pairs per process per micro-batch
+    chunk_size: int | None = None  # gradient caching: embed at most this many pairs at once
+    accum_steps: int = 1  # micro-batches per optimizer step, all in one loss
+    lr: float | None = None  # peak; None: DEFAULT_LR for a new run, the run's own on resume
+    wd: float = 0.1
+    warmup: int = 50  # steps of linear warm-up before the cosine decay
+    grad_clip: float | None = None
+    lock_image: int | None = None  # lock the image tower, leaving this many last groups free
+    lock_text: int | None = None  # lock the text tower, leaving this many last layers free
+    seed: int = 0
+    val: Path | None = None
+    val_fraction: float = 0.0
+    workers: int | None = None
+    device: str = "auto"
+    read: ReadOptions = field(default_factory=ReadOptions)
+    resume: bool = False
+    progress: bool = True
+    batch_group: str | None = None  # metadata field: items sharing its value share a batch
+    save_every: int = 1  # epochs between checkpoints (the last epoch and a new best always save)

@@ -29,8 +29,9 @@ from search_speed import embeddings
 from retrieval import __version__
 from retrieval.corpus import synthetic
 from retrieval.index import layout, lifecycle
-from retrieval.index.build import BuildConfig
+from retrieval.index.config import DEFAULT_BETA, DEFAULT_M, BuildConfig
 from retrieval.index.embeddings import Embeddings, save_embeddings
+from retrieval.index.manifest import Counts, IndexEntry, Manifest, QuerybankSettings
 from retrieval.index.store import ItemEntry, Store
 from retrieval.index.vector_index import VectorIndex
 from retrieval.index.verify import verify
@@ -60,22 +61,21 @@ def write_index(root: Path, encoder: Encoder, n: int, factory: str, image: Path)
                 for i in range(n)
             )
         (folder / layout.SKIPPED).write_text("")
-        count = {"factory": factory, "count": n}
-        return {
-            "name": "big",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "package_version": __version__,
-            **encoder.spec.describe(),
-            "dim": encoder.dim,
-            "context_length": encoder.context_length,
-            "indexes": {
-                "image": {"file": layout.IMAGE_INDEX, **count},
-                "caption": {"file": layout.CAPTION_INDEX, **count},
-            },
-            "counts": {"items": n, "captions": n, "skipped": 0, "skipped_by_reason": {}},
-            "corpus": "synthetic vectors",
-            "querybank": {"beta": 20.0, "m": 10, "bank": "corpus"},
-        }
+        model = encoder.spec.identity()
+        return Manifest(
+            name="big",
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            package_version=__version__,
+            model=model.model,
+            pretrained=model.pretrained,
+            checkpoint_sha256=model.checkpoint_sha256,
+            dim=encoder.dim,
+            context_length=encoder.context_length,
+            indexes={k: IndexEntry(f, factory, n) for k, f in layout.INDEX_FILES.items()},
+            counts=Counts(items=n, captions=n),
+            corpus="synthetic vectors",
+            querybank=QuerybankSettings(DEFAULT_BETA, DEFAULT_M, "corpus"),
+        )
 
     start = time.perf_counter()
     layout.commit(root, "big", fill)

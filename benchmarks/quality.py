@@ -22,7 +22,8 @@ from pathlib import Path
 
 from retrieval.corpus import synthetic
 from retrieval.corpus.records import ReadOptions
-from retrieval.eval.bench import BenchConfig, run_bench, to_json, to_markdown
+from retrieval.eval.bench import BenchConfig, run_bench
+from retrieval.eval.report import to_json, to_markdown
 from retrieval.model.spec import SHIPPED_MODEL, ModelSpec
 from retrieval.train.config import TrainConfig
 from retrieval.train.loop import train
@@ -36,7 +37,7 @@ def bench(name: str, dataset: Path, model: ModelSpec, out: Path, **kw) -> str:
     (out / f"{name}.json").write_text(json.dumps(to_json(result), indent=2) + "\n")
     weights = Path(model.pretrained).name if model.pretrained else "random"
     head = (
-        f"**{name}** ({result.counts['images']} images, {result.counts['captions']} "
+        f"**{name}** ({result.images} images, {result.captions} "
         f"captions; {model.name}, weights: {weights})\n\n"
     )
     return head + to_markdown(result)

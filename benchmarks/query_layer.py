@@ -34,7 +34,8 @@ from retrieval.corpus.records import ReadOptions
 from retrieval.eval import strategies
 from retrieval.eval.bench import BenchConfig, embed_with_model, load_dataset
 from retrieval.index import querybank
-from retrieval.index.build import BuildConfig, build
+from retrieval.index.build import build
+from retrieval.index.config import BuildConfig
 from retrieval.model.encoder import Encoder
 from retrieval.model.spec import ModelSpec
 from retrieval.query import ranking

@@ -29,7 +29,8 @@ import numpy as np
 
 from retrieval.corpus import synthetic
 from retrieval.corpus.readers import read_corpus
-from retrieval.index.build import BuildConfig, build
+from retrieval.index.build import build
+from retrieval.index.config import BuildConfig
 from retrieval.model.encoder import Encoder
 from retrieval.model.spec import SHIPPED_MODEL, ModelSpec
 

@@ -6,7 +6,8 @@ whose scene matches the caption as correct (the issue's target for the demo mode
 mirror accuracy: how often a caption scores its own scene above the same scene with its two
 shapes swapped ("A left of B" against "B left of A"); a bag-of-words model is at 0.5.
 
-    python benchmarks/synthetic_quality.py --model tiny-vit --pretrained retrieval/model/weights/tiny-vit-shapes.pt
+    python benchmarks/synthetic_quality.py --model tiny-vit \
+        --pretrained retrieval/model/weights/tiny-vit-shapes.pt
 """
 
 from __future__ import annotations

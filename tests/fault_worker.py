@@ -12,7 +12,8 @@ from pathlib import Path
 
 from retrieval.errors import RetrievalError
 from retrieval.index import lifecycle
-from retrieval.index.build import BuildConfig, build
+from retrieval.index.build import build
+from retrieval.index.config import BuildConfig
 from retrieval.model.encoder import Encoder
 from retrieval.model.spec import ModelSpec
 

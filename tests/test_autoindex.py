@@ -9,7 +9,8 @@ import pytest
 from retrieval.errors import IndexBuildError
 from retrieval.index import autoindex, layout
 from retrieval.index.autoindex import bytes_per_vector, choose, nlist_for, tune
-from retrieval.index.build import BuildConfig, build
+from retrieval.index.build import build
+from retrieval.index.config import BuildConfig
 from retrieval.index.exact import exact_search
 from retrieval.index.manifest import read_manifest
 from retrieval.index.vector_index import VectorIndex
@@ -78,7 +79,7 @@ def test_tuning_reaches_the_target_on_fresh_queries_with_the_smallest_knob(facto
     tuning, fresh = clustered(2000, 32, seed=2, shift=0.3), clustered(300, 32, seed=3, shift=0.3)
     index = VectorIndex.build(base, np.arange(len(base)), factory, train=base)
     got = tune(index, base, tuning, target=0.95)
-    assert got["recall@10"] >= 0.95 and got["queries"] == autoindex.TUNING_QUERIES
+    assert got.recall_at_10 >= 0.95 and got.queries == autoindex.TUNING_QUERIES
     truth = exact_search(base, np.arange(len(base)), fresh, 10)
     found = index.search(fresh, 10)
     recall = np.mean([len(set(t.ids) & set(f.ids)) / 10 for t, f in zip(truth, found, strict=True)])
@@ -95,12 +96,12 @@ def test_build_records_the_tuned_knob_and_searchers_apply_it(tmp_path, synth_cor
     build(synth_corpus, "h", config, tmp_path, encoder=encoder)
     manifest = read_manifest(layout.resolve("h", tmp_path))
     for kind in ("image", "caption"):
-        search = manifest["indexes"][kind]["search"]
-        assert search["knob"] == "efSearch" and search["target"] == 0.99
-        assert search["recall@10"] >= 0.99
+        search = manifest.indexes[kind].search
+        assert search.knob == "efSearch" and search.target == 0.99
+        assert search.recall_at_10 >= 0.99
     with Searcher.open("h", tmp_path, encoder=encoder) as s:
         assert s.images.knob() == "efSearch"
-        assert s.images.knob_value() == manifest["indexes"]["image"]["search"]["value"]
+        assert s.images.knob_value() == manifest.indexes["image"].search.value
 
 
 def test_a_memory_budget_compresses_and_results_are_reranked_exactly(
@@ -109,9 +110,9 @@ def test_a_memory_budget_compresses_and_results_are_reranked_exactly(
     config = BuildConfig(progress=False, workers=0, max_memory=32_000)
     report = build(synth_corpus, "small", config, tmp_path, encoder=encoder)
     manifest = read_manifest(layout.resolve("small", tmp_path))
-    image = manifest["indexes"]["image"]
-    assert report.factories["image"] == image["factory"] != "Flat"
-    total = image["memory_bytes"] + manifest["indexes"]["caption"]["memory_bytes"]
+    image = manifest.indexes["image"]
+    assert report.factories["image"] == image.factory != "Flat"
+    total = image.memory_bytes + manifest.indexes["caption"].memory_bytes
     assert total <= 32_000
     assert verify("small", tmp_path, sample=4, encoder=encoder).ok
     build(synth_corpus, "exact", BuildConfig(progress=False, workers=0), tmp_path, encoder=encoder)

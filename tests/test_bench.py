@@ -11,16 +11,10 @@ from click.testing import CliRunner
 from retrieval.cli.main import main
 from retrieval.corpus.records import ReadOptions
 from retrieval.errors import RetrievalError
-from retrieval.eval.bench import (
-    BenchConfig,
-    Embedded,
-    ann_row,
-    exact_row,
-    run_bench,
-    to_json,
-    write_outputs,
-)
-from retrieval.index.build import BuildConfig, build
+from retrieval.eval.bench import BenchConfig, Embedded, ann_row, exact_row, run_bench
+from retrieval.eval.report import to_json, write_outputs
+from retrieval.index.build import build
+from retrieval.index.config import BuildConfig
 from retrieval.scoring import metrics
 
 

@@ -11,8 +11,9 @@ from conftest import write_jsonl
 
 from retrieval.errors import IndexBuildError, SearchError
 from retrieval.index import layout
-from retrieval.index.build import BuildConfig, build
-from retrieval.index.manifest import read_manifest
+from retrieval.index.build import build
+from retrieval.index.config import BuildConfig
+from retrieval.index.manifest import Manifest, read_manifest
 from retrieval.model.spec import ModelSpec
 from retrieval.query.search import Query, Searcher
 
@@ -29,9 +30,12 @@ def synth_index(tmp_path_factory, synth_corpus, encoder):
 def test_build_writes_a_self_describing_folder(synth_index):
     folder = layout.resolve("synth", synth_index)
     m = read_manifest(folder)
-    assert m["model"] == "tiny-vit" and m["pretrained"] is None and m["dim"] == 128
-    assert m["counts"]["items"] == 40 and m["counts"]["captions"] == 120
-    assert m["indexes"]["image"]["factory"] == "Flat"
+    assert m.model == "tiny-vit" and m.pretrained is None and m.dim == 128
+    # The typed manifest writes back exactly the JSON it read: the file format is its own.
+    raw = json.loads((folder / "manifest.json").read_text())
+    assert Manifest.from_json(raw).to_json() == raw
+    assert m.counts.items == 40 and m.counts.captions == 120
+    assert m.indexes["image"].factory == "Flat"
     for f in ("image.faiss", "caption.faiss", "meta.lmdb", "skipped.jsonl", "embeddings"):
         assert (folder / f).exists(), f
     assert (synth_index / "synth").is_symlink()

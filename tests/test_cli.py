@@ -131,6 +131,25 @@ def test_info_and_errors_are_one_line(corpora, tmp_path, monkeypatch):
         assert "Traceback" not in result.output
 
 
+def test_verbose_or_debug_env_shows_the_traceback_behind_the_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("RETRIEVAL_INDEX_DIR", str(tmp_path))
+    monkeypatch.delenv("RETRIEVAL_DEBUG", raising=False)
+    args = ["search", "nope", "--text", "x"]
+    quiet = CliRunner().invoke(main, args)
+    assert quiet.exit_code == 1 and "Traceback" not in quiet.output
+    for argv, env in (
+        (["-v", *args], {}),
+        (args, {"RETRIEVAL_DEBUG": "1"}),
+    ):
+        shown = CliRunner().invoke(main, argv, env=env)
+        assert shown.exit_code == 1
+        assert "Traceback (most recent call last)" in shown.output
+        assert "layout.py" in shown.output and "in resolve" in shown.output  # where it arose
+        assert shown.output.rstrip().endswith("(indexes there: none)")  # the line comes last
+    off = CliRunner().invoke(main, args, env={"RETRIEVAL_DEBUG": "0"})
+    assert "Traceback" not in off.output
+
+
 def test_pretrained_alone_is_used_and_finds_a_moved_checkpoint(corpora, tmp_path, monkeypatch):
     monkeypatch.setenv("RETRIEVAL_INDEX_DIR", str(tmp_path / "ix"))
     shipped = SHIPPED_MODEL

@@ -10,7 +10,8 @@ import numpy as np
 
 from retrieval.corpus import synthetic
 from retrieval.index import layout
-from retrieval.index.build import BuildConfig, build
+from retrieval.index.build import build
+from retrieval.index.config import BuildConfig
 from retrieval.index.store import Store
 from retrieval.index.vector_index import VectorIndex
 

@@ -58,7 +58,7 @@ def test_config_json_path_and_local_checkpoint(tmp_path, encoder):
     spec = ModelSpec(str(tmp_path / "my-arch.json"), str(ckpt))
     loaded = Encoder.load(spec, device="cpu")
     np.testing.assert_allclose(loaded.encode_texts(["hi"]), custom.encode_texts(["hi"]), atol=1e-6)
-    assert len(spec.describe()["checkpoint_sha256"]) == 64
+    assert len(spec.identity().checkpoint_sha256) == 64
     # open_clip itself loads the same file.
     open_clip.create_model_and_transforms("my-arch", pretrained=str(ckpt))
 

@@ -17,9 +17,16 @@ from retrieval.corpus.readers import read_corpus
 from retrieval.corpus.records import unique_records
 from retrieval.errors import IndexBusyError
 from retrieval.index import layout, lifecycle
-from retrieval.index.build import BuildConfig, build
+from retrieval.index.build import build
+from retrieval.index.config import BuildConfig
 from retrieval.index.embeddings import load_embeddings
-from retrieval.index.manifest import read_manifest
+from retrieval.index.manifest import (
+    Counts,
+    IndexEntry,
+    Manifest,
+    QuerybankSettings,
+    read_manifest,
+)
 from retrieval.index.store import Store
 from retrieval.index.vector_index import VectorIndex
 from retrieval.index.verify import verify
@@ -84,8 +91,8 @@ def test_add_remove_compact_keep_every_index_consistent(tmp_path, corpora, encod
     if factory == "Flat":  # exact search: the same ranking from the compacted index
         assert _everything(tmp_path, encoder, "a blue circle") == before
     manifest = read_manifest(layout.resolve("x", tmp_path))
-    assert [h["op"] for h in manifest["history"]] == ["add", "remove", "compact"]
-    assert manifest["counts"]["items"] == len(live)
+    assert [h.op for h in manifest.history] == ["add", "remove", "compact"]
+    assert manifest.counts.items == len(live)
 
 
 def test_add_skips_known_ids_or_replaces_them_with_upsert(tmp_path, corpora, encoder):
@@ -276,7 +283,11 @@ def test_a_reader_of_a_published_version_never_blocks_a_writer_after_pruning(tmp
     def fill(folder):
         with Store.create(folder / layout.STORE):
             pass
-        return {}
+        entries = {k: IndexEntry(f, "Flat", 0) for k, f in layout.INDEX_FILES.items()}
+        return Manifest(
+            "x", "now", "0", "tiny-vit", None, None, 4, 8, entries, Counts(0, 0), "none",
+            QuerybankSettings(20.0, 10, "corpus"),
+        )  # fmt: skip
 
     store_dir = layout.commit(tmp_path, "x", fill).resolve() / layout.STORE
     assert not (store_dir / "lock.mdb").exists()

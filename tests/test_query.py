@@ -8,7 +8,8 @@ import pytest
 from retrieval.corpus.images import load_image
 from retrieval.errors import SearchError
 from retrieval.index import layout
-from retrieval.index.build import BuildConfig, build
+from retrieval.index.build import build
+from retrieval.index.config import BuildConfig
 from retrieval.query.search import Query, QueryTerm, Searcher
 from retrieval.scoring import fusion
 
@@ -44,7 +45,7 @@ def ids_of(s: Searcher, rows) -> list[str]:
 
 def test_stored_normalisers_match_a_brute_force_recomputation(searcher):
     img, cap, _ = stored(searcher)
-    beta, m = searcher.manifest["querybank"]["beta"], searcher.manifest["querybank"]["m"]
+    beta, m = searcher.manifest.querybank.beta, searcher.manifest.querybank.m
     sims = np.sort(img @ cap.T, axis=1)[:, ::-1][:, :m]
     want = fusion.logsumexp(beta * sims.astype(np.float64), axis=1)
     got = np.load(searcher.folder / layout.EMBEDDINGS / "image.qbnorm.npy")
@@ -59,8 +60,8 @@ def test_qbnorm_text_to_image_equals_brute_force(searcher, encoder):
     img, _, _ = stored(searcher)
     text = "a red circle left of a blue square"
     q = encoder.encode_texts([text])[0]
-    norm = searcher.corpus.image_norm
-    want = fusion.top_k(searcher.corpus.beta * (img @ q) - norm, 5)
+    norm = searcher.space.image_norm
+    want = fusion.top_k(searcher.space.beta * (img @ q) - norm, 5)
     out = searcher.search(Query(text=text), k=5, strategy="qbnorm", overfetch=ALL)
     assert [r["id"] for r in out["results"]] == ids_of(searcher, want)
     assert out["strategy"] == "qbnorm" and set(out["results"][0]["scores"]) == {"t2i"}

@@ -13,7 +13,8 @@ from conftest import write_image
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from retrieval.index.build import BuildConfig, build
+from retrieval.index.build import build
+from retrieval.index.config import BuildConfig
 from retrieval.model.encoder import Encoder
 from retrieval.model.spec import ModelSpec
 from retrieval.query.search import Query, Searcher

@@ -21,7 +21,8 @@ import httpx
 import pytest
 
 from retrieval.corpus import synthetic
-from retrieval.index.build import BuildConfig, build
+from retrieval.index.build import build
+from retrieval.index.config import BuildConfig
 from retrieval.model.encoder import Encoder
 from retrieval.model.spec import SHIPPED_MODEL, ModelSpec
 

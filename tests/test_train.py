@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import FrozenInstanceError
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +22,14 @@ from ddp_worker import global_batch
 from retrieval.cli.main import main
 from retrieval.corpus import synthetic
 from retrieval.errors import CorpusError, TrainError
-from retrieval.index.build import BuildConfig, build
+from retrieval.index.build import build
+from retrieval.index.config import BuildConfig
 from retrieval.model.encoder import Encoder
 from retrieval.model.spec import ModelSpec
 from retrieval.train.config import TrainConfig
 from retrieval.train.gradcache import contrastive_step
 from retrieval.train.loop import epoch_batches, lr_lambda, param_groups, train
+from retrieval.train.run import RunState, score
 
 HERE = Path(__file__).parent
 
@@ -170,6 +173,35 @@ def test_resume_continues_exactly(small_corpus, micro_config, tmp_path):
         torch.testing.assert_close(a[name], b[name], atol=0, rtol=0, msg=name)
     assert [r["epoch"] for r in resumed.history] == [1, 2]
     assert "val_image_retrieval_recall@5" in resumed.history[-1]
+    # The saved best includes the epoch it was saved with, so a resume keeps the same best.pt.
+    states = [saved_state(run.latest) for run in (straight, resumed)]
+    assert states[0].best == states[1].best == max(score(r) for r in straight.history)
+    best_epochs = [torch.load(run.best, weights_only=True)["epoch"] for run in (straight, resumed)]
+    assert best_epochs[0] == best_epochs[1]
+
+
+def saved_state(latest: Path) -> RunState:
+    return RunState.from_dict(torch.load(latest.with_suffix(".state.pt"), weights_only=False))
+
+
+def test_run_state_reads_the_state_files_of_earlier_versions():
+    old = {  # epoch_N.state.pt as every version so far wrote it
+        "optimizer": {"state": {}, "param_groups": []},
+        "scheduler": {"last_epoch": 7},
+        "epoch": 2,
+        "step": 7,
+        "best": 0.25,
+        "history": [{"epoch": 1, "step": 4}, {"epoch": 2, "step": 7}],
+    }
+    state = RunState.from_dict(old)
+    assert state == RunState(2, 7, 0.25, ({"epoch": 1, "step": 4}, {"epoch": 2, "step": 7}))
+    assert state.to_dict() == {k: old[k] for k in ("epoch", "step", "best", "history")}
+    assert RunState.from_dict(state.to_dict()) == state
+    with pytest.raises(FrozenInstanceError):
+        state.step = 8
+    after = state.after({"epoch": 3, "step": 9, "samples_per_s": 1.0})
+    assert (after.epoch, after.step, after.best, len(after.history)) == (3, 9, 0.25, 3)
+    assert len(state.history) == 2
 
 
 def test_resume_needs_only_the_run_not_the_checkpoint_it_started_from(

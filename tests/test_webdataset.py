@@ -17,7 +17,8 @@ from retrieval.cli.main import main
 from retrieval.corpus import webdataset
 from retrieval.corpus.images import BadImage, load_image
 from retrieval.corpus.readers import detect_format, read_corpus
-from retrieval.index.build import BuildConfig, build
+from retrieval.index.build import build
+from retrieval.index.config import BuildConfig
 from retrieval.index.verify import verify
 from retrieval.query.search import Query, Searcher
 from retrieval.serve.app import create_app

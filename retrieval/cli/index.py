@@ -8,7 +8,10 @@ from pathlib import Path
 
 import click
 
-from ..index.manifest import read_manifest
+from ..index import layout
+from ..index.config import TARGET_RECALL, BuildConfig
+from ..index.manifest import IndexEntry, read_manifest
+from ..model.spec import DEFAULT_MODEL
 from .options import (
     ByteSize,
     CorpusPath,
@@ -35,7 +38,7 @@ def commands() -> None:
 @index_dir_option
 def add(name, corpus, upsert, no_progress, index_dir, resume, wait, **options):
     """Add CORPUS's records to index NAME, encoded with the model NAME was built with."""
-    from ..index.build import BuildConfig
+    from ..index.config import BuildConfig
     from ..index.lifecycle import add as run_add
 
     config = BuildConfig(progress=not no_progress, **options)
@@ -103,11 +106,11 @@ def verify(name, sample, index_dir):
 @commands.command()
 @click.argument("corpus", type=CorpusPath(exists=True, path_type=Path))
 @click.option("--name", required=True, help="Name of the index to create or replace.")
-@model_options("tiny-vit")
+@model_options(DEFAULT_MODEL)
 @click.option(
     "--index",
     "index",
-    default="auto",
+    default=BuildConfig.index,
     show_default=True,
     help="auto (exact below 100k vectors; above, HNSW, IVF or IVF-PQ, whatever fits "
     "--max-memory) or a FAISS factory string.",
@@ -120,7 +123,7 @@ def verify(name, sample, index_dir):
 )
 @click.option(
     "--target-recall",
-    default=0.95,
+    default=TARGET_RECALL,
     show_default=True,
     help="Recall@10 that approximate indexes' search effort is tuned to at build time.",
 )
@@ -135,8 +138,8 @@ def verify(name, sample, index_dir):
 @index_dir_option
 def build(corpus, name, model, pretrained, no_progress, index_dir, resume, wait, **options):
     """Build index NAME from CORPUS (any format: see --format), replacing any index NAME."""
-    from ..index.build import BuildConfig
     from ..index.build import build as run_build
+    from ..index.config import BuildConfig
     from ..model.spec import ModelSpec
 
     # The other options are named after their BuildConfig fields.
@@ -155,37 +158,31 @@ def build(corpus, name, model, pretrained, no_progress, index_dir, resume, wait,
 @index_dir_option
 def info(name, as_json, index_dir):
     """Describe index NAME: model, counts, index types, where it lives."""
-    from ..index import layout
-
     folder = layout.resolve(name, index_dir)
-    manifest = {**read_manifest(folder), "folder": str(folder)}
+    m = read_manifest(folder)
     if as_json:
-        click.echo(json.dumps(manifest, indent=2))
+        click.echo(json.dumps({**m.to_json(), "folder": str(folder)}, indent=2))
         return
-    c, ix = manifest["counts"], manifest["indexes"]
-    click.echo(f"index     {manifest['name']}  ({manifest['folder']})")
-    click.echo(f"model     {manifest['model']}  pretrained: {manifest.get('pretrained') or 'none'}")
-    click.echo(f"dim       {manifest['dim']}")
-    click.echo(f"items     {c['items']}  ({ix['image']['factory']}{_tuned(ix['image'])})")
-    click.echo(f"captions  {c['captions']}  ({ix['caption']['factory']}{_tuned(ix['caption'])})")
-    click.echo(f"skipped   {c['skipped']}  {c['skipped_by_reason'] or ''}")
-    tombstones = c.get("tombstones", {})
-    if any(tombstones.values()):
+    c, image, caption = m.counts, m.indexes["image"], m.indexes["caption"]
+    click.echo(f"index     {m.name}  ({folder})")
+    click.echo(f"model     {m.model}  pretrained: {m.pretrained or 'none'}")
+    click.echo(f"dim       {m.dim}")
+    click.echo(f"items     {c.items}  ({image.factory}{_tuned(image)})")
+    click.echo(f"captions  {c.captions}  ({caption.factory}{_tuned(caption)})")
+    click.echo(f"skipped   {c.skipped}  {c.skipped_by_reason or ''}")
+    if any(c.tombstones.values()):
         click.echo(
-            f"removed   {tombstones['image']} items still in the {ix['image']['factory']} index "
+            f"removed   {c.tombstones['image']} items still in the {image.factory} index "
             "as tombstones (retrieval compact drops them)"
         )
-    click.echo(f"created   {manifest['created']}  by retrieval {manifest['package_version']}")
-    for change in manifest.get("history", []):
-        detail = ", ".join(f"{k} {v}" for k, v in change.items() if k not in ("op", "at"))
-        click.echo(f"{change['op']:<9} {change['at']}  {detail}")
+    click.echo(f"created   {m.created}  by retrieval {m.package_version}")
+    for change in m.history:
+        detail = ", ".join(f"{k} {v}" for k, v in change.detail.items())
+        click.echo(f"{change.op:<9} {change.at}  {detail}")
 
 
-def _tuned(index: dict) -> str:
-    search = index.get("search")
-    if not search:
+def _tuned(entry: IndexEntry) -> str:
+    t = entry.search
+    if t is None:
         return ""
-    return (
-        f", {search['knob']} {search['value']}: recall@10 {search['recall@10']:.3f} on "
-        f"{search['queries']} held-out queries"
-    )
+    return f", {t.knob} {t.value}: recall@10 {t.recall_at_10:.3f} on {t.queries} held-out queries"

@@ -9,8 +9,11 @@ from typing import Any, ClassVar
 import click
 
 from ..corpus.readers import FORMATS
+from ..corpus.records import ReadOptions
 from ..corpus.webdataset import is_pattern
-from ..index.layout import ENV_INDEX_DIR
+from ..index.config import BuildConfig
+from ..index.layout import DEFAULT_INDEX_DIR, ENV_INDEX_DIR
+from ..model.spec import DEFAULT_MODEL, ModelSpec
 
 _MODEL_HELP = (
     "open_clip model name (e.g. ViT-B-32), a shipped config (tiny-vit, small-vit) or a path to "
@@ -29,7 +32,7 @@ def index_dir_option(f):
         "--index-dir",
         type=click.Path(path_type=Path),
         envvar=ENV_INDEX_DIR,
-        default=Path("indexes"),
+        default=DEFAULT_INDEX_DIR,
         show_default=True,
         help=f"Folder holding the indexes (env: {ENV_INDEX_DIR}).",
     )(f)
@@ -42,7 +45,9 @@ def model_options(default_model: str | None):
         )(f)
         alone = "" if default_model else _ALONE_HELP  # where --model may be left out
         f = click.option("--pretrained", default=None, help=_PRETRAINED_HELP + alone)(f)
-        model_help = _MODEL_HELP + (" Default: tiny-vit." if default_model else _OWN_MODEL_HELP)
+        model_help = _MODEL_HELP + (
+            f" Default: {default_model}." if default_model else _OWN_MODEL_HELP
+        )
         return click.option("--model", default=default_model, help=model_help)(f)
 
     return wrap
@@ -54,8 +59,6 @@ def model_spec(model: str | None, pretrained: str | None, index: bool = False):
     ``--pretrained`` alone: weights for the default model or, with ``index``, for the index's
     own model (its checkpoint at a new path).
     """
-    from ..model.spec import DEFAULT_MODEL, ModelSpec
-
     if model is None and pretrained is None:
         return None
     return ModelSpec(model or ("" if index else DEFAULT_MODEL), pretrained)
@@ -66,8 +69,6 @@ def read_options(f):
 
     @functools.wraps(f)
     def wrapper(*args, **kw):
-        from ..corpus.records import ReadOptions
-
         keys = ("fmt", "image_col", "caption_col", "id_col", "image_root", "split", "split_file")
         values = [kw.pop(k) for k in keys]
         return f(*args, read=ReadOptions(*values), **kw)
@@ -81,10 +82,16 @@ def read_options(f):
             help="Corpus format [autodetected].",
         ),
         click.option(
-            "--image-col", default="filepath", show_default=True, help="CSV image column."
+            "--image-col",
+            default=ReadOptions.image_col,
+            show_default=True,
+            help="CSV image column.",
         ),
         click.option(
-            "--caption-col", default="title", show_default=True, help="CSV caption column."
+            "--caption-col",
+            default=ReadOptions.caption_col,
+            show_default=True,
+            help="CSV caption column.",
         ),
         click.option("--id-col", default=None, help="CSV id column [the image path]."),
         click.option(
@@ -113,19 +120,19 @@ def read_options(f):
 def encoding_options(f):
     """How records are decoded, encoded and spooled (build and add); named as in BuildConfig."""
     opts = [
-        click.option("--batch-size", default=64, show_default=True),
+        click.option("--batch-size", default=BuildConfig.batch_size, show_default=True),
         click.option(
             "--workers", type=int, default=None, help="Image-decoding processes [cores-1]."
         ),
         click.option(
             "--max-pixels",
-            default=40_000_000,
+            default=BuildConfig.max_pixels,
             show_default=True,
             help="Refuse images with more pixels (decompression bombs).",
         ),
         click.option(
             "--shard-size",
-            default=2048,
+            default=BuildConfig.shard_size,
             show_default=True,
             help="Records per spooled shard: what an interrupted run can lose at most.",
         ),

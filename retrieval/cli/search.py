@@ -7,7 +7,13 @@ from pathlib import Path
 
 import click
 
-from ..query.ranking import STRATEGIES
+from ..query.ranking import (
+    DEFAULT_IMAGE_WEIGHT,
+    DEFAULT_K,
+    DEFAULT_MIX,
+    DEFAULT_OVERFETCH,
+    STRATEGIES,
+)
 from .options import index_dir_option, model_options, model_spec
 
 
@@ -22,7 +28,7 @@ def commands() -> None:
 @click.option("--image", type=click.Path(path_type=Path), default=None, help="Image query file.")
 @click.option(
     "--image-weight",
-    default=0.5,
+    default=DEFAULT_IMAGE_WEIGHT,
     show_default=True,
     help="With both --text and --image: the image's weight (the text gets 1 - it).",
 )
@@ -33,7 +39,7 @@ def commands() -> None:
     metavar="KIND:WEIGHT:VALUE",
     help="Extra term, e.g. text:-0.5:blurry or image:0.3:ref.jpg (repeatable).",
 )
-@click.option("-k", "k", default=10, show_default=True, help="Number of results.")
+@click.option("-k", "k", default=DEFAULT_K, show_default=True, help="Number of results.")
 @click.option(
     "--target",
     type=click.Choice(["images", "captions"]),
@@ -52,9 +58,14 @@ def commands() -> None:
     metavar="COND",
     help="Metadata condition: key=value, key!=value, key>=n, key<n, key=lo..hi.",
 )
-@click.option("--overfetch", default=10, show_default=True, help="Candidates per signal: x k.")
 @click.option(
-    "--mix", default=0.2, show_default=True, help="hybrid: weight of the other modality's signal."
+    "--overfetch", default=DEFAULT_OVERFETCH, show_default=True, help="Candidates per signal: x k."
+)
+@click.option(
+    "--mix",
+    default=DEFAULT_MIX,
+    show_default=True,
+    help="hybrid: weight of the other modality's signal.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option(

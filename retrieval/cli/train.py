@@ -8,6 +8,10 @@ from pathlib import Path
 
 import click
 
+from ..index.config import DEFAULT_BETA, DEFAULT_M, BuildConfig
+from ..model.spec import DEFAULT_MODEL
+from ..query.ranking import DEFAULT_MIX
+from ..train.config import DEFAULT_LR, TrainConfig
 from .options import index_dir_option, model_options, model_spec, read_options
 
 
@@ -24,11 +28,14 @@ def commands() -> None:
     required=True,
     help="Output folder: checkpoints, metrics, decoded-image cache.",
 )
-@model_options("tiny-vit")
-@click.option("--epochs", default=10, show_default=True)
+@model_options(DEFAULT_MODEL)
+@click.option("--epochs", default=TrainConfig.epochs, show_default=True)
 @click.option("--steps", type=int, default=None, help="Total optimizer steps (overrides --epochs).")
 @click.option(
-    "--batch-size", default=128, show_default=True, help="Pairs per process per micro-batch."
+    "--batch-size",
+    default=TrainConfig.batch_size,
+    show_default=True,
+    help="Pairs per process per micro-batch.",
 )
 @click.option(
     "--chunk-size",
@@ -38,7 +45,7 @@ def commands() -> None:
 )
 @click.option(
     "--accum-steps",
-    default=1,
+    default=TrainConfig.accum_steps,
     show_default=True,
     help="Micro-batches per optimizer step, all in one contrastive loss.",
 )
@@ -46,10 +53,17 @@ def commands() -> None:
     "--lr",
     type=float,
     default=None,
-    help="Peak learning rate.  [default: 5e-4; with --resume, the run's own]",
+    help=f"Peak learning rate.  [default: {DEFAULT_LR:g}; with --resume, the run's own]",
 )
-@click.option("--wd", default=0.1, show_default=True, help="Weight decay (not on gains/biases).")
-@click.option("--warmup", default=50, show_default=True, help="Warm-up steps before cosine decay.")
+@click.option(
+    "--wd", default=TrainConfig.wd, show_default=True, help="Weight decay (not on gains/biases)."
+)
+@click.option(
+    "--warmup",
+    default=TrainConfig.warmup,
+    show_default=True,
+    help="Warm-up steps before cosine decay.",
+)
 @click.option("--grad-clip", type=float, default=None, help="Clip the gradient norm to this.")
 @click.option(
     "--lock-image",
@@ -65,7 +79,9 @@ def commands() -> None:
     metavar="N",
     help="Freeze the text tower but its last N layers.",
 )
-@click.option("--seed", default=0, show_default=True, help="Data order and caption draws.")
+@click.option(
+    "--seed", default=TrainConfig.seed, show_default=True, help="Data order and caption draws."
+)
 @click.option(
     "--val",
     type=click.Path(exists=True, path_type=Path),
@@ -74,7 +90,7 @@ def commands() -> None:
 )
 @click.option(
     "--val-fraction",
-    default=0.0,
+    default=TrainConfig.val_fraction,
     show_default=True,
     help="Hold out this fraction of the items for validation.",
 )
@@ -82,7 +98,7 @@ def commands() -> None:
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/latest.pt.")
 @click.option(
     "--save-every",
-    default=1,
+    default=TrainConfig.save_every,
     show_default=True,
     metavar="N",
     help="Write a checkpoint every N epochs (the last epoch and a new best always are).",
@@ -141,12 +157,14 @@ def train(corpus, out, model, pretrained, no_progress, read, **options):
     default=None,
     help="Querybank corpus for the qbnorm row (must not hold the dataset's queries).",
 )
-@click.option("--beta", default=20.0, show_default=True, help="Querybank temperature.")
-@click.option("--bank-m", default=10, show_default=True, help="Querybank neighbours per item.")
+@click.option("--beta", default=DEFAULT_BETA, show_default=True, help="Querybank temperature.")
+@click.option(
+    "--bank-m", default=DEFAULT_M, show_default=True, help="Querybank neighbours per item."
+)
 @click.option(
     "--mix",
     type=click.FloatRange(0, 1),
-    default=0.2,  # search's DEFAULT_MIX: the library is imported only once the command runs
+    default=DEFAULT_MIX,
     show_default=True,
     help="Hybrid rows: caption weight.",
 )
@@ -159,7 +177,7 @@ def train(corpus, out, model, pretrained, no_progress, read, **options):
     default=None,
     help="Write the scored embeddings and caption->image map (.npz).",
 )
-@click.option("--batch-size", default=64, show_default=True)
+@click.option("--batch-size", default=BuildConfig.batch_size, show_default=True)
 @click.option("--workers", type=int, default=None)
 @click.option("--no-progress", is_flag=True)
 @read_options
@@ -179,8 +197,9 @@ def bench(
     **options,
 ):
     """Recall@K on DATASET, of --model/--pretrained or of a built --index, exact and via ANN."""
-    from ..eval.bench import BenchConfig, run_bench, table, write_outputs
-    from ..index.querybank import BankConfig
+    from ..eval.bench import BenchConfig, run_bench
+    from ..eval.report import table, write_outputs
+    from ..index.config import BankConfig
 
     try:
         k_values = tuple(int(k) for k in ks.split(",") if k.strip())
@@ -196,8 +215,8 @@ def bench(
     )
     result = run_bench(dataset, config, save_embeddings=save_embeddings)
     click.echo(
-        f"{result.counts['images']} images, {result.counts['captions']} captions; "
-        f"model {result.model['model']} ({result.model['pretrained'] or 'random init'})"
+        f"{result.images} images, {result.captions} captions; "
+        f"model {result.model.name} ({result.model.pretrained or 'random init'})"
     )
     click.echo(table(result))
     write_outputs(result, json_path, markdown, plot)

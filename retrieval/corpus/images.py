@@ -35,7 +35,8 @@ class BadImage(Exception):
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open ``path`` and return it as an upright 8-bit RGB image, or raise `BadImage`.
 
-    ``path`` may also be a reference to a member of a WebDataset tar (see `retrieval.corpus.webdataset`).
+    ``path`` may also be a reference to a member of a WebDataset tar (see
+    `retrieval.corpus.webdataset`).
     """
     data = _member_bytes(path)
     if data is not None:

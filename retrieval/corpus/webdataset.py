@@ -8,8 +8,8 @@ into samples by key, the member name up to the first dot of its base name: ``000
 contiguous, as WebDataset requires, so a shard is read once, front to back, one sample at a
 time, and image bytes are never read at this stage.
 
-A sample becomes a `retrieval.corpus.readers.Record`: id = its key; captions = the non-empty lines of its
-``.txt``, else the ``"caption"`` of its ``.json``; extra = the ``.json`` object without
+A sample becomes a `retrieval.corpus.records.Record`: id = its key; captions = the non-empty
+lines of its ``.txt``, else the ``"caption"`` of its ``.json``; extra = the ``.json`` object without
 ``"caption"``. A sample without an image, with an unreadable ``.json``, or a shard that is
 missing or not a tar, becomes a record with a ``problem``, so the build reports it.
 
@@ -18,9 +18,9 @@ The image of a record is a reference into its shard, stored as a path string::
     <absolute tar path>#<member name>@<offset of the member's data>:<size in bytes>
 
 e.g. ``/data/shards/00000.tar#000000001.jpg@1536:20734``. `member_bytes` reads it back with one
-seek and one read, without scanning the tar; `retrieval.corpus.images.load_image` decodes it like any
-file. The tar path is the shortest prefix ending in ``.tar#``, so a folder name must not itself
-contain ``.tar#``.
+seek and one read, without scanning the tar; `retrieval.corpus.images.load_image` decodes it
+like any file. The tar path is the shortest prefix ending in ``.tar#``, so a folder name must
+not itself contain ``.tar#``.
 """
 
 from __future__ import annotations

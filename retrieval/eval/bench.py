@@ -8,7 +8,6 @@ Metric keys follow CLIP_benchmark (``image_retrieval_recall@5`` = text->image,
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +19,12 @@ from ..corpus.readers import read_corpus
 from ..corpus.records import ReadOptions, unique_records
 from ..errors import RetrievalError
 from ..index import layout, querybank
-from ..index.querybank import BankConfig
+from ..index.config import BankConfig
 from ..index.vector_index import VectorIndex
 from ..model.encoder import Encoder
 from ..model.spec import ModelSpec
-from ..query.search import DEFAULT_MIX, Searcher
+from ..query.ranking import DEFAULT_MIX
+from ..query.search import Searcher
 from ..scoring import metrics
 from . import strategies
 
@@ -72,9 +72,11 @@ class Row:
 @dataclass
 class BenchResult:
     dataset: str
-    model: dict
-    rows: list[Row]
-    counts: dict[str, int]
+    model: ModelSpec  # the model that encoded the dataset (an index's own, for --index)
+    rows: list[Row]  # exact first, then the built index, approximate indexes, strategies
+    images: int
+    captions: int
+    skipped: int
 
     def row(self, strategy: str) -> Row:
         return next(r for r in self.rows if r.strategy == strategy)
@@ -303,83 +305,4 @@ def run_bench(
             text_to_image=emb.text_to_image,
             item_ids=np.array(emb.item_ids),
         )
-    counts = {"images": len(emb.image), "captions": len(emb.text), "skipped": len(skipped)}
-    return BenchResult(
-        str(dataset), {"model": model_info.name, "pretrained": model_info.pretrained}, rows, counts
-    )
-
-
-def table(result: BenchResult) -> str:
-    """A readable table: one row per strategy, Recall@K in both directions, loss vs exact."""
-    keys = [k for k in result.rows[0].metrics if "recall@" in k]
-    head = ["strategy"] + [_short(k) for k in keys]
-    lines = [" | ".join(head)]
-    base = result.rows[0].metrics
-    for row in result.rows:
-        cells = [row.strategy]
-        for k in keys:
-            v = row.metrics.get(k)
-            delta = "" if v is None or row is result.rows[0] else f" ({100 * (v - base[k]):+.1f})"
-            cells.append("-" if v is None else f"{100 * v:.1f}{delta}")
-        lines.append(" | ".join(cells))
-    return "\n".join(lines)
-
-
-def _short(key: str) -> str:
-    direction, k = key.split("_recall@")
-    return f"{DIRECTIONS[direction]} R@{k}"
-
-
-def to_json(result: BenchResult) -> dict:
-    """CLIP_benchmark's result layout (``metrics`` flat, exact search), plus every strategy."""
-    exact = result.rows[0].metrics
-    return {
-        "dataset": result.dataset,
-        "task": "zeroshot_retrieval",
-        "language": "en",
-        "model": result.model["model"],
-        "pretrained": result.model["pretrained"],
-        "metrics": exact,
-        "counts": result.counts,
-        "strategies": {r.strategy: r.metrics for r in result.rows},
-    }
-
-
-def to_markdown(result: BenchResult) -> str:
-    lines = table(result).splitlines()
-    sep = "|" + "|".join("---" for _ in lines[0].split(" | ")) + "|"
-    body = [f"| {ln} |" for ln in lines]
-    return "\n".join([body[0], sep, *body[1:]]) + "\n"
-
-
-def plot(result: BenchResult, path: Path) -> Path:
-    """Recall@K curves, one panel per direction, one line per strategy (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, (key, label) in zip(axes, DIRECTIONS.items(), strict=True):
-        for row in result.rows:
-            if key in row.curves:
-                curve = row.curves[key]
-                ax.plot(np.arange(1, len(curve) + 1), 100 * curve, marker=".", label=row.strategy)
-        ax.set(title=label, xlabel="K", xscale="log", ylim=(0, 100))
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("Recall@K (%)")
-    axes[0].legend(loc="lower right", fontsize=8)  # the left panel has every strategy
-    fig.suptitle(f"{Path(result.dataset).name} - {result.model['model']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def write_outputs(result: BenchResult, json_path=None, markdown_path=None, plot_path=None):
-    if json_path:
-        Path(json_path).write_text(json.dumps(to_json(result), indent=2) + "\n")
-    if markdown_path:
-        Path(markdown_path).write_text(to_markdown(result))
-    if plot_path:
-        plot(result, Path(plot_path))
+    return BenchResult(str(dataset), model_info, rows, len(emb.image), len(emb.text), len(skipped))

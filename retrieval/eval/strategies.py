@@ -74,14 +74,13 @@ def hybrid_ranks(
         t2i = (text[rows] @ image.T).astype(np.float64)  # (chunk, I)
         t2t = _item_max_leave_one_out(text[rows] @ text.T, rows, text_to_image, n_items)
         t2t = np.where(np.isfinite(t2t), t2t, np.nan)
-        fused = np.array([_fuse(a, b, mix, rrf) for a, b in zip(t2i, t2t, strict=True)])
+        weights = {"t2i": 1 - mix, "t2t": mix}
+        fused = np.array(
+            [
+                fusion.fuse_signals({"t2i": a, "t2t": b}, weights, rrf)
+                for a, b in zip(t2i, t2t, strict=True)
+            ]
+        )
         correct = groups[text_to_image[rows], None] == groups[None, :]
         ranks.append(metrics.first_hit_ranks(fused, correct))
     return np.concatenate(ranks)
-
-
-def _fuse(t2i: np.ndarray, t2t: np.ndarray, mix: float, rrf: bool) -> np.ndarray:
-    signals, weights = {"t2i": t2i, "t2t": t2t}, {"t2i": 1 - mix, "t2t": mix}
-    if rrf:
-        return fusion.reciprocal_rank_fusion(signals, weights)
-    return fusion.weighted_sum(signals, weights)

@@ -22,12 +22,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import IndexBuildError
+from .config import TARGET_RECALL
 from .exact import exact_search
+from .layout import INDEX_FILES
+from .manifest import IndexEntry, Tuning
 from .vector_index import EXACT_LIMIT, VectorIndex
 
 log = logging.getLogger(__name__)
 
-TARGET_RECALL = 0.95
 TUNING_QUERIES = 500
 _ID_BYTES = 56  # IndexIDMap2: id list (8 B) + reverse hash map (~48 B per entry)
 _HNSW_M = (32, 16, 8)
@@ -129,7 +131,7 @@ def tune(
     queries: np.ndarray,
     target: float = TARGET_RECALL,
     seed: int = 0,
-) -> dict | None:
+) -> Tuning | None:
     """Raise ``index``'s search knob until recall@10 >= ``target``; what it chose, or None.
 
     ``vectors`` (N, D) are the indexed vectors, row i under id i; ``queries`` (Q, D) held-out
@@ -156,13 +158,7 @@ def tune(
         log.warning(
             "%s: recall@10 %.3f at %s=%d, short of %.2f", index.factory, recall, knob, value, target
         )
-    return {
-        "knob": knob,
-        "value": int(value),
-        "recall@10": round(recall, 4),
-        "target": target,
-        "queries": len(q),
-    }
+    return Tuning(knob, int(value), round(recall, 4), target, len(q))
 
 
 def _values(knob: str, index: VectorIndex) -> list[int]:
@@ -180,7 +176,7 @@ def build_pair(
     max_memory: int | None = None,
     target: float = TARGET_RECALL,
     device: str = "cpu",
-) -> tuple[dict[str, VectorIndex], dict[str, dict]]:
+) -> tuple[dict[str, VectorIndex], dict[str, IndexEntry]]:
     """The image and caption indexes of a corpus, chosen, trained and tuned; rows are ids.
 
     Returns the indexes and, per kind, what the manifest records: factory, why, estimated
@@ -204,19 +200,16 @@ def build_pair(
         else:
             plan = Plan(factory, int(len(x) * bytes_per_vector(factory, x.shape[1])), "asked for")
         index = VectorIndex.build(x, np.arange(len(x)), plan.factory, device, train=train)
-        described[kind] = {
-            "factory": plan.factory,
-            "why": plan.why,
-            "memory_bytes": plan.bytes,
-            "search": tune(index, x, other, target),
-        }
+        tuning = tune(index, x, other, target)
+        described[kind] = IndexEntry(
+            INDEX_FILES[kind], plan.factory, len(x), plan.why, plan.bytes, tuning
+        )
         indexes[kind] = index
     return indexes, described
 
 
-def apply(index: VectorIndex, described: dict) -> VectorIndex:
+def apply(index: VectorIndex, entry: IndexEntry) -> VectorIndex:
     """Set the search knob a manifest entry recorded (nothing for exact indexes)."""
-    search = described.get("search")
-    if search and index.knob() == search["knob"]:
-        index.set_knob(search["value"])
+    if entry.search and index.knob() == entry.search.knob:
+        index.set_knob(entry.search.value)
     return index

@@ -17,50 +17,22 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..corpus.images import DEFAULT_MAX_PIXELS
 from ..corpus.readers import read_corpus
-from ..corpus.records import ReadOptions, Record, unique_records
+from ..corpus.records import Record, unique_records
 from ..errors import IndexBuildError, IndexBusyError
 from ..model import spool
 from ..model.distributed import World, barrier, from_rank0
 from ..model.distributed import join as join_world
 from ..model.encoder import Encoder
-from ..model.spec import ModelSpec
 from . import autoindex, layout, querybank
+from .config import BuildConfig
 from .embeddings import Embeddings, save_embeddings
-from .querybank import BankConfig
+from .manifest import Counts, IndexEntry, Manifest, QuerybankSettings
 from .store import ItemEntry, Store
 
 log = logging.getLogger(__name__)
 
 _RESUME_HINT = "free some space and re-run with --resume to keep what was already encoded"
-
-
-@dataclass(frozen=True)
-class BuildConfig:
-    model: ModelSpec = field(default_factory=ModelSpec)
-    index: str = "auto"  # "auto" or a FAISS factory string, used for both indexes
-    max_memory: int | None = None  # bytes of FAISS memory for both indexes ("auto" chooses)
-    target_recall: float = autoindex.TARGET_RECALL  # recall@10 search knobs are tuned to
-    batch_size: int = 64
-    workers: int | None = None  # image-decoding processes; None: cores - 1
-    device: str = "auto"
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    read: ReadOptions = field(default_factory=ReadOptions)
-    progress: bool = True
-    shard_size: int = 2048  # records per spooled shard (a resumed build re-encodes at most one)
-    bank: Path | None = None  # querybank corpus; None: the corpus's own captions and images
-    querybank: BankConfig = field(default_factory=BankConfig)
-
-    def spool_options(self, resume: bool = False) -> spool.SpoolOptions:
-        return spool.SpoolOptions(
-            batch_size=self.batch_size,
-            workers=self.workers,
-            max_pixels=self.max_pixels,
-            shard_size=self.shard_size,
-            resume=resume,
-            progress=self.progress,
-        )
 
 
 @dataclass
@@ -172,13 +144,12 @@ def build(
 
         factories: dict[str, str] = {}
 
-        def fill(folder: Path) -> dict:
+        def fill(folder: Path) -> Manifest:
             described = _write(folder, entries, enc.image_emb, enc.caption_emb, config, encoder)
-            factories.update({kind: d["factory"] for kind, d in described.items()})
+            factories.update({kind: d.factory for kind, d in described.items()})
             skips.write(folder / layout.SKIPPED)
-            manifest = _manifest(name, corpus, encoder, entries, texts, skips, described, config)
-            manifest["build_seconds"] = round(time.perf_counter() - start, 3)
-            return manifest
+            manifest = _manifest(name, corpus, encoder, skips, described, config)
+            return replace(manifest, build_seconds=round(time.perf_counter() - start, 3))
 
         link = layout.commit(root, name, fill)
         spool.discard(spool_dir)
@@ -266,13 +237,15 @@ def entries_for(
     return entries, texts
 
 
-def _write(folder: Path, entries, emb, cap_emb, config: BuildConfig, encoder) -> dict[str, dict]:
+def _write(
+    folder: Path, entries, emb, cap_emb, config: BuildConfig, encoder
+) -> dict[str, IndexEntry]:
     device = "cuda" if encoder.device.type == "cuda" else "cpu"
     indexes, described = autoindex.build_pair(
         emb, cap_emb, config.index, config.max_memory, config.target_recall, device
     )
-    indexes["image"].save(folder / layout.IMAGE_INDEX)
-    indexes["caption"].save(folder / layout.CAPTION_INDEX)
+    for kind, entry in described.items():
+        indexes[kind].save(folder / entry.file)
     bank_images, bank_text = emb, cap_emb
     if config.bank is not None:
         bank_images, bank_text = querybank.encode_bank(config.bank, encoder, config.read)
@@ -294,37 +267,31 @@ def _write(folder: Path, entries, emb, cap_emb, config: BuildConfig, encoder) ->
 
 
 def _manifest(
-    name, corpus, encoder: Encoder, entries, texts, skips, factories, config: BuildConfig
-) -> dict:
-    return {
-        "name": name,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "package_version": __version__,
-        **encoder.spec.describe(),
-        "dim": encoder.dim,
-        "context_length": encoder.context_length,
-        "indexes": {
-            "image": {"file": layout.IMAGE_INDEX, **factories["image"], "count": len(entries)},
-            "caption": {
-                "file": layout.CAPTION_INDEX,
-                **factories["caption"],
-                "count": len(texts),
-            },
-        },
-        "max_memory": config.max_memory,
-        "counts": {
-            "items": len(entries),
-            "captions": len(texts),
-            "skipped": sum(skips.counts().values()),
-            "skipped_by_reason": dict(skips.counts()),
-        },
-        "corpus": str(Path(corpus).expanduser().resolve()),
-        "querybank": {
-            "beta": config.querybank.beta,
-            "m": config.querybank.m,
-            "bank": str(config.bank) if config.bank else "corpus",
-        },
-    }
+    name: str, corpus, encoder: Encoder, skips: Skips, indexes: dict[str, IndexEntry], config
+) -> Manifest:
+    model = encoder.spec.identity()
+    return Manifest(
+        name=name,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        package_version=__version__,
+        model=model.model,
+        pretrained=model.pretrained,
+        checkpoint_sha256=model.checkpoint_sha256,
+        dim=encoder.dim,
+        context_length=encoder.context_length,
+        indexes=indexes,
+        counts=Counts(
+            items=indexes["image"].count,
+            captions=indexes["caption"].count,
+            skipped=sum(skips.counts().values()),
+            skipped_by_reason=dict(skips.counts()),
+        ),
+        corpus=str(Path(corpus).expanduser().resolve()),
+        querybank=QuerybankSettings(
+            config.querybank.beta, config.querybank.m, str(config.bank) if config.bank else "corpus"
+        ),
+        max_memory=config.max_memory,
+    )
 
 
 def _reasons(counts: Counter) -> str:

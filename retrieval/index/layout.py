@@ -24,12 +24,12 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from ..errors import DiskFullError, IndexBusyError, SearchError
 from ..files import fsync_dir, sha256_file
-from .manifest import MANIFEST, read_manifest, write_manifest
+from .manifest import MANIFEST, Manifest, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def spool_dir(root: Path, name: str) -> Path:
     return root / ".spool" / check_name(name)
 
 
-def commit(root: Path, name: str, fill: Callable[[Path], dict[str, Any]]) -> Path:
+def commit(root: Path, name: str, fill: Callable[[Path], Manifest]) -> Path:
     """Write a new version of ``name`` with ``fill(folder) -> manifest`` and publish it.
 
     Every file is fsynced and checksummed into the manifest, which is written last; then the
@@ -201,7 +201,7 @@ def commit(root: Path, name: str, fill: Callable[[Path], dict[str, Any]]) -> Pat
         # in this process". A published version has no writer, so it needs no lock file.
         (folder / STORE / "lock.mdb").unlink(missing_ok=True)
         sync_tree(folder)
-        manifest["sha256"] = checksums(folder, root / name)
+        manifest = replace(manifest, sha256=checksums(folder, root / name))
         write_manifest(folder, manifest)
         return publish(folder, root, name)
     except BaseException as e:
@@ -218,7 +218,7 @@ def checksums(folder: Path, previous: Path | None = None) -> dict[str, str]:
     """
     known: dict[str, str] = {}
     if previous is not None and (previous / MANIFEST).is_file():
-        known = read_manifest(previous).get("sha256", {})
+        known = read_manifest(previous).sha256
     out = {}
     for p in sorted(folder.rglob("*")):
         if not p.is_file() or p.name in (MANIFEST, "lock.mdb") or p.suffix == ".tmp":

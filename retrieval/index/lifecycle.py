@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +26,10 @@ from ..corpus.records import unique_records
 from ..model import spool
 from ..model.encoder import Encoder
 from . import autoindex, layout, querybank
-from .build import BuildConfig, Skips, entries_for
+from .build import Skips, entries_for
+from .config import TARGET_RECALL, BuildConfig
 from .embeddings import Embeddings, load_embeddings, save_embeddings
-from .manifest import MANIFEST, check_model, read_manifest, spec_from_manifest
+from .manifest import MANIFEST, Change, IndexEntry, Manifest, read_manifest
 from .store import ItemEntry, Store
 from .vector_index import VectorIndex
 
@@ -93,9 +94,9 @@ def add(
         current = layout.resolve(name, root)
         manifest = read_manifest(current)
         if encoder is None:
-            encoder = Encoder.load(spec_from_manifest(manifest), config.device)
+            encoder = Encoder.load(manifest.model_spec(), config.device)
         else:
-            check_model(manifest, encoder.spec)
+            manifest.check_model(encoder.spec)
         skips = Skips()
         records, dropped = unique_records(read_corpus(corpus, config.read))
         skips.dropped(dropped)
@@ -131,7 +132,7 @@ class _Addition:
     config: BuildConfig
     corpus: str
 
-    def write(self, current: Path, folder: Path) -> dict:
+    def write(self, current: Path, folder: Path) -> Manifest:
         old = load_embeddings(current)
         entries, _ = entries_for(
             self.kept, self.encoder, self.skips, len(old.image), len(old.caption)
@@ -168,10 +169,11 @@ class _Addition:
             "skipped": sum(self.skips.counts().values()),
         }
         manifest = _manifest(current, folder, indexes, "add", history)
-        counts = manifest["counts"]
-        by_reason = Counter(counts.get("skipped_by_reason", {})) + self.skips.counts()
-        counts["skipped"], counts["skipped_by_reason"] = sum(by_reason.values()), dict(by_reason)
-        return manifest
+        by_reason = Counter(manifest.counts.skipped_by_reason) + self.skips.counts()
+        counts = replace(
+            manifest.counts, skipped=sum(by_reason.values()), skipped_by_reason=dict(by_reason)
+        )
+        return replace(manifest, counts=counts)
 
 
 def _normalise_new(emb: Embeddings, indexes, current: Path, config, first_image, first_caption):
@@ -280,23 +282,27 @@ def _renumbered(store: Store, live: dict[str, np.ndarray]) -> list[ItemEntry]:
     return entries
 
 
-def _rebuild(current: Path, folder: Path, live, entries, old: Embeddings) -> dict:
+def _rebuild(current: Path, folder: Path, live, entries, old: Embeddings) -> Manifest:
     manifest = read_manifest(current)
     indexes = _load_indexes(current)
     vectors = {
         kind: _stored_vectors(
-            indexes[kind], live[kind], old.image if kind == "image" else old.caption, manifest, kind
+            indexes[kind],
+            live[kind],
+            old.image if kind == "image" else old.caption,
+            manifest.indexes[kind],
         )
         for kind in _KINDS
     }
     train = autoindex.training_sample(vectors["image"], vectors["caption"])
     rebuilt, searches = {}, {}
     for kind, other in (("image", "caption"), ("caption", "image")):
-        factory = manifest["indexes"][kind]["factory"] if len(vectors[kind]) else "Flat"
+        factory = manifest.indexes[kind].factory if len(vectors[kind]) else "Flat"
         rebuilt[kind] = VectorIndex.build(
             vectors[kind], np.arange(len(vectors[kind])), factory, train=train
         )
-        target = (manifest["indexes"][kind].get("search") or {}).get("target", 0.95)
+        tuned = manifest.indexes[kind].search
+        target = tuned.target if tuned else TARGET_RECALL
         searches[kind] = autoindex.tune(rebuilt[kind], vectors[kind], vectors[other], target)
     _save_indexes(rebuilt, folder)
     owner = np.empty(len(live["caption"]), np.int64)
@@ -316,29 +322,22 @@ def _rebuild(current: Path, folder: Path, live, entries, old: Embeddings) -> dic
     out = _manifest(
         current, folder, rebuilt, "compact", {"dropped": len(old.image) - len(live["image"])}
     )
-    for kind in _KINDS:
-        out["indexes"][kind]["search"] = searches[kind]
-    return out
+    tuned = {kind: replace(out.indexes[kind], search=searches[kind]) for kind in _KINDS}
+    return replace(out, indexes=tuned)
 
 
-def _stored_vectors(index: VectorIndex, rows, stored, manifest: dict, kind: str) -> np.ndarray:
+def _stored_vectors(index: VectorIndex, rows, stored, entry: IndexEntry) -> np.ndarray:
     """(R, D) float32 vectors of ``rows``: FAISS's own copy when it is exact, else fp16 rows."""
-    factory = manifest["indexes"][kind]["factory"]
-    if not autoindex.compressed(factory):
+    if not autoindex.compressed(entry.factory):
         return index.vectors(rows)
     return _unit(stored[rows])
 
 
 def _load_indexes(folder: Path) -> dict[str, VectorIndex]:
-    manifest = read_manifest(folder)
+    entries = read_manifest(folder).indexes
     return {
-        kind: autoindex.apply(
-            VectorIndex.load(
-                folder / layout.INDEX_FILES[kind], manifest["indexes"][kind]["factory"]
-            ),
-            manifest["indexes"][kind],
-        )
-        for kind in _KINDS
+        kind: autoindex.apply(VectorIndex.load(folder / e.file, e.factory), e)
+        for kind, e in entries.items()
     }
 
 
@@ -364,31 +363,34 @@ def _link(current: Path, folder: Path, *names: str) -> None:
             layout.link_or_copy(src, folder / name)
 
 
-def _manifest(current: Path, folder: Path, indexes, op: str, detail: dict) -> dict:
+def _manifest(current: Path, folder: Path, indexes, op: str, detail: dict) -> Manifest:
     """The previous manifest with this version's counts, and the change appended to history."""
     manifest = read_manifest(current)
-    manifest.pop("sha256", None)
-    manifest.pop("format_version", None)
     with Store.open(folder / layout.STORE) as store:
         counts = store.counts()
-    for kind in _KINDS:
-        manifest["indexes"][kind]["count"] = indexes[kind].ntotal
-        manifest["indexes"][kind]["factory"] = indexes[kind].factory
-    manifest["counts"].update(
-        items=counts["items"],
-        captions=counts["captions"],
-        tombstones={kind: counts[f"{kind}_tombstones"] for kind in _KINDS},
-    )
+    entries = {
+        kind: replace(e, count=indexes[kind].ntotal, factory=indexes[kind].factory)
+        for kind, e in manifest.indexes.items()
+    }
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    manifest["updated"] = stamp
-    manifest.setdefault("history", []).append({"op": op, "at": stamp, **detail})
-    return manifest
+    return replace(
+        manifest,
+        indexes=entries,
+        counts=replace(
+            manifest.counts,
+            items=counts["items"],
+            captions=counts["captions"],
+            tombstones={kind: counts[f"{kind}_tombstones"] for kind in _KINDS},
+        ),
+        updated=stamp,
+        history=(*manifest.history, Change(op, stamp, detail)),
+        sha256={},
+    )
 
 
 def _finish(report: ChangeReport, start: float) -> ChangeReport:
     report.seconds = time.perf_counter() - start
     folder = report.path.resolve() if report.path.exists() else report.path
     if (folder / MANIFEST).is_file():
-        tomb = read_manifest(folder)["counts"].get("tombstones", {})
-        report.tombstones = int(tomb.get("image", 0))
+        report.tombstones = read_manifest(folder).counts.tombstones.get("image", 0)
     return report

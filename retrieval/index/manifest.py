@@ -1,13 +1,16 @@
 """``manifest.json``: what an index version is, written last as the version's commit mark.
 
-It names the model the index was built with (and the checkpoint's sha256), the FAISS indexes
-and their tuned search knobs, counts, the corpus, the querybank settings, checksums of every
-file and the history of changes. Read and written here only.
+`Manifest` names the model the index was built with (and its checkpoint's sha256), the two
+FAISS indexes with their tuned search knobs, the counts, the corpus, the querybank settings,
+the checksum of every file and the history of changes. It is read, validated and written here
+only; everything else uses its fields. The JSON keys are the file format (``format_version``
+1) and do not change with the field names.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,47 +20,216 @@ from ..model.spec import ModelSpec
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+KINDS = ("image", "caption")  # the two FAISS indexes of a version
 
 
-def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    """Write ``manifest.json`` durably: it is the last file of a build, its commit mark."""
-    with atomic_write(folder / MANIFEST, "w", encoding="utf-8") as f:
-        json.dump({"format_version": FORMAT_VERSION, **manifest}, f, indent=2, sort_keys=True)
+@dataclass(frozen=True)
+class Tuning:
+    """The search knob tuned at build time (efSearch or nprobe) and the recall it reached."""
+
+    knob: str
+    value: int
+    recall_at_10: float
+    target: float
+    queries: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "knob": self.knob,
+            "value": self.value,
+            "recall@10": self.recall_at_10,
+            "target": self.target,
+            "queries": self.queries,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Tuning:
+        return cls(d["knob"], int(d["value"]), d["recall@10"], d["target"], int(d["queries"]))
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+@dataclass(frozen=True)
+class IndexEntry:
+    """One FAISS index of a version: its file, factory string, vector count and why chosen."""
+
+    file: str
+    factory: str
+    count: int
+    why: str = ""
+    memory_bytes: int = 0
+    search: Tuning | None = None  # None: exact, nothing to tune
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in ("file", "factory", "count", "why", "memory_bytes")}
+        return {**out, "search": self.search.to_json() if self.search else None}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> IndexEntry:
+        search = Tuning.from_json(d["search"]) if d.get("search") else None
+        return cls(
+            d["file"], d["factory"], int(d["count"]), d.get("why", ""),
+            int(d.get("memory_bytes", 0)), search,
+        )  # fmt: skip
 
 
-def check_model(manifest: dict, spec: ModelSpec | None) -> None:
-    """Refuse to query an index with a model other than the one it was built with."""
-    if spec is None:
-        return
-    asked = spec.describe()
-    same_weights = (
-        asked["checkpoint_sha256"] == manifest.get("checkpoint_sha256")
-        if manifest.get("checkpoint_sha256") or asked["checkpoint_sha256"]
-        else asked["pretrained"] == manifest.get("pretrained")
-    )
-    if asked["model"] != manifest["model"] or not same_weights:
-        raise SearchError(
-            f"index {manifest['name']!r} was built with model {manifest['model']} "
-            f"(pretrained: {manifest.get('pretrained') or 'none'}), not {asked['model']} "
-            f"(pretrained: {asked['pretrained'] or 'none'}); search it without --model (or "
-            "with --pretrained alone, for its checkpoint at a new path), or rebuild it"
+@dataclass(frozen=True)
+class Counts:
+    items: int
+    captions: int
+    skipped: int = 0
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)
+    tombstones: dict[str, int] = field(default_factory=dict)  # kind -> removed rows still in FAISS
+
+    def to_json(self) -> dict[str, Any]:
+        out = {
+            "items": self.items,
+            "captions": self.captions,
+            "skipped": self.skipped,
+            "skipped_by_reason": dict(self.skipped_by_reason),
+        }
+        return {**out, "tombstones": dict(self.tombstones)} if self.tombstones else out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Counts:
+        return cls(
+            int(d["items"]), int(d["captions"]), int(d.get("skipped", 0)),
+            dict(d.get("skipped_by_reason") or {}), dict(d.get("tombstones") or {}),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class QuerybankSettings:
+    beta: float
+    m: int
+    bank: str  # "corpus" (its own captions and images) or the bank corpus's path
+
+
+@dataclass(frozen=True)
+class Change:
+    """One entry of the history: ``op`` (add, remove, compact) at time ``at``, and its figures."""
+
+    op: str
+    at: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"op": self.op, "at": self.at, **self.detail}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Change:
+        return cls(d["op"], d["at"], {k: v for k, v in d.items() if k not in ("op", "at")})
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    created: str
+    package_version: str
+    model: str
+    pretrained: str | None
+    checkpoint_sha256: str | None
+    dim: int
+    context_length: int
+    indexes: dict[str, IndexEntry]  # kind ("image", "caption") -> its FAISS index
+    counts: Counts
+    corpus: str
+    querybank: QuerybankSettings
+    max_memory: int | None = None
+    build_seconds: float | None = None
+    updated: str | None = None
+    history: tuple[Change, ...] = ()
+    sha256: dict[str, str] = field(default_factory=dict)  # file (relative) -> digest
+
+    def to_json(self) -> dict[str, Any]:
+        plain = ("name", "created", "package_version", "model", "pretrained", "dim", "corpus")
+        out: dict[str, Any] = {k: getattr(self, k) for k in plain}
+        out |= {
+            "format_version": FORMAT_VERSION,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "context_length": self.context_length,
+            "indexes": {k: v.to_json() for k, v in self.indexes.items()},
+            "counts": self.counts.to_json(),
+            "querybank": vars(self.querybank).copy(),
+            "max_memory": self.max_memory,
+            "sha256": dict(self.sha256),
+        }
+        optional = {"build_seconds": self.build_seconds, "updated": self.updated}
+        out |= {k: v for k, v in optional.items() if v is not None}
+        return out | ({"history": [c.to_json() for c in self.history]} if self.history else {})
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Manifest:
+        """Validate the JSON of a manifest; a `KeyError`/`TypeError`/`ValueError` if malformed."""
+        if d.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+            raise ValueError(f"format_version {d['format_version']} (this engine reads 1)")
+        q = d["querybank"]
+        return cls(
+            name=d["name"],
+            created=d["created"],
+            package_version=d["package_version"],
+            model=d["model"],
+            pretrained=d.get("pretrained"),
+            checkpoint_sha256=d.get("checkpoint_sha256"),
+            dim=int(d["dim"]),
+            context_length=int(d["context_length"]),
+            indexes={k: IndexEntry.from_json(d["indexes"][k]) for k in KINDS},
+            counts=Counts.from_json(d["counts"]),
+            corpus=d["corpus"],
+            querybank=QuerybankSettings(float(q["beta"]), int(q["m"]), str(q["bank"])),
+            max_memory=d.get("max_memory"),
+            build_seconds=d.get("build_seconds"),
+            updated=d.get("updated"),
+            history=tuple(Change.from_json(c) for c in d.get("history", [])),
+            sha256=dict(d.get("sha256") or {}),
         )
 
+    def model_spec(self) -> ModelSpec:
+        """The model the index was built with; its checkpoint must still be there, unchanged."""
+        if self.checkpoint_sha256:
+            path = Path(self.pretrained or "")
+            if not path.is_file():
+                raise SearchError(
+                    f"the checkpoint this index was built with is gone: {path}; if it moved, put "
+                    "it back, or give search, serve and bench its new path with --pretrained"
+                )
+            if sha256_file(path) != self.checkpoint_sha256:
+                raise SearchError(f"the checkpoint {path} changed since the index was built")
+        return ModelSpec(self.model, self.pretrained)
 
-def spec_from_manifest(manifest: dict) -> ModelSpec:
-    """The model an index was built with; its checkpoint must still be there, unchanged."""
-    pretrained, sha = manifest.get("pretrained"), manifest.get("checkpoint_sha256")
-    if sha:
-        path = Path(pretrained)
-        if not path.is_file():
+    def check_model(self, spec: ModelSpec | None) -> None:
+        """Refuse to query the index with a model other than the one it was built with."""
+        if spec is None:
+            return
+        asked = spec.identity()
+        same_weights = (
+            asked.checkpoint_sha256 == self.checkpoint_sha256
+            if self.checkpoint_sha256 or asked.checkpoint_sha256
+            else asked.pretrained == self.pretrained
+        )
+        if asked.model != self.model or not same_weights:
             raise SearchError(
-                f"the checkpoint this index was built with is gone: {path}; if it moved, put it "
-                "back, or give search, serve and bench its new path with --pretrained"
+                f"index {self.name!r} was built with model {self.model} "
+                f"(pretrained: {self.pretrained or 'none'}), not {asked.model} "
+                f"(pretrained: {asked.pretrained or 'none'}); search it without --model (or "
+                "with --pretrained alone, for its checkpoint at a new path), or rebuild it"
             )
-        if sha256_file(path) != sha:
-            raise SearchError(f"the checkpoint {path} changed since the index was built")
-    return ModelSpec(manifest["model"], pretrained)
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    """Write ``manifest.json`` durably: it is the last file of a build, its commit mark."""
+    with atomic_write(folder / MANIFEST, "w", encoding="utf-8") as f:
+        json.dump(manifest.to_json(), f, indent=2, sort_keys=True)
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """The manifest of version ``folder``; a one-line `SearchError` if it is malformed.
+
+    A missing file raises `FileNotFoundError`: readers retry when a writer pruned the version.
+    """
+    path = folder / MANIFEST
+    try:
+        return Manifest.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        why = f"missing field {e}" if isinstance(e, KeyError) else str(e) or type(e).__name__
+        raise SearchError(
+            f"{path} is damaged ({why}); run `retrieval verify` on the index, or rebuild it"
+        ) from None

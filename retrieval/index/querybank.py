@@ -10,23 +10,13 @@ their evaluation queries.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..scoring.fusion import bank_normalisers
+from .config import BankConfig
 from .vector_index import VectorIndex
-
-# Chosen by measurement (benchmarks/README.md, "Query layer").
-DEFAULT_BETA = 20.0
-DEFAULT_M = 10
-
-
-@dataclass(frozen=True)
-class BankConfig:
-    beta: float = DEFAULT_BETA
-    m: int = DEFAULT_M
 
 
 def normalisers(candidates: np.ndarray, bank: np.ndarray, config: BankConfig) -> np.ndarray:

@@ -8,8 +8,8 @@ Sub-databases: ``items``, ``captions``, ``image_rows``, ``caption_rows``, ``meta
 ``image_tombstones`` / ``caption_tombstones``: rows of removed items that an index type without
 removal (HNSW, IVF) still holds; searches exclude them until ``retrieval compact``.
 
-A published store is never written again: `retrieval.index.lifecycle` copies it into the next version
-(`Store.copy_to`) and changes the copy.
+A published store is never written again: `retrieval.index.lifecycle` copies it into the next
+version (`Store.copy_to`) and changes the copy.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from ..files import sha256_file
 from ..model.encoder import Encoder
 from . import autoindex, layout
 from .embeddings import load_embeddings
-from .manifest import read_manifest, spec_from_manifest
+from .manifest import Manifest, read_manifest
 from .store import Store
 from .vector_index import VectorIndex
 
@@ -71,9 +71,7 @@ def verify(
     folder = layout.resolve(name, index_dir)
     report = VerifyReport(name, folder)
     manifest = read_manifest(folder)
-    report.add(
-        "checksums", _checksums(folder, manifest), f"{len(manifest.get('sha256', {}))} files match"
-    )
+    report.add("checksums", _checksums(folder, manifest), f"{len(manifest.sha256)} files match")
     try:
         _consistency(report, folder, manifest, sample, encoder, seed)
     except Exception as e:  # unreadable FAISS / LMDB / numpy files are a finding, not a crash
@@ -83,12 +81,11 @@ def verify(
     return report
 
 
-def _consistency(report: VerifyReport, folder: Path, manifest, sample, encoder, seed) -> None:
+def _consistency(
+    report: VerifyReport, folder: Path, manifest: Manifest, sample, encoder, seed
+) -> None:
     indexes = {
-        kind: VectorIndex.load(
-            folder / layout.INDEX_FILES[kind], manifest["indexes"][kind]["factory"]
-        )
-        for kind in _KINDS
+        kind: VectorIndex.load(folder / e.file, e.factory) for kind, e in manifest.indexes.items()
     }
     emb = load_embeddings(folder)
     with Store.open(folder / layout.STORE) as store:
@@ -107,22 +104,22 @@ def _consistency(report: VerifyReport, folder: Path, manifest, sample, encoder, 
         )
         if sample:
             try:
-                encoder = encoder or Encoder.load(spec_from_manifest(manifest), "cpu")
+                encoder = encoder or Encoder.load(manifest.model_spec(), "cpu")
                 problems, detail = _reencode(store, live, emb, encoder, sample, seed)
             except EncoderError as e:  # the model, not the files: say so under its own check
                 problems, detail = [str(e)], ""
             report.add("re-encoded sample", problems, detail)
 
 
-def _checksums(folder: Path, manifest: dict) -> list[str]:
+def _checksums(folder: Path, manifest: Manifest) -> list[str]:
     problems = []
-    for rel, digest in sorted(manifest.get("sha256", {}).items()):
+    for rel, digest in sorted(manifest.sha256.items()):
         path = folder / rel
         if not path.is_file():
             problems.append(f"{rel} is missing")
         elif sha256_file(path) != digest:
             problems.append(f"{rel} changed since it was written (sha256 mismatch)")
-    if not manifest.get("sha256"):
+    if not manifest.sha256:
         problems.append("the manifest records no checksums")
     return problems
 
@@ -134,7 +131,7 @@ def _count_text(live, dead) -> str:
     )
 
 
-def _counts(manifest, indexes, store: Store, live, dead) -> list[str]:
+def _counts(manifest: Manifest, indexes, store: Store, live, dead) -> list[str]:
     problems = []
     counts = store.counts()
     for kind in _KINDS:
@@ -144,17 +141,15 @@ def _counts(manifest, indexes, store: Store, live, dead) -> list[str]:
                 f"{kind} index holds {indexes[kind].ntotal} vectors, the store {len(live[kind])} "
                 f"live rows + {len(dead[kind])} tombstones = {want}"
             )
-        if manifest["indexes"][kind]["count"] != indexes[kind].ntotal:
+        if manifest.indexes[kind].count != indexes[kind].ntotal:
             problems.append(
-                f"manifest says {manifest['indexes'][kind]['count']} {kind} vectors, "
+                f"manifest says {manifest.indexes[kind].count} {kind} vectors, "
                 f"the index holds {indexes[kind].ntotal}"
             )
     if counts["items"] != len(live["image"]) or counts["captions"] != len(live["caption"]):
         problems.append(f"store entries {counts} do not match its row maps")
-    if manifest["counts"]["items"] != counts["items"]:
-        problems.append(
-            f"manifest says {manifest['counts']['items']} items, the store {counts['items']}"
-        )
+    if manifest.counts.items != counts["items"]:
+        problems.append(f"manifest says {manifest.counts.items} items, the store {counts['items']}")
     return problems
 
 
@@ -204,11 +199,11 @@ def _store(store: Store, live, emb) -> list[str]:
     return problems
 
 
-def _embeddings(indexes, live, emb, manifest) -> list[str]:
+def _embeddings(indexes, live, emb, manifest: Manifest) -> list[str]:
     """FAISS's vectors of a sample of live rows against the stored fp16 rows."""
     problems = []
     for kind in _KINDS:
-        if autoindex.compressed(manifest["indexes"][kind]["factory"]):
+        if autoindex.compressed(manifest.indexes[kind].factory):
             continue  # a compressed index keeps approximations only
         rows = live[kind][:: max(1, len(live[kind]) // 256)]
         stored = np.asarray((emb.image if kind == "image" else emb.caption)[rows], np.float32)

@@ -6,7 +6,7 @@ Light on purpose (no torch): the command line, the manifest and configs name mod
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..files import sha256_file
@@ -37,14 +37,23 @@ class ModelSpec:
         p = self.pretrained
         return bool(p) and self.checkpoint is None and "/" not in p and Path(p).suffix == ""
 
-    def describe(self) -> dict:
-        """What the manifest records so that a later search can check it uses the same model."""
+    def identity(self) -> ModelIdentity:
+        """What a manifest records so that a later search can check it uses the same model."""
         ckpt = self.checkpoint
-        return {
-            "model": self.name,
-            "pretrained": str(ckpt) if ckpt else self.pretrained,
-            "checkpoint_sha256": sha256_file(ckpt) if ckpt else None,
-        }
+        pretrained = str(ckpt) if ckpt else self.pretrained
+        return ModelIdentity(self.name, pretrained, sha256_file(ckpt) if ckpt else None)
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """A model as recorded on disk: its name, its weights, and the checkpoint file's sha256."""
+
+    model: str
+    pretrained: str | None
+    checkpoint_sha256: str | None
+
+    def to_json(self) -> dict[str, str | None]:
+        return asdict(self)
 
 
 def default_model() -> ModelSpec:

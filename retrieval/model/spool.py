@@ -4,8 +4,8 @@ A shard is ``shard_size`` consecutive records, a multiple of the batch size, so 
 and therefore the vectors, are the same whether a run was interrupted or not. A shard file holds
 the image embeddings of its records that decoded, the reasons of those that did not, the
 embeddings of their captions, and a fingerprint of its records (ids, paths, captions, image
-file sizes and modification times). It is written under a temporary name, fsynced, then renamed:
-a kill leaves a whole shard or none. A resumed run re-uses every shard whose fingerprint still
+file sizes and modification times). It is written with `retrieval.files.atomic_write`: a kill
+leaves a whole shard or none. A resumed run re-uses every shard whose fingerprint still
 matches and encodes only the others; a run that does not resume starts the spool afresh.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import zipfile
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..corpus import webdataset
 from ..corpus.records import Record
+from ..files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def _shard_size(options: SpoolOptions) -> int:
 def prepare(folder: Path, encoder, options: SpoolOptions) -> None:
     """Make ``folder`` ready: keep what a resumable run spooled, else start afresh."""
     key = {
-        **encoder.spec.describe(),
+        **encoder.spec.identity().to_json(),
         "max_pixels": options.max_pixels,
         "batch_size": options.batch_size,
         "shard_size": _shard_size(options),
@@ -131,6 +131,7 @@ def _prepare(folder: Path, key: dict, resume: bool) -> None:
         except (OSError, ValueError):
             old = None
     if resume and old == key:
+        # An interrupted write's ``.NAME.XXXXXXXX.tmp``: pathlib's * matches a leading dot too.
         for tmp in folder.glob("*.tmp"):
             tmp.unlink()
         return
@@ -138,7 +139,8 @@ def _prepare(folder: Path, key: dict, resume: bool) -> None:
         log.warning("nothing to resume: the interrupted run used another model or options")
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    (folder / KEY).write_text(json.dumps(key, sort_keys=True), encoding="utf-8")
+    with atomic_write(folder / KEY, "w", encoding="utf-8") as f:
+        f.write(json.dumps(key, sort_keys=True))
 
 
 def _fingerprint(chunk: Sequence[Record]) -> str:
@@ -171,8 +173,7 @@ def _encode(chunk: Sequence[Record], encoder, options: SpoolOptions, bar) -> dic
 
 
 def _write(path: Path, shard: dict, fingerprint: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
+    with atomic_write(path) as f:
         np.savez(
             f,
             image_emb=shard["image_emb"],
@@ -181,9 +182,6 @@ def _write(path: Path, shard: dict, fingerprint: str) -> None:
             failures=np.array(json.dumps({str(k): v for k, v in shard["failures"].items()})),
             fingerprint=np.array(fingerprint),
         )
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 def _read(path: Path, fingerprint: str) -> dict | None:

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from ..corpus import synthetic
-from ..index.build import BuildConfig, BuildReport, build
+from ..index.build import BuildReport, build
+from ..index.config import BuildConfig
 from ..model.encoder import Encoder
 from ..model.spec import ModelSpec, default_model
 from .search import Query, Searcher

@@ -26,23 +26,30 @@ from ..errors import SearchError
 from ..scoring import fusion
 
 if TYPE_CHECKING:  # the CLI imports STRATEGIES; it must not pay for FAISS and torch
+    from ..index.embeddings import Embeddings
     from ..index.vector_index import VectorIndex
 
 STRATEGIES = ("cosine", "qbnorm", "hybrid", "hybrid-rrf", "arith")
+DEFAULT_STRATEGY = "cosine"  # in every direction, by measurement (benchmarks/README.md)
+DEFAULT_MIX = 0.2  # hybrid: the other modality's weight (best on coco-mini, benchmarks/README.md)
+DEFAULT_OVERFETCH = 10
+DEFAULT_K = 10
+DEFAULT_IMAGE_WEIGHT = 0.5  # a text and an image together: the image's weight
 
 
 @dataclass(frozen=True)
 class Options:
-    k: int = 10
+    k: int = DEFAULT_K
     target: str = "images"  # "images" or "captions"
-    strategy: str = "cosine"
-    overfetch: int = 10  # candidates per signal: overfetch * k
-    mix: float = 0.5  # hybrid: weight of the other modality's signal
+    strategy: str = DEFAULT_STRATEGY
+    overfetch: int = DEFAULT_OVERFETCH  # candidates per signal: overfetch * k
+    mix: float = DEFAULT_MIX  # hybrid: weight of the other modality's signal
 
 
 @dataclass
-class Corpus:
-    """What queries are scored against. Embeddings (N, D) fp16, rows = FAISS ids."""
+class SearchSpace:
+    """What queries are scored against: both FAISS indexes, the stored embeddings (N, D) fp16
+    and the querybank normalisers of one index version; rows are FAISS ids."""
 
     images: VectorIndex
     captions: VectorIndex
@@ -54,6 +61,14 @@ class Corpus:
     beta: float
     _order: np.ndarray = field(init=False, repr=False)
     _starts: np.ndarray = field(init=False, repr=False)
+
+    @classmethod
+    def of(cls, images: VectorIndex, captions: VectorIndex, emb: Embeddings, beta: float):
+        """The space of one index version: its indexes and its ``embeddings/`` folder."""
+        return cls(
+            images, captions, emb.image, emb.caption, emb.caption_owner,
+            emb.image_norm, emb.caption_norm, beta,
+        )  # fmt: skip
 
     def __post_init__(self) -> None:
         self._order = np.argsort(self.caption_owner, kind="stable")  # caption rows by item
@@ -97,35 +112,35 @@ def _signals(kind: str, options: Options) -> list[tuple[str, float]]:
 
 
 def candidates(
-    corpus: Corpus, vec: np.ndarray, side: str, k: int, fetch: int, allowed: np.ndarray | None
+    space: SearchSpace, vec: np.ndarray, side: str, k: int, fetch: int, allowed: np.ndarray | None
 ) -> np.ndarray:
     """Item rows among the top hits of one signal: at least ``k`` items unless exhausted."""
     if side == "i":
-        return corpus.images.search(vec, fetch, allowed=allowed)[0].ids
+        return space.images.search(vec, fetch, allowed=allowed)[0].ids
     allowed_caps = (
-        None if allowed is None else np.flatnonzero(np.isin(corpus.caption_owner, allowed))
+        None if allowed is None else np.flatnonzero(np.isin(space.caption_owner, allowed))
     )
-    total = corpus.captions.ntotal if allowed_caps is None else len(allowed_caps)
+    total = space.captions.ntotal if allowed_caps is None else len(allowed_caps)
     while True:  # several captions of one item collapse into one candidate
-        rows = corpus.captions.search(vec, fetch, allowed=allowed_caps)[0].ids
-        items = np.unique(corpus.caption_owner[rows])
+        rows = space.captions.search(vec, fetch, allowed=allowed_caps)[0].ids
+        items = np.unique(space.caption_owner[rows])
         if len(items) >= k or fetch >= total:
             return items
         fetch *= 4
 
 
-def rescore(corpus: Corpus, vec: np.ndarray, side: str, items: np.ndarray, qbnorm: bool):
+def rescore(space: SearchSpace, vec: np.ndarray, side: str, items: np.ndarray, qbnorm: bool):
     """Exact scores of ``items`` (U,): (U,) values (NaN: no caption) and best caption rows."""
     v = vec[0].astype(np.float32)
     if side == "i":
-        s = corpus.image_emb[items].astype(np.float32) @ v
+        s = space.image_emb[items].astype(np.float32) @ v
         if qbnorm:
-            s = fusion.querybank_scores(s, corpus.image_norm[items], corpus.beta)
+            s = fusion.querybank_scores(s, space.image_norm[items], space.beta)
         return s.astype(np.float64), None
-    rows, pos = corpus.captions_of(items)
-    s = (corpus.caption_emb[rows].astype(np.float32) @ v).astype(np.float64)
+    rows, pos = space.captions_of(items)
+    s = (space.caption_emb[rows].astype(np.float32) @ v).astype(np.float64)
     if qbnorm:
-        s = fusion.querybank_scores(s, corpus.caption_norm[rows], corpus.beta)
+        s = fusion.querybank_scores(s, space.caption_norm[rows], space.beta)
     best = np.full(len(items), np.nan)
     best_row = np.full(len(items), -1, dtype=np.int64)
     order = np.lexsort((-s, pos))  # per item, best caption first
@@ -137,7 +152,7 @@ def rescore(corpus: Corpus, vec: np.ndarray, side: str, items: np.ndarray, qbnor
 
 
 def run(
-    corpus: Corpus, terms: list[Term], options: Options, allowed: np.ndarray | None = None
+    space: SearchSpace, terms: list[Term], options: Options, allowed: np.ndarray | None = None
 ) -> list[Hit]:
     """The ``options.k`` best items for ``terms`` under ``options.strategy``."""
     if options.strategy not in STRATEGIES:
@@ -150,12 +165,12 @@ def run(
     if options.strategy == "cosine" and len(terms) == 1:
         fetch = k  # nothing to fuse: the index's own top k are the answer
     plan = [(t, name, w) for t in terms for name, w in _signals(t.kind, options)]
-    pool = [candidates(corpus, t.vector, name[-1], k, fetch, allowed) for t, name, _ in plan]
+    pool = [candidates(space, t.vector, name[-1], k, fetch, allowed) for t, name, _ in plan]
     items = np.unique(np.concatenate(pool)) if pool else np.zeros(0, np.int64)
     values, best_caption = {}, None
     for n, (t, name, _) in enumerate(plan):
         key = name if len(terms) == 1 else f"{name}[{terms.index(t)}]"
-        values[key], rows = rescore(corpus, t.vector, name[-1], items, options.strategy == "qbnorm")
+        values[key], rows = rescore(space, t.vector, name[-1], items, options.strategy == "qbnorm")
         if n == 0 and rows is not None:
             best_caption = rows
     total = _fuse(plan, values, options, terms)
@@ -182,17 +197,17 @@ def _arithmetic(terms: list[Term]) -> Term:
 
 
 def _fuse(plan, values: dict[str, np.ndarray], options: Options, terms) -> np.ndarray:
+    """One score per item: each term's signals fused by the strategy, then weighted by term."""
     keys = list(values)
-    if options.strategy == "hybrid-rrf":
+    if options.strategy == "hybrid-rrf":  # ranks fused over every (term, signal) at once
         weights = {key: t.weight * w for key, (t, _, w) in zip(keys, plan, strict=True)}
-        return fusion.reciprocal_rank_fusion(values, weights)
+        return fusion.fuse_signals(values, weights, rrf=True)
     total = None
     for t in terms:
-        mine = [(key, w) for key, (tt, _, w) in zip(keys, plan, strict=True) if tt is t]
+        mine = {key: w for key, (tt, _, w) in zip(keys, plan, strict=True) if tt is t}
         if options.strategy == "hybrid":
-            part = fusion.weighted_sum({key: values[key] for key, _ in mine}, dict(mine))
-            part[np.isnan(values[mine[0][0]]) & np.isnan(values[mine[-1][0]])] = np.nan
-        else:
-            part = values[mine[0][0]]
+            part = fusion.fuse_signals({key: values[key] for key in mine}, mine)
+        else:  # one signal: its plain scores
+            part = values[next(iter(mine))]
         total = t.weight * part if total is None else total + t.weight * part
     return total

@@ -26,12 +26,20 @@ from ..corpus import filters
 from ..corpus.images import BadImage, load_image
 from ..errors import EncoderError, SearchError
 from ..index import autoindex, layout
-from ..index.manifest import MANIFEST, check_model, read_manifest, spec_from_manifest
+from ..index.embeddings import load_embeddings
+from ..index.manifest import MANIFEST, read_manifest
 from ..index.store import Store
 from ..index.vector_index import VectorIndex
 from ..model.encoder import Encoder
 from ..model.spec import ModelSpec
 from . import ranking
+from .ranking import (
+    DEFAULT_IMAGE_WEIGHT,
+    DEFAULT_K,
+    DEFAULT_MIX,
+    DEFAULT_OVERFETCH,
+    DEFAULT_STRATEGY,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +48,6 @@ TARGETS = ("images", "captions")
 # fused strategies met the bar everywhere: hybrid text->image gains 2.5 points of R@1 on
 # coco-mini but loses 1.1 on the synthetic set and costs 1.5x a plain query, and querybank
 # normalisation did not pay; so every direction stays plain cosine unless asked otherwise.
-DEFAULT_STRATEGY: dict[tuple[str, str], str] = {}
-DEFAULT_MIX = 0.2
 
 
 @dataclass(frozen=True)
@@ -59,7 +65,7 @@ class Query:
 
     text: str | None = None
     image: str | Path | Image.Image | None = None
-    image_weight: float = 0.5
+    image_weight: float = DEFAULT_IMAGE_WEIGHT
     terms: tuple[QueryTerm, ...] = ()
 
     def __post_init__(self) -> None:
@@ -112,17 +118,15 @@ class Searcher:
     ) -> None:
         self.folder, self.link = folder, link  # link: the name's symlink, to follow updates
         self.manifest = read_manifest(folder)
-        self.encoder = encoder or Encoder.load(spec_from_manifest(self.manifest), device)
+        self.encoder = encoder or Encoder.load(self.manifest.model_spec(), device)
         faiss_device = "cuda" if self.encoder.device.type == "cuda" else "cpu"
-        idx = self.manifest["indexes"]
         # Memory-mapped: a published index is read-only, so pages load on demand, are shared
         # by every process serving it, and an index larger than RAM still serves.
         self.images, self.captions = (
-            autoindex.apply(
-                VectorIndex.load(folder / file, idx[kind]["factory"], faiss_device, mmap=True),
-                idx[kind],  # the search knob tuned at build time
+            autoindex.apply(  # the search knob tuned at build time
+                VectorIndex.load(folder / e.file, e.factory, faiss_device, mmap=True), e
             )
-            for kind, file in layout.INDEX_FILES.items()
+            for e in (self.manifest.indexes["image"], self.manifest.indexes["caption"])
         )
         self.store = Store.open(folder / layout.STORE)
         # A searcher replaced by `latest` is closed when its last request lets go of it.
@@ -130,7 +134,9 @@ class Searcher:
         # Removed items that HNSW / IVF indexes still hold: never returned (until compact).
         self.images.exclude(self.store.tombstones("image"))
         self.captions.exclude(self.store.tombstones("caption"))
-        self.corpus = _corpus(folder, self.manifest, self.images, self.captions)
+        self.space = ranking.SearchSpace.of(
+            self.images, self.captions, load_embeddings(folder), self.manifest.querybank.beta
+        )
         self._allowed: dict[tuple, np.ndarray | str] = {}  # filter -> item rows, or the error
 
     @classmethod
@@ -157,8 +163,8 @@ class Searcher:
                     continue
                 raise
             if model is not None and not model.name:
-                model = replace(model, name=manifest["model"])
-            check_model(manifest, model)
+                model = replace(model, name=manifest.model)
+            manifest.check_model(model)
             encoder = encoder or (Encoder.load(model, device) if model else None)
             try:
                 return cls(folder, encoder=encoder, device=device, link=link)
@@ -204,7 +210,8 @@ class Searcher:
         self.close()
 
     def info(self) -> dict[str, Any]:
-        return {**self.manifest, "folder": str(self.folder), "store": self.store.counts()}
+        described = self.manifest.to_json()
+        return {**described, "folder": str(self.folder), "store": self.store.counts()}
 
     def embed(self, term: QueryTerm) -> np.ndarray:
         """The term's (1, D) unit vector."""
@@ -225,11 +232,11 @@ class Searcher:
     def search(
         self,
         query: Query,
-        k: int = 10,
+        k: int = DEFAULT_K,
         target: str | None = None,
         strategy: str | None = None,
         where: tuple[str, ...] = (),
-        overfetch: int = 10,
+        overfetch: int = DEFAULT_OVERFETCH,
         mix: float = DEFAULT_MIX,
     ) -> dict[str, Any]:
         """``{"query", "target", "strategy", "where", "results"}`` with the ``k`` best items."""
@@ -241,8 +248,7 @@ class Searcher:
         target = target or ("captions" if solo_image else "images")
         if target not in TARGETS:
             raise SearchError(f"target must be one of {', '.join(TARGETS)}, not {target!r}")
-        kind = "text" if len(terms) == 1 and terms[0].text is not None else "other"
-        strategy = strategy or DEFAULT_STRATEGY.get((kind, target), "cosine")
+        strategy = strategy or DEFAULT_STRATEGY
         if strategy == "arith" and len(terms) < 2:
             strategy = "cosine"  # arithmetic on one term is plain cosine
         vectors = [
@@ -251,7 +257,7 @@ class Searcher:
         options = ranking.Options(
             k=k, target=target, strategy=strategy, overfetch=overfetch, mix=mix
         )
-        hits = ranking.run(self.corpus, vectors, options, self._filter(tuple(where)))
+        hits = ranking.run(self.space, vectors, options, self._filter(tuple(where)))
         return {
             "query": query.describe(),
             "target": target,
@@ -295,21 +301,6 @@ class Searcher:
             cap = self.store.caption(self.store.caption_ids([hit.caption])[0]) or {}
             out["caption"] = {"id": cap.get("id"), "text": cap.get("text")}
         return out
-
-
-def _corpus(folder: Path, manifest: dict, images, captions) -> ranking.Corpus:
-    emb = folder / layout.EMBEDDINGS
-    # Memory-mapped: re-scoring reads only the candidates' rows.
-    return ranking.Corpus(
-        images=images,
-        captions=captions,
-        image_emb=np.load(emb / "image.npy", mmap_mode="r"),
-        caption_emb=np.load(emb / "caption.npy", mmap_mode="r"),
-        caption_owner=np.load(emb / "caption_owner.npy"),
-        image_norm=np.load(emb / "image.qbnorm.npy"),
-        caption_norm=np.load(emb / "caption.qbnorm.npy"),
-        beta=float(manifest["querybank"]["beta"]),
-    )
 
 
 def search(

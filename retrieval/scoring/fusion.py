@@ -87,6 +87,22 @@ def reciprocal_rank_fusion(
     return total if total is not None else np.zeros(0)
 
 
+def fuse_signals(
+    signals: Mapping[str, np.ndarray], weights: Mapping[str, float], rrf: bool = False
+) -> np.ndarray:
+    """The hybrid strategies' one score per item from several signals, each (N,).
+
+    ``rrf``: reciprocal-rank fusion; else the weighted sum of min-max-normalised scores. NaN
+    marks an item a signal has no score for (it counts as that signal's worst); an item no
+    signal scores is NaN. The query layer and the benchmark's strategy rows both fuse here.
+    """
+    fused = reciprocal_rank_fusion(signals, weights) if rrf else weighted_sum(signals, weights)
+    if signals:
+        unscored = np.logical_and.reduce([np.isnan(np.asarray(v)) for v in signals.values()])
+        fused[unscored] = np.nan
+    return fused
+
+
 def top_k(item_scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the ``k`` best scores, best first; ties keep the lower index first."""
     order = np.lexsort((np.arange(len(item_scores)), -np.asarray(item_scores)))

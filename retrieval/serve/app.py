@@ -43,8 +43,8 @@ from .. import __version__
 from ..corpus import images, webdataset
 from ..errors import EncoderError, SearchError
 from ..model.spec import ModelSpec
-from ..query.ranking import STRATEGIES
-from ..query.search import DEFAULT_MIX, DEFAULT_STRATEGY, Query, Searcher
+from ..query.ranking import DEFAULT_MIX, DEFAULT_OVERFETCH, DEFAULT_STRATEGY, STRATEGIES
+from ..query.search import Query, Searcher
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class SearchRequest(BaseModel):
     target: Literal["images", "captions"] | None = None
     strategy: Literal[STRATEGIES] | None = None  # type: ignore[valid-type]
     where: list[str] = Field(default_factory=list, description="key=value, key>=n, key=lo..hi")
-    overfetch: int = Field(10, ge=1, le=100)
+    overfetch: int = Field(DEFAULT_OVERFETCH, ge=1, le=100)
     mix: float = Field(DEFAULT_MIX, ge=0, le=1)
 
 
@@ -133,7 +133,7 @@ def create_app(searcher: Searcher, config: ServeConfig = ServeConfig()) -> FastA
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "index": current().manifest["name"]}
+        return {"status": "ok", "index": current().manifest.name}
 
     @app.get("/stats")
     def stats() -> dict[str, Any]:
@@ -358,16 +358,16 @@ def _describe(query: dict[str, Any], image_id: str) -> dict[str, Any]:
 def _stats(searcher: Searcher) -> dict[str, Any]:
     m = searcher.manifest
     return {
-        "name": m["name"],
-        "model": m["model"],
-        "pretrained": m.get("pretrained"),
-        "dim": m.get("dim"),
+        "name": m.name,
+        "model": m.model,
+        "pretrained": m.pretrained,
+        "dim": m.dim,
         "counts": searcher.store.counts(),
-        "indexes": {k: v.get("factory") for k, v in m["indexes"].items()},
-        "created": m.get("created"),
-        "updated": m.get("updated"),
+        "indexes": {k: v.factory for k, v in m.indexes.items()},
+        "created": m.created,
+        "updated": m.updated,
         "strategies": list(STRATEGIES),
-        "default_strategy": {f"{q}->{t}": s for (q, t), s in DEFAULT_STRATEGY.items()},
+        "default_strategy": DEFAULT_STRATEGY,
         "version": __version__,
     }
 

@@ -39,7 +39,7 @@ from ..model.encoder import Encoder, default_workers
 from .config import DEFAULT_LR, TrainConfig
 from .gradcache import contrastive_step
 from .loss import clamp_logit_scale
-from .run import check_new, check_same_run, end_epoch, fresh, resume, write_skips
+from .run import RunState, check_new, check_same_run, end_epoch, fresh, resume, write_skips
 from .trainset import TrainSet, load_trainset, split_records
 
 log = logging.getLogger(__name__)
@@ -129,21 +129,21 @@ def train(corpus: str | Path, out: str | Path, config: TrainConfig | None = None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, config.warmup))
     state = _start(out, config, (model, optimizer, scheduler), total)
     ddp = _wrap(model, world, device)
-    history, speed = list(state["history"]), []
-    for epoch in range(state["epoch"] + 1, epochs + 1):
+    speed = []
+    for epoch in range(state.epoch + 1, epochs + 1):
         step, rate = _run_epoch(
-            ddp, model, optimizer, scheduler, train_set, config, world, epoch, state["step"], total
+            ddp, model, optimizer, scheduler, train_set, config, world, epoch, state.step, total
         )
-        state["step"], state["epoch"] = step, epoch
         speed.append(rate)
-        if world.rank == 0:
+        if world.rank == 0:  # the only one that validates and writes
             row = {"epoch": epoch, "step": step, "samples_per_s": round(rate, 1)}
             if val_set is not None:
                 row |= val_set.evaluate(model, encoder.device)
-            history.append(row)
             last = step >= total or epoch == epochs
             parts = model, optimizer, scheduler
-            state["best"] = end_epoch(out, parts, state, history, config, last)
+            state = end_epoch(out, parts, state.after(row), config, last)
+        else:
+            state = replace(state, epoch=epoch, step=step)
         if world.size > 1:
             dist.barrier()
         if step >= total:
@@ -151,15 +151,15 @@ def train(corpus: str | Path, out: str | Path, config: TrainConfig | None = None
     ckpt = out / "checkpoints"
     best = ckpt / "best.pt" if (ckpt / "best.pt").exists() else None
     rate = float(np.mean(speed)) if speed else 0.0
-    return TrainResult(out, state["step"], best, ckpt / "latest.pt", history, rate)
+    return TrainResult(out, state.step, best, ckpt / "latest.pt", list(state.history), rate)
 
 
-def _start(out: Path, config: TrainConfig, parts, total: int) -> dict:
+def _start(out: Path, config: TrainConfig, parts, total: int) -> RunState:
     """The state to go on from: the run's saved one on resume, else a new run folder's."""
     if not config.resume:
         return fresh(out, config)
     state = resume(out, *parts, config.lr)
-    if state["step"] >= total:
+    if state.step >= total:
         raise TrainError(
             f"the run in {out} has made all its {total} steps; give more --epochs or --steps "
             "to train on"

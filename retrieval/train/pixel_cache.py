@@ -5,7 +5,8 @@ than a small model's forward and backward pass, so the training set is decoded o
 DataLoader workers, with the same safety checks as the build) into an (N, H, W, 3) uint8 array
 on disk, at the model's input size. Each epoch then reads a batch with one slice of a memory map
 and normalises it on the fly. The cache is keyed by the image files (path, size, mtime) and the
-input size, so a resumed or repeated run reuses it.
+input size, so a resumed or repeated run reuses it. The array, then its ``.json`` of failures,
+are written through `retrieval.files`, so a cache found with both is a whole, finished decode.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..corpus import webdataset
 from ..corpus.images import BadImage, load_image
+from ..files import atomic_path, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +86,21 @@ def load_or_build(
     if data.is_file() and meta.is_file():
         failures = {int(k): v for k, v in json.loads(meta.read_text())["failures"].items()}
         return np.load(data, mmap_mode="r"), failures
-    tmp = data.with_suffix(".tmp.npy")
+    for old in cache_dir.glob(f".{data.name}.*.tmp"):  # a killed decode's, maybe gigabytes
+        old.unlink(missing_ok=True)
+    with atomic_path(data) as tmp:
+        failures = _decode(paths, size, tmp, workers, max_pixels, progress)
+    with atomic_write(meta, "w", encoding="utf-8") as f:
+        f.write(json.dumps({"size": size, "count": len(paths), "failures": failures}))
+    return np.load(data, mmap_mode="r"), failures
+
+
+def _decode(
+    paths: Sequence[Path], size: int, dest: Path, workers: int, max_pixels: int, progress: bool
+) -> dict[int, str]:
+    """Decode ``paths`` into a new ``.npy`` array at ``dest``; return the failures."""
     out = np.lib.format.open_memmap(
-        tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3)
+        dest, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3)
     )
     failures: dict[int, str] = {}
     loader = DataLoader(
@@ -101,10 +115,8 @@ def load_or_build(
                     failures[i] = reason
             bar.update(len(batch))
     out.flush()
-    del out
-    tmp.replace(data)
-    meta.write_text(json.dumps({"size": size, "count": len(paths), "failures": failures}))
-    return np.load(data, mmap_mode="r"), failures
+    del out  # unmapped before atomic_path fsyncs and renames the file
+    return failures
 
 
 def normaliser(preprocess) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,8 @@
 """A training run's folder on disk: its checkpoints, metrics log and config, written atomically.
 
 ``checkpoints/epoch_N.pt`` (open_clip-compatible: ``{"epoch", "name", "state_dict"}``) with
-``epoch_N.state.pt`` beside it (optimizer, scheduler, step, best score, history); ``latest.pt``
-and ``best.pt`` are hard links (or copies) of an epoch's file; ``metrics.jsonl`` has one row per
+``epoch_N.state.pt`` beside it (optimizer, scheduler and a `RunState`); ``latest.pt`` and
+``best.pt`` are hard links (or copies) of an epoch's file; ``metrics.jsonl`` has one row per
 epoch; ``config.json`` the run's settings; ``skipped.jsonl`` the items left out, and why.
 """
 
@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,13 +21,50 @@ import numpy as np
 import torch
 
 from ..errors import TrainError
-from ..files import atomic_path
+from ..files import atomic_path, atomic_write
 from ..model.checkpoints import save_checkpoint
 
 if TYPE_CHECKING:
     from .config import TrainConfig
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunState:
+    """Where a training run stands at the end of an epoch; a new one is made for each epoch.
+
+    ``best`` is the best `score` of a saved epoch (the one ``best.pt`` holds; -1 before any),
+    ``history`` one metrics row per epoch (``{"epoch", "step", "samples_per_s", "val_..."}``).
+    """
+
+    epoch: int = 0
+    step: int = 0
+    best: float = -1.0
+    history: tuple[dict, ...] = ()
+
+    def after(self, row: dict) -> RunState:
+        """The state once the epoch that ``row`` reports (its ``epoch`` and ``step``) ends."""
+        return replace(self, epoch=row["epoch"], step=row["step"], history=(*self.history, row))
+
+    def to_dict(self) -> dict:
+        """What ``epoch_N.state.pt`` stores of it, beside the optimizer and scheduler."""
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "best": self.best,
+            "history": list(self.history),
+        }
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> RunState:
+        """Read back `to_dict`'s keys from a ``.state.pt`` (other keys are ignored)."""
+        return cls(
+            epoch=int(saved["epoch"]),
+            step=int(saved["step"]),
+            best=float(saved["best"]),
+            history=tuple(saved["history"]),
+        )
 
 
 def check_new(out: Path) -> None:
@@ -66,15 +103,16 @@ def check_same_run(out: Path, config: TrainConfig) -> None:
         )
 
 
-def fresh(out: Path, config: TrainConfig) -> dict:
+def fresh(out: Path, config: TrainConfig) -> RunState:
     """Start a run folder: write ``config`` (a TrainConfig) and return the state of step 0."""
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     cfg = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
-    (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
-    return {"epoch": 0, "step": 0, "best": -1.0, "history": []}
+    with atomic_write(out / "config.json", "w", encoding="utf-8") as f:
+        f.write(json.dumps(cfg, indent=2, default=str))
+    return RunState()
 
 
-def resume(out: Path, model, optimizer, scheduler, lr: float | None) -> dict:
+def resume(out: Path, model, optimizer, scheduler, lr: float | None) -> RunState:
     """Load ``latest`` into the model, optimizer and scheduler; return the saved state.
 
     The saved schedule wins, so that a resumed run ends where an uninterrupted one would;
@@ -96,47 +134,42 @@ def resume(out: Path, model, optimizer, scheduler, lr: float | None) -> dict:
             lr,
             latest,
         )
-    return {k: state[k] for k in ("epoch", "step", "best", "history")}
+    return RunState.from_dict(state)
 
 
-def save(out: Path, model, optimizer, scheduler, state: dict, history, config) -> float:
-    """Write epoch N's checkpoint pair, point latest at it, and keep best; return best score."""
+def save(out: Path, model, optimizer, scheduler, state: RunState, config) -> RunState:
+    """Write epoch N's checkpoint pair, point latest at it, and keep best; return the state
+    with its best score, as saved (a resume compares the next epochs with it)."""
     ckpt = out / "checkpoints"
-    epoch = state["epoch"]
-    name = ckpt / f"epoch_{epoch}.pt"
+    name = ckpt / f"epoch_{state.epoch}.pt"
+    new = score(state.history[-1])
+    better = new > state.best
+    state = replace(state, best=new) if better else state
+    weights = {"epoch": state.epoch, "name": config.model.name, "state_dict": model.state_dict()}
+    save_checkpoint(weights, name)
     save_checkpoint(
-        {"epoch": epoch, "name": config.model.name, "state_dict": model.state_dict()}, name
-    )
-    save_checkpoint(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch,
-            "step": state["step"],
-            "best": state["best"],
-            "history": history,
-        },
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        | state.to_dict(),
         name.with_suffix(".state.pt"),
     )
+    if better:  # before latest: a resume from the epoch before redoes this one whole
+        atomic_copy(name, ckpt / "best.pt")
     for src, dst in ((name, "latest.pt"), (name.with_suffix(".state.pt"), "latest.state.pt")):
         atomic_copy(src, ckpt / dst)
-    log_metrics(out, history[-1])
-    new = score(history[-1])
-    if new > state["best"]:
-        atomic_copy(name, ckpt / "best.pt")
-        return new
-    return state["best"]
+    log_metrics(out, state.history[-1])
+    return state
 
 
-def end_epoch(out: Path, parts, state: dict, history: list, config: TrainConfig, last: bool):
-    """Save the epoch just finished when it is the last, a new best or due (``save_every``),
-    else only log its row; return the best score. ``parts``: (model, optimizer, scheduler)."""
-    validated = any("recall@" in k for k in history[-1])
-    better = validated and score(history[-1]) > state["best"]
-    if last or better or state["epoch"] % config.save_every == 0:
-        return save(out, *parts, state, history, config)
-    log_metrics(out, history[-1])
-    return state["best"]
+def end_epoch(out: Path, parts, state: RunState, config: TrainConfig, last: bool) -> RunState:
+    """Save the epoch just finished (``state.history[-1]``) when it is the last, a new best or
+    due (``save_every``), else only log its row. ``parts``: (model, optimizer, scheduler)."""
+    row = state.history[-1]
+    validated = any("recall@" in k for k in row)
+    better = validated and score(row) > state.best
+    if last or better or state.epoch % config.save_every == 0:
+        return save(out, *parts, state, config)
+    log_metrics(out, row)
+    return state
 
 
 def write_skips(out: Path, rows: list[dict]) -> Path:
@@ -144,11 +177,14 @@ def write_skips(out: Path, rows: list[dict]) -> Path:
     caption), one JSON object each with its ``reason``, as a build reports its own."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "skipped.jsonl"
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     return path
 
 
 def log_metrics(out: Path, row: dict) -> None:
+    """Append ``row`` to ``metrics.jsonl``: a log that grows by a line per epoch, also for the
+    epochs without a checkpoint, so it is appended to rather than rewritten whole."""
     with (out / "metrics.jsonl").open("a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
 

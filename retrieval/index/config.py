@@ -1,0 +1,54 @@
+"""How an index is built: `BuildConfig`, the one source of every build default.
+
+Torch- and FAISS-free, so the command line reads its defaults from here without loading them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..corpus.images import DEFAULT_MAX_PIXELS
+from ..corpus.records import ReadOptions
+from ..model.spec import ModelSpec
+from ..model.spool import SpoolOptions
+
+TARGET_RECALL = 0.95  # recall@10 that approximate indexes' search knobs are tuned to
+# Chosen by measurement (benchmarks/README.md, "Query layer").
+DEFAULT_BETA = 20.0
+
+
+DEFAULT_M = 10
+
+
+@dataclass(frozen=True)
+class BankConfig:
+    beta: float = DEFAULT_BETA
+    m: int = DEFAULT_M
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    index: str = "auto"  # "auto" or a FAISS factory string, used for both indexes
+    max_memory: int | None = None  # bytes of FAISS memory for both indexes ("auto" chooses)
+    target_recall: float = TARGET_RECALL  # recall@10 search knobs are tuned to
+    batch_size: int = 64
+    workers: int | None = None  # image-decoding processes; None: cores - 1
+    device: str = "auto"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    read: ReadOptions = field(default_factory=ReadOptions)
+    progress: bool = True
+    shard_size: int = 2048  # records per spooled shard (a resumed build re-encodes at most one)
+    bank: Path | None = None  # querybank corpus; None: the corpus's own captions and images
+    querybank: BankConfig = field(default_factory=BankConfig)
+
+    def spool_options(self, resume: bool = False) -> SpoolOptions:
+        return SpoolOptions(
+            batch_size=self.batch_size,
+            workers=self.workers,
+            max_pixels=self.max_pixels,
+            shard_size=self.shard_size,
+            resume=resume,
+            progress=self.progress,
+        )

@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import machine
 from search_speed import embeddings
 
-from retrieval import __version__
 from retrieval.corpus import synthetic
 from retrieval.index import layout, lifecycle
 from retrieval.index.config import DEFAULT_BETA, DEFAULT_M, BuildConfig
@@ -61,14 +60,9 @@ def write_index(root: Path, encoder: Encoder, n: int, factory: str, image: Path)
                 for i in range(n)
             )
         (folder / layout.SKIPPED).write_text("")
-        model = encoder.spec.identity()
-        return Manifest(
-            name="big",
-            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            package_version=__version__,
-            model=model.model,
-            pretrained=model.pretrained,
-            checkpoint_sha256=model.checkpoint_sha256,
+        return Manifest.new(
+            "big",
+            encoder.spec.identity(),
             dim=encoder.dim,
             context_length=encoder.context_length,
             indexes={k: IndexEntry(f, factory, n) for k, f in layout.INDEX_FILES.items()},

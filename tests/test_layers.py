@@ -153,11 +153,7 @@ def test_library_modules_import_without_click():
         "    assert 'click' not in sys.modules, m\n"
         "print('ok', len(sys.modules))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.startswith("ok")
+    assert _fresh_python(code).startswith("ok")
 
 
 def test_the_command_line_starts_without_torch_or_faiss():
@@ -168,8 +164,13 @@ def test_the_command_line_starts_without_torch_or_faiss():
         "heavy = [m for m in ('torch', 'faiss', 'open_clip', 'fastapi') if m in sys.modules]\n"
         "print(heavy)\n"
     )
+    assert _fresh_python(code).strip() == "[]"
+
+
+def _fresh_python(code: str) -> str:
+    """What ``code`` prints, run in a new interpreter from the repository root."""
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "[]"
+    return out.stdout

@@ -1,7 +1,7 @@
 /* Exact inner-product top-k for skinny products: a few dozen queries against a large base.
  *
  * The base is packed once as [ceil(N/6)][D][6] (six rows interleaved by dimension, see
- * retrieval/packed.py), so a block of six rows is one sequential stream that the hardware
+ * retrieval/index/packed.py), so a block of six rows is one sequential stream that the hardware
  * prefetcher follows; read row by row, six streams at once run out of memory bandwidth at 16
  * queries (benchmarks/README.md, "A hand-written kernel"). Queries come packed in groups of
  * 16 as [G][D][16]. Each 6-row x 16-query block of scores lives in 12 AVX2 registers; a
@@ -170,7 +170,7 @@ static PyMethodDef workers_methods[] = {
      "topk(packed, n, d, queries, nq, k, heap_scores, heap_rows, threads, scores, rows): the "
      "k best rows of a packed base for each of nq queries (nq, d) into scores and rows (nq, k), "
      "best first, equal scores by lower row. heap_scores and heap_rows: scratch for one set of "
-     "heaps per thread, (threads, nq rounded up to 16, k); see retrieval/packed.py."},
+     "heaps per thread, (threads, nq rounded up to 16, k); see retrieval/index/packed.py."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,4 +1,4 @@
-/* The kernel of retrieval/_skinny.c: a 6-row x 16-query register block over a packed base,
+/* The kernel of retrieval/index/_skinny.c: a 6-row x 16-query register block over a packed base,
  * scanning rows [lo, hi) into per-query min-heaps, with the packing of the queries before a
  * search and the merge of the threads' heaps after it. Pure C (no Python), included once. */
 #ifndef SKINNY_KERNEL_H

@@ -1,4 +1,4 @@
-/* The helper threads of retrieval/_skinny.c and the scan they share: `Workers` is the Python
+/* The helper threads of retrieval/index/_skinny.c and the scan they share: `Workers` is the Python
  * type's object, so this is included once, from _skinny.c, after Python.h. The threads never
  * touch Python objects or take the GIL. */
 #ifndef SKINNY_WORKERS_H

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
 from ..corpus.readers import read_corpus
 from ..corpus.records import Record, unique_records
 from ..errors import IndexBuildError, IndexBusyError
@@ -269,14 +268,9 @@ def _write(
 def _manifest(
     name: str, corpus, encoder: Encoder, skips: Skips, indexes: dict[str, IndexEntry], config
 ) -> Manifest:
-    model = encoder.spec.identity()
-    return Manifest(
-        name=name,
-        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        package_version=__version__,
-        model=model.model,
-        pretrained=model.pretrained,
-        checkpoint_sha256=model.checkpoint_sha256,
+    return Manifest.new(
+        name,
+        encoder.spec.identity(),
         dim=encoder.dim,
         context_length=encoder.context_length,
         indexes=indexes,

@@ -4,7 +4,7 @@ The reference every approximate index is measured against, and the search of exa
 indexes. Through BLAS at every batch size: FAISS's own flat search only switches to BLAS at
 nq * d >= ``distance_compute_blas_threshold`` (250 queries at d=512) and is several times
 slower below it. With a `packed.PackedBase` of the vectors, batches of 16 queries and more go
-through the packed kernel instead, at ~75-110% of GEMM throughput (`retrieval/packed.py`).
+through the packed kernel instead, at ~75-110% of GEMM throughput (`retrieval/index/packed.py`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ _BLAS_ULPS = 1e-6  # equal vectors' scores can differ by an ulp or two between B
 # From this many queries up, exact search is FAISS's tiled BLAS search, also below FAISS's own
 # switch to it: BLAS copies ("packs") its operands into tiles first, and FAISS's tiles of
 # 1,024 vectors stay in cache where one product over all N goes out to memory and back, and
-# no (Q, N) score matrix is written (1.3-2.3x faster at 16-128 queries, benchmarks/README.md).
+# no (Q, N) score matrix is written (the fallback row of "Search speed", benchmarks/README.md).
 TILED_MIN_QUERIES = 16
 
 

@@ -29,7 +29,7 @@ from . import autoindex, layout, querybank
 from .build import Skips, entries_for
 from .config import TARGET_RECALL, BuildConfig
 from .embeddings import Embeddings, load_embeddings, save_embeddings
-from .manifest import MANIFEST, Change, IndexEntry, Manifest, read_manifest
+from .manifest import MANIFEST, Change, IndexEntry, Manifest, now, read_manifest
 from .store import ItemEntry, Store
 from .vector_index import VectorIndex
 
@@ -372,7 +372,7 @@ def _manifest(current: Path, folder: Path, indexes, op: str, detail: dict) -> Ma
         kind: replace(e, count=indexes[kind].ntotal, factory=indexes[kind].factory)
         for kind, e in manifest.indexes.items()
     }
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    stamp = now()
     return replace(
         manifest,
         indexes=entries,

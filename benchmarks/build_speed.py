@@ -10,7 +10,7 @@ One run, the same images and the same model for every row:
   temporary folder under new names, repeated until there are at least 500 (717 by default);
 - model: open_clip ViT-B-32 with random weights (seed 0) saved as a local checkpoint in the
   temporary folder (no download); the script checks that open_clip loads it back unchanged;
-- batch size 64 and ``retrieval.encoder.default_workers()`` decoding processes everywhere.
+- batch size 64 and ``retrieval.model.encoder.default_workers()`` decoding processes everywhere.
 
 Rows (images/s = images / wall-clock seconds of what the row includes):
 
@@ -57,6 +57,7 @@ from machine import background_cores, busy_seconds, describe
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from retrieval.index.manifest import read_manifest
 from retrieval.model.encoder import Encoder, default_workers
 from retrieval.model.spec import ModelSpec
 
@@ -257,11 +258,11 @@ def retrieval_build(setup: Setup, rep: int) -> dict[str, float | int | str]:
     done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), check=False)
     if done.returncode:
         raise SystemExit(f"retrieval build failed ({done.returncode}):\n{done.stderr}")
-    manifest = json.loads((index_dir / "bench" / "manifest.json").read_text())
+    manifest = read_manifest(index_dir / "bench")
     shutil.rmtree(index_dir)
-    if manifest["counts"]["items"] != len(setup.paths):
-        raise SystemExit(f"retrieval build indexed {manifest['counts']} of {len(setup.paths)}")
-    return {"build_seconds_in_manifest": manifest["build_seconds"]}
+    if manifest.counts.items != len(setup.paths):
+        raise SystemExit(f"retrieval build indexed {manifest.counts.items} of {len(setup.paths)}")
+    return {"build_seconds_in_manifest": manifest.build_seconds}
 
 
 def clip_retrieval(

@@ -30,7 +30,7 @@ from retrieval.corpus import synthetic
 from retrieval.index import layout, lifecycle
 from retrieval.index.config import DEFAULT_BETA, DEFAULT_M, BuildConfig
 from retrieval.index.embeddings import Embeddings, save_embeddings
-from retrieval.index.manifest import Counts, IndexEntry, Manifest, QuerybankSettings
+from retrieval.index.manifest import INDEX_FILES, Counts, IndexEntry, Manifest, QuerybankSettings
 from retrieval.index.store import ItemEntry, Store
 from retrieval.index.vector_index import VectorIndex
 from retrieval.index.verify import verify
@@ -65,7 +65,7 @@ def write_index(root: Path, encoder: Encoder, n: int, factory: str, image: Path)
             encoder.spec.identity(),
             dim=encoder.dim,
             context_length=encoder.context_length,
-            indexes={k: IndexEntry(f, factory, n) for k, f in layout.INDEX_FILES.items()},
+            indexes={k: IndexEntry(f, factory, n) for k, f in INDEX_FILES.items()},
             counts=Counts(items=n, captions=n),
             corpus="synthetic vectors",
             querybank=QuerybankSettings(DEFAULT_BETA, DEFAULT_M, "corpus"),
@@ -119,7 +119,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "tiny-512.json"
         config.write_text(json.dumps(CONFIG))
-        encoder = Encoder.load(ModelSpec(str(config)), "cpu")
+        encoder = Encoder.load(ModelSpec(str(config), random_init=True), "cpu")
         rows = [run(f, args.n, encoder, Path(tmp)) for f in ("Flat", "HNSW32", "IVF1024,Flat")]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine.describe(), "rows": rows}, indent=2) + "\n")

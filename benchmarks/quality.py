@@ -22,7 +22,8 @@ from pathlib import Path
 
 from retrieval.corpus import synthetic
 from retrieval.corpus.records import ReadOptions
-from retrieval.eval.bench import BenchConfig, run_bench
+from retrieval.eval.bench import run_bench
+from retrieval.eval.config import BenchConfig
 from retrieval.eval.report import to_json, to_markdown
 from retrieval.model.spec import SHIPPED_MODEL, ModelSpec
 from retrieval.train.config import TrainConfig
@@ -45,7 +46,15 @@ def bench(name: str, dataset: Path, model: ModelSpec, out: Path, **kw) -> str:
 
 def synthetic_part(out: Path, tmp: Path) -> list[str]:
     corpus = synthetic.generate(tmp / "heldout", n=1000, seed=999)
-    tables = [bench("synthetic-untrained", corpus, ModelSpec("tiny-vit"), out, group_key="scene")]
+    tables = [
+        bench(
+            "synthetic-untrained",
+            corpus,
+            ModelSpec("tiny-vit", random_init=True),
+            out,
+            group_key="scene",
+        )
+    ]
     if SHIPPED_MODEL.is_file():
         tables.append(
             bench(
@@ -84,7 +93,11 @@ def coco_part(out: Path, tmp: Path, epochs: int) -> list[str]:
     captions = COCO_MINI / "captions.json"
     trained = coco_model(tmp / "coco-run", epochs)
     test = ReadOptions(split="train2017")
-    tables = [bench("coco-mini-untrained", captions, ModelSpec("tiny-vit"), out, read=test)]
+    tables = [
+        bench(
+            "coco-mini-untrained", captions, ModelSpec("tiny-vit", random_init=True), out, read=test
+        )
+    ]
     if SHIPPED_MODEL.is_file():
         tables.append(
             bench(

@@ -32,7 +32,8 @@ from quality import COCO_MINI, coco_model  # the sibling script: one coco recipe
 from retrieval.corpus import synthetic
 from retrieval.corpus.records import ReadOptions
 from retrieval.eval import strategies
-from retrieval.eval.bench import BenchConfig, embed_with_model, load_dataset
+from retrieval.eval.bench import embed_with_model, load_dataset
+from retrieval.eval.config import BenchConfig
 from retrieval.index import querybank
 from retrieval.index.build import build
 from retrieval.index.config import BuildConfig
@@ -116,7 +117,7 @@ def latency(corpus: Path, model: ModelSpec, tmp: Path, n_queries: int = 200) -> 
             times = []
             for v in vecs:
                 start = time.perf_counter()
-                ranking.run(s.corpus, [ranking.Term("t", v[None, :])], options)
+                ranking.run(s.space, [ranking.Term("t", v[None, :])], options)
                 times.append(time.perf_counter() - start)
             e2e = []
             for text in texts[:n_queries]:
@@ -186,7 +187,7 @@ def main() -> None:
         report["latency"] = latency(held, shapes, tmp / "ix")
         if args.latency_model:
             small = synthetic.generate(tmp / "small", n=300, seed=999)
-            spec = ModelSpec(args.latency_model)
+            spec = ModelSpec(args.latency_model, random_init=True)  # speed only
             report[f"latency {args.latency_model}"] = latency(small, spec, tmp / "ix2")
     name = "query_layer_latency" if args.latency_only else "query_layer"
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")

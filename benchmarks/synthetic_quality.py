@@ -29,7 +29,7 @@ from retrieval.scoring.metrics import grouped_text_to_image_ranks, recall_at_k, 
 def evaluate(model: str, pretrained: str | None, n: int, seed: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         records = list(read_corpus(synthetic.generate(Path(tmp), n=n, seed=seed)))
-        encoder = Encoder.load(ModelSpec(model, pretrained), device="auto")
+        encoder = Encoder.load(ModelSpec(model, pretrained, random_init=not pretrained), "auto")
         images, positions, failures = encoder.encode_image_files([r.image for r in records])
     assert not failures and positions.tolist() == list(range(n))
     texts = [c for r in records for c in r.captions]

@@ -14,7 +14,7 @@ trains the shipped ``tiny-vit`` config from the same random initialisation with
 
 with the same batch size, number of optimizer steps, learning rate, warm-up, cosine schedule,
 weight decay, AdamW betas and epsilon, number of data-loading workers
-(``retrieval.encoder.default_workers()``), fp32 on the CPU, seed 0 and no evaluation while
+(``retrieval.model.encoder.default_workers()``), fp32 on the CPU, seed 0 and no evaluation while
 timing. Both write the same number of checkpoints: open_clip one at the end of each of its epochs
 (its default), the engine one every as many of its (shorter: one caption per image) epochs as
 make the same number of steps (``--save-every``). Each trainer runs as its own process; a
@@ -28,10 +28,11 @@ the wall-clock time of every optimizer step, so that for both trainers the scrip
 - the median within-epoch step interval (pure step + data time) and the total time spent at
   epoch boundaries beyond it (checkpoint writing, data-loader restarts).
 
-The two are then scored with the same code (``retrieval.encoder.Encoder`` +
-``retrieval.metrics.retrieval_metrics``): Recall@1/5/10 both ways on the training photos (the
-159 val2017 ones by default) and on the held-out ones (the 80 train2017 ones), plus the untrained
-initialisation as a floor. Repeats alternate which trainer goes first; the table shows medians.
+The two are then scored with the same code (``retrieval.model.encoder.Encoder`` +
+``retrieval.scoring.metrics.retrieval_metrics``): Recall@1/5/10 both ways on the training photos
+(the 159 val2017 ones by default) and on the held-out ones (the 80 train2017 ones), plus the
+untrained initialisation as a floor. Repeats alternate which trainer goes first; the table shows
+medians.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def _child(kind: str, stamps: Path, argv: list[str]) -> None:
         if code not in (None, 0):
             raise SystemExit(code)
     else:
-        from retrieval.cli.main import main as cli
+        from retrieval.cli import main as cli
 
         cli(argv, prog_name="retrieval")
 
@@ -295,7 +296,8 @@ def recall(checkpoint: Path | None, splits: dict[str, list[Item]]) -> dict[str, 
     from retrieval.model.spec import ModelSpec
     from retrieval.scoring.metrics import retrieval_metrics
 
-    encoder = Encoder.load(ModelSpec(MODEL, str(checkpoint) if checkpoint else None), "cpu")
+    weights = str(checkpoint) if checkpoint else None
+    encoder = Encoder.load(ModelSpec(MODEL, weights, random_init=weights is None), "cpu")
     out = {}
     for name, items in splits.items():
         images, positions, failures = encoder.encode_image_files([i.image for i in items])

@@ -25,7 +25,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 # Imported on first use: `import retrieval` (and `retrieval --help`) must not pay for torch.
 _LAZY = {
-    "BuildConfig": "index.build",
+    "BuildConfig": "index.config",
     "BuildReport": "index.build",
     "build": "index.build",
     "Encoder": "model.encoder",

@@ -16,7 +16,7 @@ from retrieval.model.spec import ModelSpec
 
 @pytest.fixture(scope="session")
 def encoder() -> Encoder:
-    return Encoder.load(ModelSpec("tiny-vit"), device="cpu")
+    return Encoder.load(ModelSpec("tiny-vit", random_init=True), device="cpu")
 
 
 @pytest.fixture(scope="session")

@@ -30,9 +30,11 @@ def global_batch(encoder: Encoder, n: int):
 def main(config: str, out: str, chunk: int) -> None:
     dist.init_process_group("gloo")
     world = World(dist.get_rank(), dist.get_world_size())
-    model = Encoder.load(ModelSpec(config), device="cpu").model.train()
+    model = Encoder.load(ModelSpec(config, random_init=True), device="cpu").model.train()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    images, tokens, ids = global_batch(Encoder.load(ModelSpec(config), device="cpu"), 12)
+    images, tokens, ids = global_batch(
+        Encoder.load(ModelSpec(config, random_init=True), device="cpu"), 12
+    )
     per = 12 // world.size
     s = slice(world.rank * per, (world.rank + 1) * per)
     loss = contrastive_step(ddp, images[s], tokens[s], ids[s], chunk or None, world)

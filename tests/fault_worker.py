@@ -23,7 +23,7 @@ CONFIG = BuildConfig(progress=False, workers=0, shard_size=8, batch_size=8)
 def job(op: str, corpus: Path, root: Path, name: str, fsize: int | None, out) -> None:
     """Run ``op`` ("build" or "add"); send "started", then ``("ok", seconds)`` or
     ``("error", message)``."""
-    encoder = Encoder.load(ModelSpec("tiny-vit"), "cpu")
+    encoder = Encoder.load(ModelSpec("tiny-vit", random_init=True), "cpu")
     out.send("started")
     start = time.perf_counter()
     if fsize is not None:  # a file-size limit stands in for a full disk (Python ignores SIGXFSZ)

@@ -8,21 +8,30 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from retrieval.cli.main import main
+from retrieval.cli import main
 from retrieval.corpus.records import ReadOptions
 from retrieval.errors import RetrievalError
-from retrieval.eval.bench import BenchConfig, Embedded, ann_row, exact_row, run_bench
+from retrieval.eval.bench import Embedded, ann_row, exact_row, run_bench
+from retrieval.eval.config import BenchConfig
 from retrieval.eval.report import to_json, write_outputs
 from retrieval.index.build import build
 from retrieval.index.config import BuildConfig
+from retrieval.model.spec import ModelSpec
 from retrieval.scoring import metrics
+
+TINY = ModelSpec("tiny-vit", random_init=True)
 
 
 @pytest.fixture(scope="module")
 def result_and_embeddings(synth_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "emb.npz"
     config = BenchConfig(
-        factories=("HNSW32", "Flat"), group_key="scene", workers=0, progress=False, ks=(1, 3, 10)
+        model=TINY,
+        factories=("HNSW32", "Flat"),
+        group_key="scene",
+        workers=0,
+        progress=False,
+        ks=(1, 3, 10),
     )
     return run_bench(synth_corpus, config, save_embeddings=out), np.load(out)
 
@@ -66,8 +75,8 @@ def test_an_index_row_counts_ties_as_exact_does():
 
 def test_unknown_group_key_and_empty_split_say_what_is_wrong(synth_corpus):
     with pytest.raises(RetrievalError, match="no item has the field 'nokey'"):
-        run_bench(synth_corpus, BenchConfig(group_key="nokey", progress=False))
-    config = BenchConfig(read=ReadOptions(split="nosuch"), progress=False)
+        run_bench(synth_corpus, BenchConfig(TINY, group_key="nokey", progress=False))
+    config = BenchConfig(TINY, read=ReadOptions(split="nosuch"), progress=False)
     with pytest.raises(RetrievalError, match="no item with a caption to evaluate in split 'nos"):
         run_bench(synth_corpus, config)
 

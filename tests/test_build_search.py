@@ -41,6 +41,30 @@ def test_build_writes_a_self_describing_folder(synth_index):
     assert (synth_index / "synth").is_symlink()
 
 
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (lambda m: m["indexes"]["image"].update(file="../../elsewhere.faiss"), "not 'image.faiss'"),
+        (lambda m: m.pop("context_length"), "missing field 'context_length'"),
+        (lambda m: m.update(format_version=2), "format_version 2"),
+    ],
+)
+def test_a_malformed_manifest_is_one_line_and_a_verify_finding(synth_index, tmp_path, damage, why):
+    from retrieval.index.verify import verify
+
+    folder = tmp_path / "v1"
+    folder.mkdir()
+    raw = json.loads((layout.resolve("synth", synth_index) / "manifest.json").read_text())
+    damage(raw)
+    (folder / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(SearchError, match=why) as err:
+        read_manifest(folder)
+    assert "\n" not in str(err.value) and "manifest.json is damaged" in str(err.value)
+    (tmp_path / "v").symlink_to(folder)  # published under a name, as an index is
+    report = verify("v", tmp_path, sample=0)
+    assert not report.ok and "FAIL manifest" in report.summary() and why in report.summary()
+
+
 def test_text_search_matches_brute_force_over_stored_embeddings(synth_index, encoder):
     folder = layout.resolve("synth", synth_index)
     emb = np.load(folder / "embeddings" / "image.npy").astype(np.float32)
@@ -95,7 +119,7 @@ def test_bad_queries_are_clear_errors(synth_index, encoder, tmp_path):
 
 def test_search_refuses_another_model(synth_index):
     with pytest.raises(SearchError, match="built with model tiny-vit.*not small-vit"):
-        Searcher.open("synth", synth_index, model=ModelSpec("small-vit"))
+        Searcher.open("synth", synth_index, model=ModelSpec("small-vit", random_init=True))
 
 
 def test_every_bad_input_is_skipped_with_its_reason_and_nothing_is_lost(tmp_path, encoder):

@@ -17,11 +17,12 @@ from click.testing import CliRunner
 from conftest import write_image, write_jsonl
 from PIL import Image
 
-from retrieval.cli.main import main
+from retrieval.cli import main
 from retrieval.index import layout
 from retrieval.model.spec import SHIPPED_MODEL
 
 COCO_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini"
+TINY = ("--model", "tiny-vit", "--random-init")  # tests name their model: the default downloads
 
 
 def run(*args: str, ok: bool = True):
@@ -75,6 +76,7 @@ def test_build_and_search_every_format(corpora, tmp_path, fmt):
         "--no-progress",
         "--workers",
         "0",
+        *TINY,
     ).output
     assert "3 images and" in out and "skipped 0" in out
     res = json.loads(
@@ -107,7 +109,7 @@ def test_build_and_search_every_format(corpora, tmp_path, fmt):
 
 def test_info_and_errors_are_one_line(corpora, tmp_path, monkeypatch):
     monkeypatch.setenv("RETRIEVAL_INDEX_DIR", str(tmp_path))
-    run("build", corpora["jsonl"], "--name", "j", "--no-progress", "--workers", "0")
+    run("build", corpora["jsonl"], "--name", "j", "--no-progress", "--workers", "0", *TINY)
     info = run("info", "j").output
     assert "tiny-vit" in info and "items     3" in info
     assert json.loads(run("info", "j", "--json").output)["counts"]["captions"] == 3
@@ -120,9 +122,9 @@ def test_info_and_errors_are_one_line(corpora, tmp_path, monkeypatch):
         (("search", "j", "--text", "x", "--image-weight", "1.5"), "between 0 and 1, not 1.5"),
         (("search", "j", "--text", "x", "--mix", "2"), "mix must be between 0 and 1"),
         (("search", "j", "--text", "x", "--overfetch", "0"), "overfetch must be between 1"),
-        (("bench", corpora["jsonl"], "-k", "0,5"), "every k must be at least 1: 0, 5"),
+        (("bench", corpora["jsonl"], "-k", "0,5", *TINY), "every k must be at least 1: 0, 5"),
         (("build", corpora["jsonl"], "--name", "bad/name"), "bad index name"),
-        (("build", corpora["jsonl"], "--name", "y", "--index", "Nope"), "bad FAISS factory"),
+        (("build", corpora["jsonl"], "--name", "y", "--index", "Nope", *TINY), "bad FAISS factory"),
         (("build", corpora["jsonl"], "--name", "y", "--model", "nope"), "unknown model 'nope'"),
     ]:
         result = CliRunner().invoke(main, [str(a) for a in args])
@@ -150,14 +152,48 @@ def test_verbose_or_debug_env_shows_the_traceback_behind_the_line(tmp_path, monk
     assert "Traceback" not in off.output
 
 
+def test_the_default_model_offline_is_one_line_naming_the_ways_out(corpora, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as without a network, and never a download here
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    args = ["build", corpora["jsonl"], "--name", "x", "--index-dir", tmp_path, "--workers", "0"]
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 1, result.output
+    line = result.output.strip()
+    assert "\n" not in line and "'laion2b_s34b_b79k' for ViT-B-32" in line
+    for way in ("--model effnet-minilm", "--pretrained PATH", "--model tiny-vit --random-init"):
+        assert way in line, line
+    # A model without default weights is never silently random.
+    result = CliRunner().invoke(main, [str(a) for a in [*args, "--model", "tiny-vit"]])
+    assert result.exit_code == 1 and "\n" not in result.output.strip()
+    assert "model tiny-vit needs weights" in result.output and "--random-init" in result.output
+    both = CliRunner().invoke(main, [str(a) for a in [*args, *TINY, "--pretrained", "openai"]])
+    assert "give --pretrained or --random-init, not both" in both.output
+
+
+def test_the_random_weights_warning_is_printed_once(corpora, tmp_path):
+    exe = shutil.which("retrieval", path=str(Path(sys.executable).parent))
+    args = [exe, "build", str(corpora["csv"]), "--name", "r", "--index-dir", str(tmp_path)]
+    done = subprocess.run(
+        [*args, "--no-progress", *TINY], capture_output=True, text=True, check=True
+    )
+    warned = [ln for ln in done.stderr.splitlines() if "random" in ln.lower()]
+    assert warned == [
+        "WARNING retrieval.model.encoder: model tiny-vit has random weights (--random-init): "
+        "its rankings mean nothing"
+    ], done.stderr
+
+
 def test_pretrained_alone_is_used_and_finds_a_moved_checkpoint(corpora, tmp_path, monkeypatch):
     monkeypatch.setenv("RETRIEVAL_INDEX_DIR", str(tmp_path / "ix"))
     shipped = SHIPPED_MODEL
     first = tmp_path / "a.pt"
     shutil.copy(shipped, first)
-    out = run("bench", corpora["jsonl"], "--pretrained", first, "--no-progress").output
+    out = run("bench", corpora["jsonl"], "--model", "tiny-vit", "--pretrained", first).output
     assert f"model tiny-vit ({first})" in out  # not "random init"
-    run("build", corpora["jsonl"], "--name", "m", "--pretrained", first, "--workers", "0")
+    build = ("build", corpora["jsonl"], "--name", "m", "--model", "tiny-vit", "--workers", "0")
+    run(*build, "--pretrained", first)
     moved = first.rename(tmp_path / "b.pt")
     result = CliRunner().invoke(main, ["search", "m", "--text", "a red picture"])
     assert result.exit_code != 0 and "its new path with --pretrained" in result.output
@@ -178,7 +214,8 @@ def test_wrong_checkpoint_files_are_one_line_errors(corpora, tmp_path, monkeypat
     state_file = tmp_path / "epoch_1.state.pt"  # what sits beside epoch_1.pt: no weights
     torch.save({"optimizer": {"state": {}}, "epoch": 1, "history": [{"epoch": 1}]}, state_file)
     photo = corpora["folder"] / "red.jpg"
-    build = ("build", corpora["jsonl"], "--name", "w", "--workers", "0", "--pretrained")
+    build = ("build", corpora["jsonl"], "--name", "w", "--workers", "0", "--model", "tiny-vit")
+    build = (*build, "--pretrained")
     for args, message in [
         (("export", state_file, tmp_path / "o.pt"), "holds no model weights"),
         (("export", photo, tmp_path / "o.pt"), "is not a model checkpoint"),
@@ -193,7 +230,7 @@ def test_wrong_checkpoint_files_are_one_line_errors(corpora, tmp_path, monkeypat
 
 def test_a_damaged_index_is_a_one_line_error(corpora, tmp_path, monkeypatch):
     monkeypatch.setenv("RETRIEVAL_INDEX_DIR", str(tmp_path))
-    run("build", corpora["jsonl"], "--name", "d", "--no-progress", "--workers", "0")
+    run("build", corpora["jsonl"], "--name", "d", "--no-progress", "--workers", "0", *TINY)
     (tmp_path / "d" / "caption.faiss").resolve().unlink()
     result = CliRunner().invoke(main, ["search", "d", "--text", "x"])
     assert result.exit_code != 0 and "Traceback" not in result.output
@@ -203,7 +240,7 @@ def test_a_damaged_index_is_a_one_line_error(corpora, tmp_path, monkeypatch):
 def test_add_remove_compact_verify(corpora, tmp_path, monkeypatch):
     monkeypatch.setenv("RETRIEVAL_INDEX_DIR", str(tmp_path))
     quiet = ("--no-progress", "--workers", "0")
-    run("build", corpora["jsonl"], "--name", "j", "--index", "HNSW8", *quiet)
+    run("build", corpora["jsonl"], "--name", "j", "--index", "HNSW8", *quiet, *TINY)
     more = write_jsonl(
         tmp_path / "more.jsonl",
         [{"id": "extra", "image": str(corpora["folder"] / "red.jpg"), "caption": "more red"}],
@@ -234,10 +271,8 @@ def test_synth_and_demo(tmp_path):
     out = run("demo", "--workdir", tmp_path / "d", "-n", "24", "--index-dir", tmp_path).output
     assert "trained weights" in out and "tiny-vit-shapes.pt" in out
     assert "24 images and 72 captions" in out and out.count("query {") == 4
-    untrained = run(
-        "demo", "--workdir", tmp_path / "d", "--model", "tiny-vit", "--index-dir", tmp_path
-    ).output
-    assert "UNTRAINED" in untrained
+    untrained = run("demo", "--workdir", tmp_path / "d", *TINY, "--index-dir", tmp_path).output
+    assert "random weights (--random-init)" in untrained
     assert "wrote" in run("synth", tmp_path / "s", "-n", "3").output
     bad = run("synth", tmp_path / "b", "--relations", "beside", ok=False).output
     assert "unknown relations beside" in bad and "Traceback" not in bad
@@ -280,7 +315,7 @@ def test_shipped_demo_model_reads_word_order():
 
 def test_a_writer_stopped_by_sigterm_says_so_in_one_line(corpora, tmp_path):
     exe = shutil.which("retrieval", path=str(Path(sys.executable).parent))
-    args = [exe, "build", str(corpora["csv"]), "--name", "t", "--index-dir", str(tmp_path)]
+    args = [exe, "build", str(corpora["csv"]), "--name", "t", "--index-dir", str(tmp_path), *TINY]
     with layout.writer_lock(tmp_path, "t"):  # the build waits for it: a moment to stop it in
         proc = subprocess.Popen(
             [*args, "--wait", "60"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
@@ -313,7 +348,7 @@ def test_console_script_builds_and_searches_in_fresh_processes(corpora, tmp_path
     assert exe, "the console script is installed with the package"
     env_dir = ["--index-dir", str(tmp_path)]
     subprocess.run(
-        [exe, "build", str(corpora["csv"]), "--name", "p", "--no-progress", *env_dir],
+        [exe, "build", str(corpora["csv"]), "--name", "p", "--no-progress", *env_dir, *TINY],
         check=True,
         capture_output=True,
     )
@@ -348,6 +383,7 @@ def test_coco_mini_real_photos(tmp_path):
         "--index-dir",
         tmp_path,
         "--no-progress",
+        *TINY,
     ).output
     assert "239 images and 1195 captions" in out and "skipped 0" in out
     res = json.loads(

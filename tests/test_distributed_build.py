@@ -12,6 +12,7 @@ from retrieval.corpus import synthetic
 from retrieval.index import layout
 from retrieval.index.build import build
 from retrieval.index.config import BuildConfig
+from retrieval.index.manifest import CAPTION_INDEX, IMAGE_INDEX
 from retrieval.index.store import Store
 from retrieval.index.vector_index import VectorIndex
 
@@ -21,7 +22,7 @@ def _state(root, name):
     with Store.open(folder / layout.STORE) as store:
         items = sorted((it["id"], it["row"]) for it in store.iter_items())
     vectors = {}
-    for kind, file in (("image", layout.IMAGE_INDEX), ("caption", layout.CAPTION_INDEX)):
+    for kind, file in (("image", IMAGE_INDEX), ("caption", CAPTION_INDEX)):
         index = VectorIndex.load(folder / file, "Flat")
         vectors[kind] = index.vectors(np.sort(index.ids()))
     return items, vectors
@@ -30,6 +31,7 @@ def _state(root, name):
 def test_two_processes_build_the_index_one_process_builds(tmp_path, encoder):
     corpus = synthetic.generate(tmp_path / "c", n=45, seed=8)  # 6 shards of 8: uneven shares
     options = ["--shard-size", "8", "--batch-size", "8", "--workers", "0", "--no-progress"]
+    options += ["--model", "tiny-vit", "--random-init"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     cmd += ["--master_port", str(29900 + os.getpid() % 90), "-m", "retrieval.cli", "build"]
     cmd += [str(corpus), "--name", "two", "--index-dir", str(tmp_path / "ix"), *options]

@@ -38,7 +38,7 @@ def test_random_init_is_the_same_in_every_load_and_leaves_rng_alone(encoder):
     torch.manual_seed(123)
     before = torch.rand(1)
     torch.manual_seed(123)
-    again = Encoder.load(ModelSpec("tiny-vit"), device="cpu")
+    again = Encoder.load(ModelSpec("tiny-vit", random_init=True), device="cpu")
     assert torch.rand(1) == before
     np.testing.assert_array_equal(again.encode_texts(["abc"]), encoder.encode_texts(["abc"]))
 
@@ -47,7 +47,7 @@ def test_config_json_path_and_local_checkpoint(tmp_path, encoder):
     cfg = json.loads((CONFIG_DIR / "tiny-vit.json").read_text())
     cfg["embed_dim"] = 48
     (tmp_path / "my-arch.json").write_text(json.dumps(cfg))
-    custom = Encoder.load(ModelSpec(str(tmp_path / "my-arch.json")), device="cpu")
+    custom = Encoder.load(ModelSpec(str(tmp_path / "my-arch.json"), random_init=True), device="cpu")
     assert custom.dim == 48
     # A checkpoint with changed weights must be what gets loaded, by path.
     with torch.no_grad():
@@ -95,8 +95,8 @@ def test_tag_that_cannot_download_names_it_and_the_local_alternative(monkeypatch
     with pytest.raises(EncoderError) as err:
         Encoder.load(ModelSpec("RN50", "openai"))
     msg = str(err.value)
-    assert "'openai'" in msg and "--pretrained /path/to/checkpoint.pt" in msg
-    assert "\n" not in msg
+    assert "'openai'" in msg and "--pretrained PATH" in msg and "--model effnet-minilm" in msg
+    assert "--model tiny-vit --random-init" in msg and "\n" not in msg
 
 
 def test_too_long_counts_tokens_against_the_context_length(encoder):

@@ -24,6 +24,7 @@ from retrieval.corpus.readers import read_corpus
 from retrieval.corpus.records import unique_records
 from retrieval.index import layout, lifecycle
 from retrieval.index.build import build
+from retrieval.index.manifest import CAPTION_INDEX, IMAGE_INDEX
 from retrieval.index.store import Store
 from retrieval.index.vector_index import VectorIndex
 from retrieval.index.verify import verify
@@ -69,7 +70,7 @@ def _state(root, name="x") -> tuple[list[str], dict[str, np.ndarray]]:
     with Store.open(folder / layout.STORE) as store:
         ids = sorted(it["id"] for it in store.iter_items())
     vectors = {}
-    for kind, file in (("image", layout.IMAGE_INDEX), ("caption", layout.CAPTION_INDEX)):
+    for kind, file in (("image", IMAGE_INDEX), ("caption", CAPTION_INDEX)):
         index = VectorIndex.load(folder / file, "Flat")
         vectors[kind] = index.vectors(np.sort(index.ids()))
     return ids, vectors

@@ -21,6 +21,9 @@ from retrieval.index.build import build
 from retrieval.index.config import BuildConfig
 from retrieval.index.embeddings import load_embeddings
 from retrieval.index.manifest import (
+    CAPTION_INDEX,
+    IMAGE_INDEX,
+    INDEX_FILES,
     Counts,
     IndexEntry,
     Manifest,
@@ -160,7 +163,7 @@ def test_a_resumed_build_reencodes_nothing_spooled_and_equals_an_uninterrupted_o
 def _vectors(root, name) -> dict[str, np.ndarray]:
     folder = layout.resolve(name, root)
     out = {}
-    for kind, file in (("image", layout.IMAGE_INDEX), ("caption", layout.CAPTION_INDEX)):
+    for kind, file in (("image", IMAGE_INDEX), ("caption", CAPTION_INDEX)):
         index = VectorIndex.load(folder / file, "Flat")
         out[kind] = index.vectors(np.sort(index.ids()))
     return out
@@ -185,12 +188,12 @@ def test_verify_reports_each_kind_of_damage(tmp_path, corpora, encoder):
     np.save(emb, np.load(emb)[::-1].copy())
     failed = {c.name for c in verify("x", tmp_path, sample=5, encoder=encoder).checks if not c.ok}
     assert {"embeddings", "re-encoded sample"} <= failed
-    (folder / layout.IMAGE_INDEX).write_bytes(b"not faiss")
+    (folder / IMAGE_INDEX).write_bytes(b"not faiss")
     report = verify("x", tmp_path, sample=0)
     assert "readable" in {c.name for c in report.checks if not c.ok}
     # A model that gives NaN fails its own check (a NaN cosine used to pass).
     build(a, "y", _config("HNSW16"), tmp_path, encoder=encoder)
-    broken = Encoder.load(ModelSpec("tiny-vit"), device="cpu")
+    broken = Encoder.load(ModelSpec("tiny-vit", random_init=True), device="cpu")
     with torch.no_grad():
         broken.model.visual.proj.fill_(float("nan"))
     report = verify("y", tmp_path, sample=5, encoder=broken)
@@ -283,7 +286,7 @@ def test_a_reader_of_a_published_version_never_blocks_a_writer_after_pruning(tmp
     def fill(folder):
         with Store.create(folder / layout.STORE):
             pass
-        entries = {k: IndexEntry(f, "Flat", 0) for k, f in layout.INDEX_FILES.items()}
+        entries = {k: IndexEntry(f, "Flat", 0) for k, f in INDEX_FILES.items()}
         return Manifest(
             "x", "now", "0", "tiny-vit", None, None, 4, 8, entries, Counts(0, 0), "none",
             QuerybankSettings(20.0, 10, "corpus"),

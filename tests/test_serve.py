@@ -18,7 +18,8 @@ from retrieval.index.config import BuildConfig
 from retrieval.model.encoder import Encoder
 from retrieval.model.spec import ModelSpec
 from retrieval.query.search import Query, Searcher
-from retrieval.serve.app import ServeConfig, create_app
+from retrieval.serve.app import create_app
+from retrieval.serve.config import ServeConfig
 
 QUERY = "a red circle left of a blue square"
 
@@ -125,7 +126,7 @@ def test_search_by_an_indexed_items_image(client, searcher):
 
 
 def test_a_model_that_cannot_encode_the_query_gives_a_json_500(searcher):
-    broken = Encoder.load(ModelSpec("tiny-vit"), device="cpu")
+    broken = Encoder.load(ModelSpec("tiny-vit", random_init=True), device="cpu")
     with torch.no_grad():
         broken.model.visual.proj.fill_(float("nan"))  # texts still encode; images do not
     with (

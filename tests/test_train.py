@@ -19,7 +19,7 @@ import torch
 from click.testing import CliRunner
 from ddp_worker import global_batch
 
-from retrieval.cli.main import main
+from retrieval.cli import main
 from retrieval.corpus import synthetic
 from retrieval.errors import CorpusError, TrainError
 from retrieval.index.build import build
@@ -35,8 +35,10 @@ HERE = Path(__file__).parent
 
 
 def grads_after_step(config: Path, chunk: int | None):
-    model = Encoder.load(ModelSpec(str(config)), device="cpu").model.train()
-    images, tokens, ids = global_batch(Encoder.load(ModelSpec(str(config)), device="cpu"), 12)
+    model = Encoder.load(ModelSpec(str(config), random_init=True), device="cpu").model.train()
+    images, tokens, ids = global_batch(
+        Encoder.load(ModelSpec(str(config), random_init=True), device="cpu"), 12
+    )
     loss = contrastive_step(model, images, tokens, ids, chunk)
     return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -112,7 +114,7 @@ def test_schedule_warms_up_then_decays_to_zero():
 
 
 def test_no_weight_decay_on_gains_biases_and_logit_scale(micro_config):
-    model = Encoder.load(ModelSpec(str(micro_config)), device="cpu").model
+    model = Encoder.load(ModelSpec(str(micro_config), random_init=True), device="cpu").model
     no_decay, decay = param_groups(model, 0.2)
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
@@ -136,7 +138,7 @@ def test_equal_caption_texts_share_an_id(tmp_path, micro_config):
         Record("b", tmp_path / "1.png", ("same",)),
         Record("c", tmp_path / "2.png", ("",)),
     ]
-    enc = Encoder.load(ModelSpec(str(micro_config)), device="cpu")
+    enc = Encoder.load(ModelSpec(str(micro_config), random_init=True), device="cpu")
     ts = load_trainset(records, enc, tmp_path / "cache", workers=0, progress=False)
     assert len(ts) == 2 and ts.skipped == [("c", "no caption")]
     assert ts.caption_ids.tolist() == [0, 1, 0]
@@ -149,7 +151,7 @@ def small_corpus(tmp_path_factory):
 
 def run_train(corpus, out, cfg, **kw):
     base = dict(
-        model=ModelSpec(str(cfg)),
+        model=ModelSpec(str(cfg), random_init=True),
         batch_size=16,
         workers=0,
         progress=False,
@@ -191,10 +193,13 @@ def test_run_state_reads_the_state_files_of_earlier_versions():
         "epoch": 2,
         "step": 7,
         "best": 0.25,
-        "history": [{"epoch": 1, "step": 4}, {"epoch": 2, "step": 7}],
+        "history": [
+            {"epoch": 1, "step": 4, "val_image_retrieval_recall@1": 0.25},
+            {"epoch": 2, "step": 7, "val_image_retrieval_recall@1": 0.2},
+        ],
     }
     state = RunState.from_dict(old)
-    assert state == RunState(2, 7, 0.25, ({"epoch": 1, "step": 4}, {"epoch": 2, "step": 7}))
+    assert state == RunState(2, 7, 0.25, tuple(old["history"]))
     assert state.to_dict() == {k: old[k] for k in ("epoch", "step", "best", "history")}
     assert RunState.from_dict(state.to_dict()) == state
     with pytest.raises(FrozenInstanceError):
@@ -208,7 +213,7 @@ def test_resume_needs_only_the_run_not_the_checkpoint_it_started_from(
     small_corpus, micro_config, tmp_path
 ):
     base = tmp_path / "base.pt"
-    model = Encoder.load(ModelSpec(str(micro_config)), device="cpu").model
+    model = Encoder.load(ModelSpec(str(micro_config), random_init=True), device="cpu").model
     torch.save({"state_dict": model.state_dict()}, base)
     spec = ModelSpec(str(micro_config), str(base))
     out = tmp_path / "run"
@@ -297,6 +302,7 @@ def test_divergence_stops_before_the_weights_and_keeps_saved_checkpoints(
         "--workers",
         "0",
         "--no-progress",
+        "--random-init",
     ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code != 0 and "Traceback" not in result.output
@@ -333,7 +339,9 @@ def test_an_unknown_batch_group_field_is_an_error_before_any_decoding(
 
 
 def test_locked_towers_do_not_move(small_corpus, micro_config, tmp_path):
-    before = Encoder.load(ModelSpec(str(micro_config)), device="cpu").model.state_dict()
+    before = Encoder.load(
+        ModelSpec(str(micro_config), random_init=True), device="cpu"
+    ).model.state_dict()
     result = run_train(
         small_corpus, tmp_path / "lock", micro_config, epochs=1, lock_image=0, lock_text=0
     )
@@ -364,6 +372,7 @@ def test_cli_train_with_chunks_and_accumulation(small_corpus, micro_config, tmp_
             "--workers",
             "0",
             "--no-progress",
+            "--random-init",
             "--grad-clip",
             "1.0",
             "--val-fraction",
@@ -375,3 +384,17 @@ def test_cli_train_with_chunks_and_accumulation(small_corpus, micro_config, tmp_
     rows = [json.loads(x) for x in result.output.splitlines() if x.startswith("{")]
     assert rows[0]["step"] == 1  # 42 training pairs -> one step of 8 x 3
     assert (tmp_path / "cli" / "checkpoints" / "epoch_1.state.pt").is_file()
+
+
+def test_a_state_file_from_before_runstate_resumes_with_its_own_epoch_as_best():
+    from retrieval.train.run import RunState
+
+    rows = [
+        {"epoch": 1, "step": 2, "val_image_retrieval_recall@1": 0.2},
+        {"epoch": 2, "step": 4, "val_image_retrieval_recall@1": 0.6},
+    ]
+    # Older files stored the best from before the saved epoch (0.2 here).
+    old = {"epoch": 2, "step": 4, "best": 0.2, "history": rows, "optimizer": {}}
+    assert RunState.from_dict(old).best == pytest.approx(0.6)
+    new = RunState(2, 4, 0.6, tuple(rows))
+    assert RunState.from_dict(new.to_dict()) == new

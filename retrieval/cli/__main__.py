@@ -1,5 +1,5 @@
 """``python -m retrieval.cli`` (and ``torchrun -m retrieval.cli``): the `retrieval` command."""
 
-from .main import main
+from .group import main
 
 main()

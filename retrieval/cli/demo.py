@@ -14,7 +14,7 @@ from .search import results_table
 
 @click.group()
 def commands() -> None:
-    """Registered on the main group by `retrieval.cli.main`."""
+    """Registered on the main group by `retrieval.cli.group`."""
 
 
 @commands.command()
@@ -55,20 +55,20 @@ def synth(out, n, seed, size, twins, parts, relations):
 @click.option("-n", "n", default=400, show_default=True, help="Images in the corpus.")
 @model_options(None)
 @index_dir_option
-def demo(workdir, n, model, pretrained, device, index_dir):
+def demo(workdir, n, model, pretrained, random_init, device, index_dir):
     """Generate the synthetic corpus, build index 'demo' and run example searches."""
     from ..query.demo import DemoConfig, run_demo
 
     config = DemoConfig(workdir=workdir, n=n, index_dir=index_dir)
-    if (spec := model_spec(model, pretrained)) is not None:
+    if (spec := model_spec(model, pretrained, random_init)) is not None:
         config = replace(config, model=spec)
     result = run_demo(config)
     click.echo(f"corpus: {result.corpus}")
     click.echo(result.report.summary())
     if not result.trained:
         click.echo(
-            "note: the model is an UNTRAINED tiny open_clip config (random weights), so "
-            "these rankings are random; pass --pretrained to use real weights."
+            "note: the model has random weights (--random-init), so these rankings are "
+            "random; leave --random-init out for the shipped trained model."
         )
     else:
         click.echo(f"model: {config.model.name}, trained weights {config.model.pretrained}")

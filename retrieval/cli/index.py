@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..index import layout
-from ..index.config import TARGET_RECALL, BuildConfig
+from ..index.config import TARGET_RECALL, VERIFY_SAMPLE, BuildConfig
 from ..index.manifest import IndexEntry, read_manifest
 from ..model.spec import DEFAULT_MODEL
 from .options import (
@@ -25,7 +25,7 @@ from .options import (
 
 @click.group()
 def commands() -> None:
-    """Registered on the main group by `retrieval.cli.main`."""
+    """Registered on the main group by `retrieval.cli.group`."""
 
 
 @commands.command()
@@ -38,7 +38,6 @@ def commands() -> None:
 @index_dir_option
 def add(name, corpus, upsert, no_progress, index_dir, resume, wait, **options):
     """Add CORPUS's records to index NAME, encoded with the model NAME was built with."""
-    from ..index.config import BuildConfig
     from ..index.lifecycle import add as run_add
 
     config = BuildConfig(progress=not no_progress, **options)
@@ -88,7 +87,7 @@ def compact(name, wait, index_dir):
 @click.argument("name")
 @click.option(
     "--sample",
-    default=16,
+    default=VERIFY_SAMPLE,
     show_default=True,
     help="Items re-encoded from their files and checked against their stored vectors (0: none).",
 )
@@ -136,14 +135,16 @@ def verify(name, sample, index_dir):
 @encoding_options
 @read_options
 @index_dir_option
-def build(corpus, name, model, pretrained, no_progress, index_dir, resume, wait, **options):
+def build(
+    corpus, name, model, pretrained, random_init, no_progress, index_dir, resume, wait, **options
+):
     """Build index NAME from CORPUS (any format: see --format), replacing any index NAME."""
     from ..index.build import build as run_build
-    from ..index.config import BuildConfig
     from ..model.spec import ModelSpec
 
     # The other options are named after their BuildConfig fields.
-    config = BuildConfig(model=ModelSpec(model, pretrained), progress=not no_progress, **options)
+    spec = ModelSpec(model, pretrained, random_init)
+    config = BuildConfig(model=spec, progress=not no_progress, **options)
     report = run_build(corpus, name, config, index_dir=index_dir, resume=resume, wait=wait)
     if report is None:  # a torchrun rank other than 0: it encoded its share, rank 0 reports
         return

@@ -19,7 +19,7 @@ _MODEL_HELP = (
     "open_clip model name (e.g. ViT-B-32), a shipped config (tiny-vit, small-vit) or a path to "
     "an open_clip model-config JSON."
 )
-_OWN_MODEL_HELP = " Default: the index's own model (tiny-vit where no index is involved)."
+_OWN_MODEL_HELP = f" Default: the index's own model ({DEFAULT_MODEL} where no index is involved)."
 _PRETRAINED_HELP = "open_clip pretrained tag (e.g. laion2b_s34b_b79k) or a local checkpoint file."
 _ALONE_HELP = (
     " Alone: weights for the default model or, with an index, for its own model (its checkpoint"
@@ -44,6 +44,11 @@ def model_options(default_model: str | None):
             "--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ..."
         )(f)
         alone = "" if default_model else _ALONE_HELP  # where --model may be left out
+        f = click.option(
+            "--random-init",
+            is_flag=True,
+            help="Random weights, for tests: nothing else gives a model random weights.",
+        )(f)
         f = click.option("--pretrained", default=None, help=_PRETRAINED_HELP + alone)(f)
         model_help = _MODEL_HELP + (
             f" Default: {default_model}." if default_model else _OWN_MODEL_HELP
@@ -53,15 +58,17 @@ def model_options(default_model: str | None):
     return wrap
 
 
-def model_spec(model: str | None, pretrained: str | None, index: bool = False):
-    """``--model`` / ``--pretrained`` as a ModelSpec; None when neither is given.
+def model_spec(
+    model: str | None, pretrained: str | None, random_init: bool, index: bool = False
+) -> ModelSpec | None:
+    """``--model`` / ``--pretrained`` / ``--random-init`` as a ModelSpec; None when none is given.
 
     ``--pretrained`` alone: weights for the default model or, with ``index``, for the index's
     own model (its checkpoint at a new path).
     """
-    if model is None and pretrained is None:
+    if model is None and pretrained is None and not random_init:
         return None
-    return ModelSpec(model or ("" if index else DEFAULT_MODEL), pretrained)
+    return ModelSpec(model or ("" if index else DEFAULT_MODEL), pretrained, random_init)
 
 
 def read_options(f):

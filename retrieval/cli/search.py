@@ -14,12 +14,13 @@ from ..query.ranking import (
     DEFAULT_OVERFETCH,
     STRATEGIES,
 )
+from ..serve.config import DEFAULT_HOST, DEFAULT_PORT, ServeConfig
 from .options import index_dir_option, model_options, model_spec
 
 
 @click.group()
 def commands() -> None:
-    """Registered on the main group by `retrieval.cli.main`."""
+    """Registered on the main group by `retrieval.cli.group`."""
 
 
 @commands.command()
@@ -76,7 +77,9 @@ def commands() -> None:
 )
 @model_options(None)
 @index_dir_option
-def search(name, text, image, image_weight, terms, as_json, grid, model, pretrained, **options):
+def search(
+    name, text, image, image_weight, terms, as_json, grid, model, pretrained, random_init, **options
+):
     """Search index NAME by --text, --image, or both (and more --term)."""
     from ..query.search import Query
     from ..query.search import search as run_search
@@ -89,7 +92,7 @@ def search(name, text, image, image_weight, terms, as_json, grid, model, pretrai
         from ..serve.sheets import sheet_format
 
         sheet_format(grid)  # a bad file name fails before the search, not after it
-    spec = model_spec(model, pretrained, index=True)
+    spec = model_spec(model, pretrained, random_init, index=True)
     # The other options are named after Searcher.search's keywords (and index_dir, device).
     out = run_search(name, query, model=spec, **options)
     click.echo(json.dumps(out, ensure_ascii=False, indent=2) if as_json else results_table(out))
@@ -101,24 +104,23 @@ def search(name, text, image, image_weight, terms, as_json, grid, model, pretrai
 
 @commands.command()
 @click.argument("name")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
-@click.option("--port", default=8000, show_default=True)
+@click.option("--host", default=DEFAULT_HOST, show_default=True, help="Interface to bind.")
+@click.option("--port", default=DEFAULT_PORT, show_default=True)
 @click.option(
     "--max-upload-mb",
     type=click.FloatRange(min=0, min_open=True),
-    default=10.0,
+    default=ServeConfig.max_upload_bytes / 2**20,
     show_default=True,
     help="Largest request body accepted.",
 )
 @model_options(None)
 @index_dir_option
-def serve(name, host, port, max_upload_mb, model, pretrained, device, index_dir):
+def serve(name, host, port, max_upload_mb, model, pretrained, random_init, device, index_dir):
     """Serve index NAME over HTTP: a search page at / and a JSON API (docs at /docs)."""
-    from ..serve.app import ServeConfig
     from ..serve.app import serve as run_server
 
     config = ServeConfig(max_upload_bytes=int(max_upload_mb * 2**20))
-    spec = model_spec(model, pretrained, index=True)
+    spec = model_spec(model, pretrained, random_init, index=True)
     run_server(name, index_dir, host=host, port=port, device=device, config=config, model=spec)
 
 

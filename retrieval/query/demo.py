@@ -10,7 +10,7 @@ from ..corpus import synthetic
 from ..index.build import BuildReport, build
 from ..index.config import BuildConfig
 from ..model.encoder import Encoder
-from ..model.spec import ModelSpec, default_model
+from ..model.spec import ModelSpec, demo_model
 from .search import Query, Searcher
 
 TEXT_QUERIES = ("a red circle left of a blue square", "a yellow triangle above a green square")
@@ -22,7 +22,7 @@ class DemoConfig:
     n: int = 400
     seed: int = 0
     name: str = "demo"
-    model: ModelSpec = field(default_factory=lambda: default_model())
+    model: ModelSpec = field(default_factory=demo_model)
     index_dir: Path | None = None
     k: int = 5
     progress: bool = True
@@ -55,4 +55,4 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
     queries += [(Query(image=probe), "captions"), (Query(image=probe), "images")]
     with Searcher.open(config.name, config.index_dir, encoder=encoder) as searcher:
         searches = [searcher.search(q, k=config.k, target=t) for q, t in queries]
-    return DemoResult(corpus, report, config.model.pretrained is not None, searches)
+    return DemoResult(corpus, report, config.model.weights is not None, searches)

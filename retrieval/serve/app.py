@@ -24,7 +24,6 @@ import json
 import logging
 import mimetypes
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
@@ -43,22 +42,20 @@ from .. import __version__
 from ..corpus import images, webdataset
 from ..errors import EncoderError, SearchError
 from ..model.spec import ModelSpec
-from ..query.ranking import DEFAULT_MIX, DEFAULT_OVERFETCH, DEFAULT_STRATEGY, STRATEGIES
+from ..query.ranking import (
+    DEFAULT_IMAGE_WEIGHT,
+    DEFAULT_K,
+    DEFAULT_MIX,
+    DEFAULT_OVERFETCH,
+    DEFAULT_STRATEGY,
+    STRATEGIES,
+)
 from ..query.search import Query, Searcher
+from .config import DEFAULT_HOST, DEFAULT_PORT, ServeConfig
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """Limits of one server."""
-
-    max_upload_bytes: int = 10 * 1024 * 1024  # whole request body, image included
-    max_pixels: int = images.DEFAULT_MAX_PIXELS
-    max_k: int = 1000
-    max_thumb: int = 1024
 
 
 class ApiError(Exception):
@@ -76,8 +73,8 @@ class SearchRequest(BaseModel):
     text: str | None = None
     image: str | None = Field(None, description="Base64 image bytes, or a data: URL.")
     image_id: str | None = Field(None, description="Use this indexed item's image as the query.")
-    image_weight: float = Field(0.5, ge=0, le=1)
-    k: int = 10
+    image_weight: float = Field(DEFAULT_IMAGE_WEIGHT, ge=0, le=1)
+    k: int = DEFAULT_K
     target: Literal["images", "captions"] | None = None
     strategy: Literal[STRATEGIES] | None = None  # type: ignore[valid-type]
     where: list[str] = Field(default_factory=list, description="key=value, key>=n, key=lo..hi")
@@ -98,8 +95,9 @@ class _Latest:
             return self.searcher
 
 
-def create_app(searcher: Searcher, config: ServeConfig = ServeConfig()) -> FastAPI:
+def create_app(searcher: Searcher, config: ServeConfig | None = None) -> FastAPI:
     """The application serving ``searcher``'s index, and its later versions."""
+    config = config or ServeConfig()
     app = FastAPI(title="retrieval", version=__version__, summary="Search images by text & image")
     lock = threading.Lock()
     current = _Latest(searcher)
@@ -375,10 +373,10 @@ def _stats(searcher: Searcher) -> dict[str, Any]:
 def serve(
     name: str,
     index_dir: str | Path | None = None,
-    host: str = "127.0.0.1",
-    port: int = 8000,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
     device: str = "auto",
-    config: ServeConfig = ServeConfig(),
+    config: ServeConfig | None = None,
     model: ModelSpec | None = None,
 ) -> None:
     """Open index ``name`` once and serve it until interrupted (``model``: see `Searcher.open`)."""

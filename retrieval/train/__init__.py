@@ -2,6 +2,9 @@
 
 `config` (`TrainConfig`, torch-free), `loop` (epochs and steps), `gradcache` (one InfoNCE step
 in chunks and across processes), `loss` (InfoNCE, pure tensors), `trainset` and `pixel_cache`
-(decode-once training data), `run` (the run folder: checkpoints, `RunState`, metrics). Imports
-`model`, `corpus` and the layers below them; a sibling of `index`, so neither imports the other.
+(decode-once training data), `sampling` (each epoch's pairs, batches and views), `augment`
+(crops of the decoded images), `locking` (locked towers that stay as pretrained),
+`feature_cache` (a locked tower encoded once), `run` (the run folder: checkpoints, `RunState`,
+metrics). Imports `model`, `corpus` and the layers below them; a sibling of `index`, so neither
+imports the other.
 """

@@ -38,3 +38,9 @@ class TrainConfig:
     progress: bool = True
     batch_group: str | None = None  # metadata field: items sharing its value share a batch
     save_every: int = 1  # epochs between checkpoints (the last epoch and a new best always save)
+    cache_features: bool = True  # encode a fully locked tower once, train over its features
+    full_checkpoints: bool = False  # a locked tower model's checkpoints hold its towers too
+    # The small-data recipe (#29), each off by default until measured:
+    all_captions: bool = False  # every (image, caption) pair each epoch, not one caption drawn
+    augment_views: int = 1  # views per image: itself and random resized crops (1: none)
+    early_stop: int | None = None  # stop after this many epochs without a better validation

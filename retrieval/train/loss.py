@@ -18,8 +18,14 @@ import torch.nn.functional as F
 
 
 def positive_mask(local_ids: torch.Tensor, global_ids: torch.Tensor) -> torch.Tensor:
-    """(B, N) bool: local pair i and global pair j share a caption. ``*_ids``: (B,), (N,) int."""
-    return local_ids[:, None] == global_ids[None, :]
+    """(B, N) bool: local pair i and global pair j are positives of each other.
+
+    ``*_ids``: (B,), (N,) int caption ids (equal: the same caption text), or (B, K), (N, K)
+    with one id per column (caption, image): pairs equal in any column are positives, so
+    two captions of one image in a batch are never each other's negatives.
+    """
+    same = local_ids[:, None] == global_ids[None, :]
+    return same if same.ndim == 2 else same.any(dim=-1)
 
 
 def soft_cross_entropy(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:

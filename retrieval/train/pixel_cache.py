@@ -86,8 +86,8 @@ def load_or_build(
     if data.is_file() and meta.is_file():
         failures = {int(k): v for k, v in json.loads(meta.read_text())["failures"].items()}
         return np.load(data, mmap_mode="r"), failures
-    for old in cache_dir.glob(f".{data.name}.*.tmp"):  # a killed decode's, maybe gigabytes
-        old.unlink(missing_ok=True)
+    for old in [*cache_dir.glob(f".{data.name}.*.tmp"), data.with_suffix(".tmp.npy")]:
+        old.unlink(missing_ok=True)  # a killed decode's (also under the older name), maybe GBs
     with atomic_path(data) as tmp:
         failures = _decode(paths, size, tmp, workers, max_pixels, progress)
     with atomic_write(meta, "w", encoding="utf-8") as f:

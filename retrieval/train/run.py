@@ -1,6 +1,7 @@
 """A training run's folder on disk: its checkpoints, metrics log and config, written atomically.
 
-``checkpoints/epoch_N.pt`` (open_clip-compatible: ``{"epoch", "name", "state_dict"}``) with
+``checkpoints/epoch_N.pt`` (open_clip-compatible: ``{"epoch", "name", "state_dict"}``; partial,
+with ``"partial"``, for a locked tower model: see `retrieval.model.checkpoints`) with
 ``epoch_N.state.pt`` beside it (optimizer, scheduler and a `RunState`); ``latest.pt`` and
 ``best.pt`` are hard links (or copies) of an epoch's file; ``metrics.jsonl`` has one row per
 epoch; ``config.json`` the run's settings; ``skipped.jsonl`` the items left out, and why.
@@ -22,7 +23,7 @@ import torch
 
 from ..errors import TrainError
 from ..files import atomic_path, atomic_write
-from ..model.checkpoints import save_checkpoint
+from ..model.checkpoints import is_partial, load_partial, partial_checkpoint, save_checkpoint
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -58,13 +59,22 @@ class RunState:
 
     @classmethod
     def from_dict(cls, saved: dict) -> RunState:
-        """Read back `to_dict`'s keys from a ``.state.pt`` (other keys are ignored)."""
-        return cls(
-            epoch=int(saved["epoch"]),
-            step=int(saved["step"]),
-            best=float(saved["best"]),
-            history=tuple(saved["history"]),
-        )
+        """Read back `to_dict`'s keys from a ``.state.pt`` (other keys are ignored).
+
+        A state file always belongs to a saved epoch, so its best includes that epoch's score:
+        files written before that rule stored the best from before it.
+        """
+        history = tuple(saved["history"])
+        best = float(saved["best"])
+        if history:
+            best = max(best, score(history[-1]))
+        return cls(epoch=int(saved["epoch"]), step=int(saved["step"]), best=best, history=history)
+
+
+def sweep_temporaries(out: Path) -> None:
+    """Remove the temporary files a killed run left (each may be a whole checkpoint)."""
+    for tmp in (out / "checkpoints").glob("*.tmp"):  # pathlib's * matches leading dots too
+        tmp.unlink(missing_ok=True)
 
 
 def check_new(out: Path) -> None:
@@ -87,6 +97,8 @@ _SAME_ON_RESUME = (
     "batch_group",
     "lock_image",
     "lock_text",
+    "all_captions",
+    "augment_views",
 )
 
 
@@ -106,6 +118,7 @@ def check_same_run(out: Path, config: TrainConfig) -> None:
 def fresh(out: Path, config: TrainConfig) -> RunState:
     """Start a run folder: write ``config`` (a TrainConfig) and return the state of step 0."""
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    sweep_temporaries(out)
     cfg = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
     with atomic_write(out / "config.json", "w", encoding="utf-8") as f:
         f.write(json.dumps(cfg, indent=2, default=str))
@@ -121,8 +134,12 @@ def resume(out: Path, model, optimizer, scheduler, lr: float | None) -> RunState
     latest = out / "checkpoints" / "latest.pt"
     if not latest.is_file():
         raise TrainError(f"nothing to resume: no {latest}")
+    sweep_temporaries(out)
     ckpt = torch.load(latest, map_location="cpu", weights_only=True)
-    model.load_state_dict(ckpt["state_dict"])
+    if is_partial(ckpt):
+        load_partial(model, ckpt, latest)
+    else:
+        model.load_state_dict(ckpt["state_dict"])
     state = torch.load(latest.with_suffix(".state.pt"), map_location="cpu", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -137,15 +154,22 @@ def resume(out: Path, model, optimizer, scheduler, lr: float | None) -> RunState
     return RunState.from_dict(state)
 
 
-def save(out: Path, model, optimizer, scheduler, state: RunState, config) -> RunState:
+def save(out: Path, model, optimizer, scheduler, state: RunState, config, keep=None) -> RunState:
     """Write epoch N's checkpoint pair, point latest at it, and keep best; return the state
-    with its best score, as saved (a resume compares the next epochs with it)."""
+    with its best score, as saved (a resume compares the next epochs with it).
+
+    ``keep``: the state-dict keys to write (a partial checkpoint), or None for all.
+    """
     ckpt = out / "checkpoints"
     name = ckpt / f"epoch_{state.epoch}.pt"
     new = score(state.history[-1])
     better = new > state.best
     state = replace(state, best=new) if better else state
-    weights = {"epoch": state.epoch, "name": config.model.name, "state_dict": model.state_dict()}
+    fields = {"epoch": state.epoch, "name": config.model.name}
+    if keep is None:
+        weights = fields | {"state_dict": model.state_dict()}
+    else:
+        weights = partial_checkpoint(model, keep, **fields)
     save_checkpoint(weights, name)
     save_checkpoint(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
@@ -160,14 +184,17 @@ def save(out: Path, model, optimizer, scheduler, state: RunState, config) -> Run
     return state
 
 
-def end_epoch(out: Path, parts, state: RunState, config: TrainConfig, last: bool) -> RunState:
+def end_epoch(
+    out: Path, parts, state: RunState, config: TrainConfig, last: bool, keep=None
+) -> RunState:
     """Save the epoch just finished (``state.history[-1]``) when it is the last, a new best or
-    due (``save_every``), else only log its row. ``parts``: (model, optimizer, scheduler)."""
+    due (``save_every``), else only log its row. ``parts``: (model, optimizer, scheduler);
+    ``keep``: as `save`'s."""
     row = state.history[-1]
     validated = any("recall@" in k for k in row)
     better = validated and score(row) > state.best
     if last or better or state.epoch % config.save_every == 0:
-        return save(out, *parts, state, config)
+        return save(out, *parts, state, config, keep)
     log_metrics(out, row)
     return state
 

@@ -12,7 +12,17 @@ import torch
 from ..corpus.filters import group_codes
 from ..corpus.records import Record
 from ..scoring.metrics import retrieval_metrics
-from . import pixel_cache
+from . import augment, pixel_cache
+
+
+@dataclass
+class Features:
+    """Cached outputs of fully locked towers (`retrieval.train.feature_cache`), on the device:
+    ``image`` (views, N, ...): [v, i] for view v of usable item i; ``text`` (C, ...): row c for
+    caption c. None for a tower that runs live."""
+
+    image: torch.Tensor | None = None
+    text: torch.Tensor | None = None
 
 
 @dataclass
@@ -32,44 +42,80 @@ class TrainSet:
     std: torch.Tensor
     skipped: list[tuple[str, str]] = field(default_factory=list)
     groups: np.ndarray | None = None  # (N,) int64 batch group of each item, or None
+    source: str = ""  # the decoded pixels' cache file: names the images and their geometry
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def batch(self, items: np.ndarray, draws: np.ndarray, device) -> tuple:
-        """Images (B, 3, H, W), tokens (B, L) and caption ids (B,) for items ``items``.
+    def batch(
+        self,
+        items: np.ndarray,
+        caps: np.ndarray,
+        device,
+        features: Features | None = None,
+        views: np.ndarray | None = None,
+    ) -> tuple:
+        """Images (B, 3, H, W), tokens (B, L) and ids (B, 2) of pairs (``items``, ``caps``).
 
-        ``draws`` (N,) in [0, 1): which caption each item shows this epoch.
+        A tower's cached features stand in for its input where ``features`` has them;
+        ``views`` (N,): the augmented view each item shows (None: the image itself). The ids
+        are (caption id, item): pairs sharing either are positives of each other.
         """
         order = np.argsort(self.rows[items], kind="stable")  # memmap reads in file order
-        items = items[order]
-        caps = np.array(
-            [
-                r[int(d * len(r))]
-                for r, d in zip((self.caption_rows[i] for i in items), draws[items], strict=True)
-            ]
-        )
-        images = pixel_cache.to_model_input(self.pixels[self.rows[items]], self.mean, self.std)
-        return (images.to(device), self.tokens[caps].to(device), self.caption_ids[caps].to(device))
+        items, caps = items[order], caps[order]
+        shown = views[items] if views is not None else None
+        features = features or Features()
+        images = self._images(items, shown, features.image)
+        if features.text is not None:
+            texts = features.text[torch.from_numpy(caps).to(features.text.device)]
+        else:
+            texts = self.tokens[caps]
+        ids = torch.stack([self.caption_ids[caps], torch.from_numpy(items)], dim=1)
+        return images.to(device), texts.to(device), ids.to(device)
+
+    def _images(self, items: np.ndarray, shown: np.ndarray | None, cached) -> torch.Tensor:
+        if cached is not None:  # (views, N, ...)
+            v = np.zeros_like(items) if shown is None else shown
+            at = cached.device
+            return cached[torch.from_numpy(v).to(at), torch.from_numpy(items).to(at)]
+        pixels = self.pixels[self.rows[items]]
+        if shown is None:
+            return pixel_cache.to_model_input(pixels, self.mean, self.std)
+        places = augment.boxes(self.rows[items], shown, pixels.shape[1])
+        return augment.crops(pixels, places, self.mean, self.std)
+
+    def _inputs(self, kind: str, span: slice, features: Features | None) -> torch.Tensor:
+        cached = getattr(features, kind, None)
+        if cached is not None:
+            return cached[0][span] if kind == "image" else cached[span]
+        if kind == "text":
+            return self.tokens[span]
+        return pixel_cache.to_model_input(self.pixels[self.rows[span]], self.mean, self.std)
 
     @torch.no_grad()
-    def evaluate(self, model, device, batch: int = 256) -> dict[str, float]:
-        """Recall@1/5/10 both ways over every image and every caption (exact search)."""
+    def evaluate(
+        self, model, device, batch: int = 256, features: Features | None = None
+    ) -> dict[str, float]:
+        """Recall@1/5/10 both ways over every image and every caption (exact search).
+
+        ``model``: open_clip's, or `CachedTowers` over it with this set's ``features``.
+        """
         was_training = model.training
         model.eval()
         img = [
             model.encode_image(
-                pixel_cache.to_model_input(
-                    self.pixels[self.rows[s : s + batch]], self.mean, self.std
-                ).to(device),
-                normalize=True,
+                self._inputs("image", slice(s, s + batch), features).to(device), normalize=True
             )
             .float()
             .cpu()
             for s in range(0, len(self.rows), batch)
         ]
         txt = [
-            model.encode_text(self.tokens[s : s + batch].to(device), normalize=True).float().cpu()
+            model.encode_text(
+                self._inputs("text", slice(s, s + batch), features).to(device), normalize=True
+            )
+            .float()
+            .cpu()
             for s in range(0, len(self.tokens), batch)
         ]
         model.train(was_training)
@@ -106,7 +152,7 @@ def load_trainset(
     """Decode (once, cached) and tokenise; drop items with no usable image or caption.
 
     ``group_field``: items with equal values of this metadata field form a batch group (see
-    `retrieval.train.loop.epoch_batches`); an item without the field is a group of its own.
+    `retrieval.train.sampling.epoch_batches`); an item without the field is a group of its own.
     """
     size = _image_size(encoder)
     px, failures = pixel_cache.load_or_build(
@@ -136,6 +182,7 @@ def load_trainset(
         std=std,
         skipped=skipped,
         groups=group_codes([records[i] for i in rows], group_field) if group_field else None,
+        source=Path(getattr(px, "filename", None) or "").name,  # pixels-<key>.npy
     )
 
 

@@ -1,0 +1,23 @@
+"""The limits of one server: `ServeConfig`, the one source of `retrieval serve`'s defaults.
+
+FastAPI-free, so the command line reads its defaults from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..corpus.images import DEFAULT_MAX_PIXELS
+
+DEFAULT_HOST = "127.0.0.1"  # this machine only, unless told otherwise
+DEFAULT_PORT = 8000
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Limits of one server."""
+
+    max_upload_bytes: int = 10 * 1024 * 1024  # whole request body, image included
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_k: int = 1000
+    max_thumb: int = 1024

@@ -1,0 +1,225 @@
+"""Encode a fully locked tower once per run (LiT): training then runs only what comes after it.
+
+A tower whose weights are all locked (``--lock-image 0``, ``--lock-text 0``) computes the same
+features for an input in every epoch (`retrieval.train.locking` keeps it in eval mode), so each
+training image and each caption is run through it once, and epochs train the projections (and
+the logit scale) over the stored features: seconds instead of minutes on a CPU.
+
+What is cached is the output of the tower's locked part: for open_clip's timm tower the trunk's
+pooled features before ``visual.head`` (the projection), for its Hugging Face tower the pooled
+hidden states before ``text.proj``; a tower locked whole (projection included, as open_clip
+locks its own ViT and text transformer) is cached whole. Features are captured at the head's
+input while the model itself runs, so they are exactly what the live forward would feed it.
+
+Images are encoded in each of their augmented views (`retrieval.train.augment`; one, the image
+itself, by default), so augmentation costs an encoding per view, once, not a forward per step.
+
+The files (``cache/features-<side>-<key>.npy``, beside the decoded pixels) are keyed by the
+locked part's weights (a digest), its inputs (the pixel cache's key, rows, normalisation and
+views; the caption token ids), the precision and a format version: other weights or other
+preprocessing build a new file, and a resumed run finds its own. A partly open tower is not
+cached (its open layers need the full forward every step). The features are held whole in
+memory on the training device: (views x images + captions) x 1,280 or 384 float32 for
+effnet-minilm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..files import atomic_write
+from ..model.checkpoints import state_digest
+from . import augment, pixel_cache
+from .locking import frozen
+from .trainset import Features, TrainSet
+
+log = logging.getLogger(__name__)
+
+VERSION = "features v1"
+
+
+@dataclass
+class Side:
+    """A fully locked tower: ``run`` (model input -> its features, unnormalised), ``head`` (the
+    trained rest, None when the whole tower is locked) and the locked part's weights."""
+
+    run: Callable[[torch.Tensor], torch.Tensor]
+    head: torch.nn.Module | None
+    locked: dict[str, torch.Tensor]
+
+    @cached_property
+    def digest(self) -> str:
+        """The locked weights' digest: they do not change during the run (that is the lock)."""
+        return state_digest(self.locked)
+
+    def locked_part(self, x: torch.Tensor) -> torch.Tensor:
+        """What the head receives for input ``x`` in the live forward (the tower's own output
+        when there is no head)."""
+        if self.head is None:
+            return self.run(x)
+        seen: list[torch.Tensor] = []
+        hook = self.head.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        try:
+            self.run(x)
+        finally:
+            hook.remove()
+        return seen[0]
+
+
+def image_side(model: torch.nn.Module, locked: bool = True) -> Side | None:
+    """The image tower's split; None when ``locked`` and its locked part has open weights."""
+    visual = model.visual
+    trunk, head = getattr(visual, "trunk", None), getattr(visual, "head", None)
+    if trunk is not None and head is not None:  # open_clip's TimmModel: head(trunk(x))
+        side = Side(model.encode_image, head, trunk.state_dict())
+        return side if frozen(trunk) or not locked else None
+    side = Side(model.encode_image, None, visual.state_dict())
+    return side if frozen(visual) or not locked else None
+
+
+def text_side(model: torch.nn.Module, locked: bool = True) -> Side | None:
+    """The text tower's split; None when ``locked`` and its locked part has open weights."""
+    text = getattr(model, "text", None)
+    if text is not None and hasattr(text, "transformer") and hasattr(text, "proj"):
+        # open_clip's HFTextEncoder: proj(pooler(transformer(ids)))
+        body = text.transformer
+        side = Side(model.encode_text, text.proj, body.state_dict())
+        return side if frozen(body) or not locked else None
+    # open_clip's own text tower: on the model itself (CLIP) or as model.text (CustomTextCLIP).
+    own = ("visual.", "logit_")
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(own)}
+    is_locked = not any(
+        p.requires_grad for n, p in model.named_parameters() if not n.startswith(own)
+    )
+    side = Side(model.encode_text, None, state)
+    return side if is_locked or not locked else None
+
+
+class CachedTowers(torch.nn.Module):
+    """``model(images, texts)`` as open_clip's forward, where a cached side takes its locked
+    part's features in place of pixels or token ids. The parameters are the model's own."""
+
+    def __init__(self, model: torch.nn.Module, image: Side | None, text: Side | None) -> None:
+        super().__init__()
+        self.model = model
+        self.sides = {"image": image, "text": text}  # a dict: not registered a second time
+
+    def _encode(self, kind: str, x: torch.Tensor, normalize: bool) -> torch.Tensor:
+        side = self.sides[kind]
+        if side is None:
+            f = getattr(self.model, f"encode_{kind}")(x)
+        else:
+            f = x if side.head is None else side.head(x)
+        return F.normalize(f, dim=-1) if normalize else f
+
+    def encode_image(self, x: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return self._encode("image", x, normalize)
+
+    def encode_text(self, x: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return self._encode("text", x, normalize)
+
+    def forward(self, images: torch.Tensor, texts: torch.Tensor):
+        return (
+            self.encode_image(images, normalize=True),
+            self.encode_text(texts, normalize=True),
+            self.model.logit_scale.exp(),
+        )
+
+
+def cache_key(kind: str, side: Side, inputs: str, precision: str) -> str:
+    h = hashlib.sha256(f"{VERSION}\n{kind}\n{precision}\n{inputs}\n".encode())
+    h.update(side.digest.encode())
+    return h.hexdigest()[:16]
+
+
+def inputs_id(kind: str, data: TrainSet, views: int = 1) -> str:
+    """What a side's features are computed from: decoded pixels (their cache file, the rows
+    used, the normalisation and the augmented views) or the captions' token ids."""
+    h = hashlib.sha256()
+    if kind == "image":
+        h.update(f"{data.source}\n{views} {augment.VERSION if views > 1 else ''}\n".encode())
+        for t in (torch.from_numpy(data.rows), data.mean, data.std):
+            h.update(t.contiguous().numpy().tobytes())
+    else:
+        h.update(data.tokens.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _inputs(kind: str, data: TrainSet, span: slice, view: int) -> torch.Tensor:
+    if kind == "text":
+        return data.tokens[span]
+    rows = data.rows[span]
+    if view == 0:
+        return pixel_cache.to_model_input(data.pixels[rows], data.mean, data.std)
+    places = augment.boxes(rows, np.full(len(rows), view), data.pixels.shape[1])
+    return augment.crops(data.pixels[rows], places, data.mean, data.std)
+
+
+@torch.no_grad()
+def encode_side(
+    kind: str, side: Side, data: TrainSet, device, autocast, views: int = 1, batch: int = 256
+) -> torch.Tensor:
+    """Float32 features of every caption (text: (C, ...)) or of each view of every usable
+    item (image: (views, N, ...))."""
+    n = len(data) if kind == "image" else len(data.tokens)
+    out = []
+    for view in range(views if kind == "image" else 1):
+        parts = []
+        for s in range(0, n, batch):
+            with autocast():
+                x = _inputs(kind, data, slice(s, s + batch), view).to(device)
+                parts.append(side.locked_part(x).float().cpu())
+        out.append(torch.cat(parts) if parts else torch.zeros(0))
+    return torch.stack(out) if kind == "image" else out[0]
+
+
+def load_or_build(
+    kind: str,
+    side: Side,
+    data: TrainSet,
+    cache_dir: Path,
+    device,
+    autocast,
+    precision: str,
+    views: int = 1,
+) -> torch.Tensor:
+    """The side's features for ``data``, from ``cache_dir`` or encoded now and stored there."""
+    key = cache_key(kind, side, inputs_id(kind, data, views), precision)
+    path = cache_dir / f"features-{kind}-{key}.npy"
+    if path.is_file():
+        return torch.from_numpy(np.load(path))
+    log.info("encoding the locked %s tower's features once (%s)", kind, path.name)
+    features = encode_side(kind, side, data, device, autocast, views)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as f:
+        np.save(f, features.numpy())
+    return features
+
+
+def features_for(
+    sides: dict[str, Side | None],
+    data: TrainSet,
+    cache_dir: Path,
+    device,
+    autocast,
+    precision: str,
+    views: int = 1,
+) -> Features:
+    """The cached sides' features of ``data`` (``views`` of each image), on ``device``; None
+    for a side not cached."""
+    got = {
+        kind: load_or_build(kind, side, data, cache_dir, device, autocast, precision, views)
+        for kind, side in sides.items()
+        if side is not None
+    }
+    got = {kind: f.to(device) for kind, f in got.items()}
+    return Features(image=got.get("image"), text=got.get("text"))

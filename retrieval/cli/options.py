@@ -47,7 +47,8 @@ def model_options(default_model: str | None):
         f = click.option(
             "--random-init",
             is_flag=True,
-            help="Random weights, for tests: nothing else gives a model random weights.",
+            help="Random weights, for tests (a tower model such as effnet-minilm keeps its "
+            "pretrained towers: only its projections start random).",
         )(f)
         f = click.option("--pretrained", default=None, help=_PRETRAINED_HELP + alone)(f)
         model_help = _MODEL_HELP + (

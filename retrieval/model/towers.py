@@ -79,10 +79,10 @@ class Towers:
         return {_PREPROCESS_ARGS[k]: v for k, v in self.preprocess.items()}
 
     def untrained_note(self) -> str:
-        """The warning for this model without ``--pretrained``: its towers are not random."""
+        """The warning for this model with ``--random-init``: its towers are not random."""
         return (
-            f"model {self.name} has pretrained towers but untrained projections (no --pretrained "
-            "given): text<->image rankings are random until it is trained"
+            f"model {self.name} has pretrained towers but random projections (--random-init): "
+            "text<->image rankings are random until it is trained"
         )
 
     def prepare(self, model: torch.nn.Module, pretrained_towers: bool) -> None:

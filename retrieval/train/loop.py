@@ -359,8 +359,7 @@ def _run_epoch(
     total: int,
     features: Features | None = None,
 ) -> tuple[int, float]:
-    model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
-    device = next(model.parameters()).device
+    device = next(run.model.parameters()).device
     autocast, scaler = _amp(device)
     per_step = config.batch_size * config.accum_steps
     size = per_step * world.size
@@ -373,10 +372,7 @@ def _run_epoch(
         config.all_captions,
         config.augment_views,
     )
-    batches = plan.batches
-    chunk = min(config.chunk_size or config.batch_size, config.batch_size)
-    if config.accum_steps == 1 and chunk >= config.batch_size:
-        chunk = None
+    batches, chunk = plan.batches, _chunk_size(config)
     bar = tqdm(
         total=min(len(batches), total - step),
         desc=f"epoch {epoch}",
@@ -388,34 +384,41 @@ def _run_epoch(
         if step >= total:
             break
         local = idx[world.rank * per_step : (world.rank + 1) * per_step]
-        images, tokens, cap_ids = data.batch(
-            plan.items[local], plan.caps[local], device, features, plan.views
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss = contrastive_step(
-            run.ddp,
-            images,
-            tokens,
-            cap_ids,
-            chunk,
-            world,
-            autocast,
-            scaler.scale if scaler else (lambda x: x),
-        )
-        if scaler is None:  # with fp16, GradScaler itself skips a non-finite step
-            _check_finite(loss, step, epoch)
-        _optimizer_step(model, optimizer, scaler, config.grad_clip)
-        scheduler.step()
-        clamp_logit_scale(model.logit_scale)
+        batch = data.batch(plan.items[local], plan.caps[local], device, features, plan.views)
+        loss = _train_step(run, batch, chunk, world, (autocast, scaler), config, (step, epoch))
         step += 1
         seen += len(idx)
         rate = seen / (time.perf_counter() - start)
         bar.set_postfix(
-            loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", samples_s=f"{rate:.0f}"
+            loss=f"{loss:.4f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}", samples_s=f"{rate:.0f}"
         )
         bar.update(1)
     bar.close()
     return step, seen / max(time.perf_counter() - start, 1e-9)
+
+
+def _chunk_size(config: TrainConfig) -> int | None:
+    """Pairs embedded at once; None: the whole micro-batch in one pass (no gradient caching)."""
+    chunk = min(config.chunk_size or config.batch_size, config.batch_size)
+    return None if config.accum_steps == 1 and chunk >= config.batch_size else chunk
+
+
+def _train_step(run: _Run, batch, chunk, world: World, amp, config: TrainConfig, at) -> float:
+    """One optimizer step over ``batch`` (images, tokens, caption ids); its loss.
+
+    ``amp``: (autocast, scaler); ``at``: (step, epoch), for the divergence message.
+    """
+    autocast, scaler = amp
+    images, tokens, cap_ids = batch
+    run.optimizer.zero_grad(set_to_none=True)
+    scale = scaler.scale if scaler else (lambda x: x)
+    loss = contrastive_step(run.ddp, images, tokens, cap_ids, chunk, world, autocast, scale)
+    if scaler is None:  # with fp16, GradScaler itself skips a non-finite step
+        _check_finite(loss, *at)
+    _optimizer_step(run.model, run.optimizer, scaler, config.grad_clip)
+    run.scheduler.step()
+    clamp_logit_scale(run.model.logit_scale)
+    return loss
 
 
 def _check_finite(loss: float, step: int, epoch: int) -> None:

@@ -219,7 +219,8 @@ def test_feature_cache_is_keyed_by_weights_and_preprocessing(towers_config, corp
     def features(sides=sides, data=data):
         import contextlib
 
-        return feature_cache.features_for(sides, data, cache, "cpu", contextlib.nullcontext, "fp32")
+        how = feature_cache.Encoding(cache, "cpu", contextlib.nullcontext, "fp32")
+        return feature_cache.features_for(sides, data, how)
 
     assert data.source.startswith("pixels-")  # which decoded images: part of the image key
     first = features()

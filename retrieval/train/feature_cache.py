@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -164,62 +165,54 @@ def _inputs(kind: str, data: TrainSet, span: slice, view: int) -> torch.Tensor:
     return augment.crops(data.pixels[rows], places, data.mean, data.std)
 
 
+@dataclass(frozen=True)
+class Encoding:
+    """Where a locked tower's features are kept and how they are computed."""
+
+    cache_dir: Path
+    device: Any
+    autocast: Callable  # () -> a context manager
+    precision: str  # part of the cache key: fp32 features differ from bf16 ones
+    views: int = 1  # views of each image (itself and augmented crops)
+
+
 @torch.no_grad()
 def encode_side(
-    kind: str, side: Side, data: TrainSet, device, autocast, views: int = 1, batch: int = 256
+    kind: str, side: Side, data: TrainSet, how: Encoding, batch: int = 256
 ) -> torch.Tensor:
     """Float32 features of every caption (text: (C, ...)) or of each view of every usable
     item (image: (views, N, ...))."""
     n = len(data) if kind == "image" else len(data.tokens)
     out = []
-    for view in range(views if kind == "image" else 1):
+    for view in range(how.views if kind == "image" else 1):
         parts = []
         for s in range(0, n, batch):
-            with autocast():
-                x = _inputs(kind, data, slice(s, s + batch), view).to(device)
+            with how.autocast():
+                x = _inputs(kind, data, slice(s, s + batch), view).to(how.device)
                 parts.append(side.locked_part(x).float().cpu())
         out.append(torch.cat(parts) if parts else torch.zeros(0))
     return torch.stack(out) if kind == "image" else out[0]
 
 
-def load_or_build(
-    kind: str,
-    side: Side,
-    data: TrainSet,
-    cache_dir: Path,
-    device,
-    autocast,
-    precision: str,
-    views: int = 1,
-) -> torch.Tensor:
-    """The side's features for ``data``, from ``cache_dir`` or encoded now and stored there."""
-    key = cache_key(kind, side, inputs_id(kind, data, views), precision)
-    path = cache_dir / f"features-{kind}-{key}.npy"
+def load_or_build(kind: str, side: Side, data: TrainSet, how: Encoding) -> torch.Tensor:
+    """The side's features for ``data``, from the cache or encoded now and stored there."""
+    key = cache_key(kind, side, inputs_id(kind, data, how.views), how.precision)
+    path = how.cache_dir / f"features-{kind}-{key}.npy"
     if path.is_file():
         return torch.from_numpy(np.load(path))
     log.info("encoding the locked %s tower's features once (%s)", kind, path.name)
-    features = encode_side(kind, side, data, device, autocast, views)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    features = encode_side(kind, side, data, how)
+    how.cache_dir.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as f:
         np.save(f, features.numpy())
     return features
 
 
-def features_for(
-    sides: dict[str, Side | None],
-    data: TrainSet,
-    cache_dir: Path,
-    device,
-    autocast,
-    precision: str,
-    views: int = 1,
-) -> Features:
-    """The cached sides' features of ``data`` (``views`` of each image), on ``device``; None
-    for a side not cached."""
+def features_for(sides: dict[str, Side | None], data: TrainSet, how: Encoding) -> Features:
+    """The cached sides' features of ``data``, on ``how.device``; None for a side not cached."""
     got = {
-        kind: load_or_build(kind, side, data, cache_dir, device, autocast, precision, views)
+        kind: load_or_build(kind, side, data, how).to(how.device)
         for kind, side in sides.items()
         if side is not None
     }
-    got = {kind: f.to(device) for kind, f in got.items()}
     return Features(image=got.get("image"), text=got.get("text"))

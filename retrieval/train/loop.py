@@ -50,7 +50,7 @@ from ..model.encoder import Encoder, default_workers
 from ..model.spec import ModelSpec
 from . import sampling
 from .config import DEFAULT_LR, TrainConfig
-from .feature_cache import CachedTowers, features_for, image_side, text_side
+from .feature_cache import CachedTowers, Encoding, features_for, image_side, text_side
 from .gradcache import contrastive_step
 from .locking import lock_towers, trained_keys
 from .loss import clamp_logit_scale
@@ -279,10 +279,9 @@ def _features(model, sets, out: Path, config: TrainConfig, world: World):
         dist.barrier()  # rank 0 encodes; the others then read its cache
     # Training images in all their augmented views; validation images as they are.
     views = [config.augment_views, 1]
+    how = Encoding(out / "cache", device, autocast, precision)
     feats = [
-        features_for(sides, s, out / "cache", device, autocast, precision, v)
-        if s is not None
-        else None
+        features_for(sides, s, replace(how, views=v)) if s is not None else None
         for s, v in zip(sets, views, strict=True)
     ]
     if world.rank == 0 and world.size > 1:

@@ -109,7 +109,7 @@ def test_preprocessing_is_what_the_image_weights_expect(effnet):
     check_preprocess(effnet.preprocess)
     # open_clip builds it from the config's preprocess_cfg: for a registered name it reads none
     # itself (only a tag's), so the tower module hands it over with the create call.
-    tower = towers.registered(MODEL)
+    tower = towers.of(MODEL)
     _, _, preprocess = open_clip.create_model_and_transforms(
         MODEL, pretrained_text=False, **tower.create_kwargs()
     )

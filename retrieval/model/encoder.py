@@ -40,8 +40,9 @@ def resolve_device(device: str | None = "auto") -> torch.device:
     return torch.device(device)
 
 
-def _model_name(name: str) -> str:
-    """Register the shipped configs (and a config-JSON path); return the open_clip name.
+def _model_name(name: str) -> tuple[str, towers.Towers | None]:
+    """Register the shipped configs (and a config-JSON path); the open_clip name, and the
+    model's `towers.Towers` when its towers come from wheels.
 
     A config in open_clip's config-file format (``{"model_cfg", "preprocess_cfg"}``, the shipped
     ``effnet-minilm``) goes to `towers`, which resolves its tower packages first.
@@ -53,22 +54,21 @@ def _model_name(name: str) -> str:
         raise EncoderError(f"model config file not found: {path}")
     tower_config = towers.read_config(path) if path.is_file() else None
     if tower_config is not None:
-        return towers.register(path, tower_config)
+        return path.stem, towers.register(path, tower_config)
     if is_file:
         open_clip.add_model_config(path)
-        return path.stem
+        return path.stem, None
     if name not in open_clip.list_models():
         raise EncoderError(
             f"unknown model {name!r}: give an open_clip model name (see open_clip.list_models()), "
             f"a shipped config ({', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.json')))}) "
             "or a path to a model-config JSON"
         )
-    return name
+    return name, None
 
 
 def _create(spec: ModelSpec, device: torch.device):
-    name = _model_name(spec.name)
-    tower = towers.registered(name)  # None for a plain open_clip model
+    name, tower = _model_name(spec.name)  # tower: None for a plain open_clip model
     preprocessing = tower.create_kwargs() if tower else {}  # else: open_clip's, by tag
     pretrained = str(spec.checkpoint) if spec.checkpoint else spec.weights
     _check_weights(spec, name, pretrained, tower is not None)

@@ -26,6 +26,7 @@ import open_clip
 import torch
 
 from ..errors import EncoderError
+from .spec import CONFIG_DIR
 
 EXTRA = "photos"
 INSTALL_HINT = f"pip install 'retrieval[{EXTRA}]'"
@@ -144,10 +145,6 @@ class TowerTokenizer:
         return getattr(self.inner, name)
 
 
-# name -> (its Towers, the resolved config object put in open_clip's registry)
-_REGISTERED: dict[str, tuple[Towers, dict]] = {}
-
-
 def _package_dir(package: str) -> Path | None:
     """The installed folder of a wheel's importable package, or None when it is not installed.
 
@@ -186,18 +183,25 @@ def read_config(path: Path) -> dict | None:
     return config if isinstance(config, dict) and "model_cfg" in config else None
 
 
-def registered(name: str) -> Towers | None:
-    """The tower model registered under ``name`` in this process, if open_clip still has it.
-
-    A plain config of the same name registered later (a rescan) replaces open_clip's entry:
-    then the name is no tower model any more.
-    """
-    towers, model_cfg = _REGISTERED.get(name, (None, None))
-    return towers if open_clip.factory._MODEL_CONFIGS.get(name) is model_cfg else None
+def of(name: str) -> Towers | None:
+    """The tower model ``name`` (a shipped config or a config-JSON path), or None for any other
+    model; reads the config only, registers and loads nothing."""
+    path = Path(name).expanduser() if name.endswith(".json") else CONFIG_DIR / f"{name}.json"
+    config = read_config(path) if path.is_file() else None
+    return _towers(path, config) if config is not None else None
 
 
-def register(path: Path, config: dict) -> str:
-    """Resolve ``config`` (read from ``path``) and register it with open_clip; return its name.
+def _towers(path: Path, config: dict) -> Towers:
+    weights = config.get("tower_weights", {})
+    preprocess = config.get("preprocess_cfg", {})
+    unknown = set(preprocess) - set(_PREPROCESS_ARGS)
+    if unknown:
+        raise EncoderError(f"model config {path}: unknown preprocess_cfg keys {sorted(unknown)}")
+    return Towers(path.stem, preprocess, weights.get("image"), weights.get("text"))
+
+
+def register(path: Path, config: dict) -> Towers:
+    """Resolve ``config`` (read from ``path``) and register it with open_clip under its name.
 
     Raises a one-line `EncoderError` naming the extra when a tower's wheel is not installed.
     """
@@ -216,18 +220,13 @@ def register(path: Path, config: dict) -> str:
                 text_cfg[key] = folder
     if weights.get("image"):
         locate(weights["image"], name)  # fail here, in one line, not after building the model
-    preprocess = config.get("preprocess_cfg", {})
-    unknown = set(preprocess) - set(_PREPROCESS_ARGS)
-    if unknown:
-        raise EncoderError(f"model config {path}: unknown preprocess_cfg keys {sorted(unknown)}")
+    tower = _towers(path, config)
     # open_clip registers configs only from files (add_model_config), and a file would have to
     # hold this machine's site-packages path; its registry is this dict, which its rescans
     # extend but never clear. The tower file itself is skipped by those rescans (no top-level
     # embed_dim), so it never overwrites the resolved entry.
     open_clip.factory._MODEL_CONFIGS[name] = model_cfg
-    tower = Towers(name, preprocess, weights.get("image"), weights.get("text"))
-    _REGISTERED[name] = (tower, model_cfg)
-    return name
+    return tower
 
 
 class _UnusedKeysReport(logging.Filter):

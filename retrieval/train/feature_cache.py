@@ -17,10 +17,17 @@ itself, by default), so augmentation costs an encoding per view, once, not a for
 The files (``cache/features-<side>-<key>.npy``, beside the decoded pixels) are keyed by the
 locked part's weights (a digest), its inputs (the pixel cache's key, rows, normalisation and
 views; the caption token ids), the precision and a format version: other weights or other
-preprocessing build a new file, and a resumed run finds its own. A partly open tower is not
-cached (its open layers need the full forward every step). The features are held whole in
+preprocessing build a new file, and a resumed run finds its own. The features are held whole in
 memory on the training device: (views x images + captions) x 1,280 or 384 float32 for
 effnet-minilm.
+
+A partly open timm EfficientNet trunk (``--lock-image-unlocked-groups N``, as effnet-minilm's) is
+cached up to its first open module: the locked stem and blocks run once, and each step runs only
+the open end (`TrunkRest`). That is cheaper in compute whatever N is, so the only limit is memory:
+the open end's input is a feature map (effnet-minilm with its last group open: 320 x 7 x 7 per
+view), and a set whose maps would pass `PARTIAL_CACHE_BYTES` runs live instead. A partly open
+text tower, and any other trunk, runs live (what a live step computes is defined by its forward,
+which only these trunks' are known to be split at).
 """
 
 from __future__ import annotations
@@ -46,16 +53,25 @@ from .trainset import Features, TrainSet
 log = logging.getLogger(__name__)
 
 VERSION = "features v1"
+PARTIAL_CACHE_BYTES = 4 << 30  # a partly open trunk's cached feature maps, at most, per set
 
 
 @dataclass
 class Side:
-    """A fully locked tower: ``run`` (model input -> its features, unnormalised), ``head`` (the
-    trained rest, None when the whole tower is locked) and the locked part's weights."""
+    """A tower's locked part and what follows it: ``run`` (model input -> the tower's output,
+    unnormalised), ``head`` (the trained rest, from the locked part's output; None when the
+    whole tower is locked), the locked part's weights, and ``entry``: the module whose input
+    the locked part's output is in the live forward (``head`` itself when None)."""
 
     run: Callable[[torch.Tensor], torch.Tensor]
-    head: torch.nn.Module | None
+    head: Callable[[torch.Tensor], torch.Tensor] | None
     locked: dict[str, torch.Tensor]
+    entry: torch.nn.Module | None = None
+
+    @property
+    def partial(self) -> bool:
+        """The locked part ends inside the tower's trunk (its outputs are feature maps)."""
+        return self.entry is not None
 
     @cached_property
     def digest(self) -> str:
@@ -64,25 +80,81 @@ class Side:
 
     def locked_part(self, x: torch.Tensor) -> torch.Tensor:
         """What the head receives for input ``x`` in the live forward (the tower's own output
-        when there is no head)."""
+        when there is no head). The forward stops there: the open part does not run, so its
+        BatchNorm statistics do not move."""
         if self.head is None:
             return self.run(x)
-        seen: list[torch.Tensor] = []
-        hook = self.head.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        entry = self.entry if self.entry is not None else self.head
+
+        def stop(module: torch.nn.Module, args: tuple) -> None:
+            raise _Reached(args[0])
+
+        hook = entry.register_forward_pre_hook(stop)
         try:
             self.run(x)
+        except _Reached as reached:
+            return reached.value
         finally:
             hook.remove()
-        return seen[0]
+        raise RuntimeError("the tower's forward never reached its head")  # a wrong split
+
+
+class _Reached(Exception):
+    """Carries the head's input out of a forward stopped there."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.value = value
+
+
+class TrunkRest:
+    """The open end of a timm EfficientNet trunk, then its pooling and open_clip's head: what a
+    live forward computes from the input of ``modules[0]``. The modules are the model's own."""
+
+    def __init__(self, trunk: torch.nn.Module, modules: list[torch.nn.Module], head) -> None:
+        self.trunk, self.modules, self.head = trunk, modules, head
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)  # as the live trunk runs (towers)
+        for module in self.modules:
+            x = module(x)
+        return self.head(self.trunk.forward_head(x))
+
+
+def _forward_order(trunk: torch.nn.Module) -> list[torch.nn.Module] | None:
+    """A timm EfficientNet trunk's modules in its ``forward_features`` order; None for any
+    other trunk, whose forward this module does not split."""
+    try:
+        from timm.models.efficientnet import EfficientNet
+    except ImportError:
+        return None
+    if type(trunk) is not EfficientNet:  # a subclass may forward otherwise
+        return None
+    blocks = [block for stage in trunk.blocks for block in stage]
+    return [trunk.conv_stem, trunk.bn1, *blocks, trunk.conv_head, trunk.bn2]
+
+
+def _partial_image_side(model: torch.nn.Module) -> Side | None:
+    """A partly open trunk's split at its first open module, where the trunk allows one."""
+    trunk, head = model.visual.trunk, model.visual.head
+    order = _forward_order(trunk)
+    first = next((i for i, m in enumerate(order or []) if not frozen(m)), None)
+    if not first:  # not such a trunk, all open, or (None) all locked
+        return None
+    locked = {f"{i}.{k}": v for i, m in enumerate(order[:first]) for k, v in m.state_dict().items()}
+    rest = TrunkRest(trunk, order[first:], head)
+    return Side(model.encode_image, rest, locked, entry=order[first])
 
 
 def image_side(model: torch.nn.Module, locked: bool = True) -> Side | None:
-    """The image tower's split; None when ``locked`` and its locked part has open weights."""
+    """The image tower's split; None when ``locked`` and its locked part has open weights (a
+    partly open EfficientNet trunk is split at its first open module)."""
     visual = model.visual
     trunk, head = getattr(visual, "trunk", None), getattr(visual, "head", None)
     if trunk is not None and head is not None:  # open_clip's TimmModel: head(trunk(x))
-        side = Side(model.encode_image, head, trunk.state_dict())
-        return side if frozen(trunk) or not locked else None
+        if not locked or frozen(trunk):
+            return Side(model.encode_image, head, trunk.state_dict())
+        return _partial_image_side(model)
     side = Side(model.encode_image, None, visual.state_dict())
     return side if frozen(visual) or not locked else None
 
@@ -192,6 +264,27 @@ def encode_side(
                 parts.append(side.locked_part(x).float().cpu())
         out.append(torch.cat(parts) if parts else torch.zeros(0))
     return torch.stack(out) if kind == "image" else out[0]
+
+
+@torch.no_grad()
+def fits(side: Side, sets: list[TrainSet | None], how: Encoding, views: list[int]) -> bool:
+    """Whether a partly open trunk's feature maps for ``sets`` (each in its ``views``) stay
+    within `PARTIAL_CACHE_BYTES` each; a whole tower's pooled features always do."""
+    if not side.partial:
+        return True
+    probe = next((s for s in sets if s is not None and len(s)), None)
+    if probe is None:
+        return True
+    with how.autocast():
+        one = side.locked_part(_inputs("image", probe, slice(0, 1), 0).to(how.device))
+    size = one[0].numel() * 4  # stored as float32
+    need = max(size * len(s) * v for s, v in zip(sets, views, strict=True) if s is not None)
+    if need > PARTIAL_CACHE_BYTES:
+        log.info(
+            "the locked part of the image trunk is not cached: %.1f GiB of feature maps",
+            need / 2**30,
+        )
+    return need <= PARTIAL_CACHE_BYTES
 
 
 def load_or_build(kind: str, side: Side, data: TrainSet, how: Encoding) -> torch.Tensor:

@@ -50,7 +50,7 @@ from ..model.encoder import Encoder, default_workers
 from ..model.spec import ModelSpec
 from . import sampling
 from .config import DEFAULT_LR, TrainConfig
-from .feature_cache import CachedTowers, Encoding, features_for, image_side, text_side
+from .feature_cache import CachedTowers, Encoding, features_for, fits, image_side, text_side
 from .gradcache import contrastive_step
 from .locking import lock_towers, trained_keys
 from .loss import clamp_logit_scale
@@ -275,11 +275,15 @@ def _features(model, sets, out: Path, config: TrainConfig, world: World):
     device = next(model.parameters()).device
     autocast, _ = _amp(device)
     precision = str(_amp_dtype(device)).removeprefix("torch.")
-    if world.rank != 0 and world.size > 1:
-        dist.barrier()  # rank 0 encodes; the others then read its cache
     # Training images in all their augmented views; validation images as they are.
     views = [config.augment_views, 1]
     how = Encoding(out / "cache", device, autocast, precision)
+    if sides["image"] is not None and not fits(sides["image"], list(sets), how, views):
+        sides["image"] = None
+        if sides["text"] is None:
+            return model, [None] * len(sets)
+    if world.rank != 0 and world.size > 1:
+        dist.barrier()  # rank 0 encodes; the others then read its cache
     feats = [
         features_for(sides, s, replace(how, views=v)) if s is not None else None
         for s, v in zip(sets, views, strict=True)

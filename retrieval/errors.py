@@ -37,3 +37,8 @@ class IndexBusyError(RetrievalError, RuntimeError):
 
 class DiskFullError(RetrievalError, OSError):
     """The disk (or a file-size limit) ran out while writing; the previous index is intact."""
+
+
+class DamagedIndexError(SearchError):
+    """A published index version whose files are missing, cut short or altered; the message
+    names the index, the file and the way back (``verify --repair`` or ``--rollback``)."""

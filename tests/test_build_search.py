@@ -59,7 +59,7 @@ def test_a_malformed_manifest_is_one_line_and_a_verify_finding(synth_index, tmp_
     (folder / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(SearchError, match=why) as err:
         read_manifest(folder)
-    assert "\n" not in str(err.value) and "manifest.json is damaged" in str(err.value)
+    assert "\n" not in str(err.value) and "manifest.json is unreadable" in str(err.value)
     (tmp_path / "v").symlink_to(folder)  # published under a name, as an index is
     report = verify("v", tmp_path, sample=0)
     assert not report.ok and "FAIL manifest" in report.summary() and why in report.summary()

@@ -234,7 +234,8 @@ def test_a_damaged_index_is_a_one_line_error(corpora, tmp_path, monkeypatch):
     (tmp_path / "d" / "caption.faiss").resolve().unlink()
     result = CliRunner().invoke(main, ["search", "d", "--text", "x"])
     assert result.exit_code != 0 and "Traceback" not in result.output
-    assert "index 'd' cannot be opened" in result.output and "retrieval verify d" in result.output
+    assert "index 'd' is damaged: caption.faiss is missing" in result.output
+    assert "retrieval verify d --repair" in result.output
 
 
 def test_add_remove_compact_verify(corpora, tmp_path, monkeypatch):

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import click
 
-from ..index import layout
+from ..index import integrity
 from ..index.config import TARGET_RECALL, VERIFY_SAMPLE, BuildConfig
-from ..index.manifest import IndexEntry, read_manifest
+from ..index.manifest import IndexEntry
 from ..model.spec import DEFAULT_MODEL
 from .options import (
     ByteSize,
@@ -91,11 +91,31 @@ def compact(name, wait, index_dir):
     show_default=True,
     help="Items re-encoded from their files and checked against their stored vectors (0: none).",
 )
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Rebuild the damaged files that can be derived (FAISS indexes, querybank normalisers) "
+    "from the stored vectors, as a new version; no re-encoding.",
+)
+@click.option(
+    "--rollback",
+    is_flag=True,
+    help="Point NAME back at its previous version, if that one verifies.",
+)
+@wait_option
 @index_dir_option
-def verify(name, sample, index_dir):
+def verify(name, sample, repair, rollback, wait, index_dir):
     """Check index NAME: checksums, counts, ids, stored vectors; exit 1 on any mismatch."""
+    from ..index import repair as ways_back
     from ..index.verify import verify as run_verify
 
+    if repair and rollback:
+        raise click.UsageError("--repair and --rollback are two different ways back: give one")
+    if repair:
+        click.echo(ways_back.repair(name, index_dir, wait=wait).summary())
+    elif rollback:
+        folder = ways_back.rollback(name, index_dir, wait=wait)
+        click.echo(f"index {name!r} now points to its previous version {folder}")
     report = run_verify(name, index_dir, sample=sample)
     click.echo(report.summary())
     if not report.ok:
@@ -159,8 +179,7 @@ def build(
 @index_dir_option
 def info(name, as_json, index_dir):
     """Describe index NAME: model, counts, index types, where it lives."""
-    folder = layout.resolve(name, index_dir)
-    m = read_manifest(folder)
+    folder, m = integrity.open_version(name, index_dir)
     if as_json:
         click.echo(json.dumps({**m.to_json(), "folder": str(folder)}, indent=2))
         return

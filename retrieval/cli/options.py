@@ -190,3 +190,12 @@ class CorpusPath(click.Path):
         if isinstance(value, str) and is_pattern(value):
             return Path(value).expanduser()
         return super().convert(value, param, ctx)
+
+
+def given(ctx: click.Context, name: str) -> bool:
+    """Whether option ``name`` (its parameter name) was set by the user, not left default."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source not in (
+        click.core.ParameterSource.DEFAULT,
+        click.core.ParameterSource.DEFAULT_MAP,
+    )

@@ -12,10 +12,11 @@ from ..query.ranking import (
     DEFAULT_K,
     DEFAULT_MIX,
     DEFAULT_OVERFETCH,
+    DEFAULT_STRATEGY,
     STRATEGIES,
 )
 from ..serve.config import DEFAULT_HOST, DEFAULT_PORT, ServeConfig
-from .options import index_dir_option, model_options, model_spec
+from .options import given, index_dir_option, model_options, model_spec
 
 
 @click.group()
@@ -88,6 +89,7 @@ def search(
     query = Query(text=text, image=image, image_weight=image_weight, terms=terms)
     if not query.all_terms():
         raise click.UsageError("give --text, --image or both")
+    _refuse_meaningless(click.get_current_context(), query, options["strategy"])
     if grid is not None:
         from ..serve.sheets import sheet_format
 
@@ -100,6 +102,24 @@ def search(
         from ..serve.sheets import contact_sheet
 
         click.echo(f"contact sheet: {contact_sheet(out['results'], grid)}", err=as_json)
+
+
+def _refuse_meaningless(ctx: click.Context, query, strategy: str | None) -> None:
+    """A usage error for an option that the others make meaningless, naming both."""
+    if given(ctx, "image_weight") and not (query.text and query.image):
+        raise click.UsageError("--image-weight weighs --image against --text: give both")
+    hybrid = ("hybrid", "hybrid-rrf")
+    if given(ctx, "mix") and strategy not in hybrid:
+        raise click.UsageError(
+            f"--mix weighs the other modality in --strategy {' or '.join(hybrid)}; with "
+            f"--strategy {strategy or DEFAULT_STRATEGY} it does nothing"
+        )
+    one_term = len(query.all_terms()) == 1
+    if given(ctx, "overfetch") and (strategy or DEFAULT_STRATEGY) == "cosine" and one_term:
+        raise click.UsageError(
+            "--overfetch sets the candidates each signal fetches for fusion; --strategy "
+            "cosine with one query term fuses nothing (the index's own top k are the answer)"
+        )
 
 
 @commands.command()

@@ -105,9 +105,13 @@ def writer_lock(root: Path, name: str, wait: float = 0.0):
 
 def _remove_unfinished(root: Path, name: str) -> None:
     versions = root / ".versions" / name
+    link = root / name
+    published = link.resolve() if link.is_symlink() else None
     if versions.is_dir():
         for old in versions.iterdir():
-            if not (old / MANIFEST).exists():
+            # The published version is never a leftover: without its manifest it is damaged,
+            # and `verify --rollback` (or a rebuild) replaces it, not a writer's clean-up.
+            if not (old / MANIFEST).exists() and old.resolve() != published:
                 shutil.rmtree(old, ignore_errors=True)
 
 
@@ -198,7 +202,9 @@ def commit(root: Path, name: str, fill: Callable[[Path], Manifest]) -> Path:
         # in this process". A published version has no writer, so it needs no lock file.
         (folder / STORE / "lock.mdb").unlink(missing_ok=True)
         sync_tree(folder)
-        manifest = replace(manifest, sha256=checksums(folder, root / name))
+        digests = checksums(folder, root / name)
+        sizes = {rel: (folder / rel).stat().st_size for rel in digests}
+        manifest = replace(manifest, sha256=digests, sizes=sizes)
         write_manifest(folder, manifest)
         return publish(folder, root, name)
     except BaseException as e:

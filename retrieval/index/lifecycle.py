@@ -25,7 +25,7 @@ from ..corpus.readers import read_corpus
 from ..corpus.records import unique_records
 from ..model import spool
 from ..model.encoder import Encoder
-from . import autoindex, layout, querybank
+from . import autoindex, integrity, layout, querybank
 from .build import Skips, entries_for
 from .config import TARGET_RECALL, BuildConfig
 from .embeddings import Embeddings, load_embeddings, save_embeddings
@@ -90,7 +90,8 @@ def add(
     root = layout.index_root(index_dir)
     guard = layout.disk_guard(root, f"adding to index {name!r}", "free some space and retry")
     with layout.writer_lock(root, name, wait), guard:
-        current = layout.resolve(name, root)
+        current = integrity.resolve(name, root)
+        integrity.check_before_change(name, current)
         manifest = read_manifest(current)
         if encoder is None:
             encoder = Encoder.load(manifest.model_spec(), config.device)
@@ -136,8 +137,8 @@ class _Addition:
         entries, _ = entries_for(
             self.kept, self.encoder, self.skips, len(old.image), len(old.caption)
         )
-        indexes = _load_indexes(current)
-        _copy_store(current, folder)
+        indexes = load_indexes(current)
+        copy_store(current, folder)
         with Store.create(folder / layout.STORE) as store:
             _drop(store, indexes, self.replaced)
             store.put_items(entries)
@@ -146,7 +147,7 @@ class _Addition:
         indexes["image"].add(self.enc.image_emb, np.array([e.row for e in entries]))
         caption_rows = np.array([c[1] for e in entries for c in e.captions], dtype=np.int64)
         indexes["caption"].add(self.enc.caption_emb, caption_rows)
-        _save_indexes(indexes, folder)
+        save_indexes(indexes, folder)
         emb = Embeddings(
             image=np.concatenate([old.image, self.enc.image_emb.astype(np.float16)]),
             caption=np.concatenate([old.caption, self.enc.caption_emb.astype(np.float16)]),
@@ -167,7 +168,7 @@ class _Addition:
             "replaced": len(self.replaced),
             "skipped": sum(self.skips.counts().values()),
         }
-        manifest = _manifest(current, folder, indexes, "add", history)
+        manifest = change_manifest(current, folder, indexes, "add", history)
         by_reason = Counter(manifest.counts.skipped_by_reason) + self.skips.counts()
         counts = replace(
             manifest.counts, skipped=sum(by_reason.values()), skipped_by_reason=dict(by_reason)
@@ -181,12 +182,12 @@ def _normalise_new(emb: Embeddings, indexes, current: Path, config, first_image,
     The live corpus is already indexed: its FAISS indexes (tombstones excluded) are the bank.
     Old rows keep their normalisers, computed against the bank as it was then.
     """
-    new_images = _unit(emb.image[first_image:])
-    new_captions = _unit(emb.caption[first_caption:])
+    new_images = unit_rows(emb.image[first_image:])
+    new_captions = unit_rows(emb.caption[first_caption:])
     bank = _bank(current)
     if bank is not None:
-        image_norm = querybank.normalisers(new_images, _unit(bank[1]), config)
-        caption_norm = querybank.normalisers(new_captions, _unit(bank[0]), config)
+        image_norm = querybank.normalisers(new_images, unit_rows(bank[1]), config)
+        caption_norm = querybank.normalisers(new_captions, unit_rows(bank[0]), config)
     else:
         image_norm = querybank.normalisers_in(new_images, indexes["caption"], config)
         caption_norm = querybank.normalisers_in(new_captions, indexes["image"], config)
@@ -194,7 +195,7 @@ def _normalise_new(emb: Embeddings, indexes, current: Path, config, first_image,
     emb.caption_norm = np.concatenate([emb.caption_norm, caption_norm])
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
+def unit_rows(x: np.ndarray) -> np.ndarray:
     """fp16-stored rows back to (N, D) float32 unit vectors."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -214,7 +215,8 @@ def remove(
     start, root = time.perf_counter(), layout.index_root(index_dir)
     guard = layout.disk_guard(root, f"removing from index {name!r}", "free some space and retry")
     with layout.writer_lock(root, name, wait), guard:
-        current = layout.resolve(name, root)
+        current = integrity.resolve(name, root)
+        integrity.check_before_change(name, current)
         with Store.open(current / layout.STORE) as old:
             present = list(dict.fromkeys(i for i in ids if old.item(i) is not None))
         found = set(present)
@@ -223,13 +225,14 @@ def remove(
         if present:
 
             def fill(folder: Path) -> dict:
-                indexes = _load_indexes(current)
-                _copy_store(current, folder)
+                indexes = load_indexes(current)
+                copy_store(current, folder)
                 with Store.create(folder / layout.STORE) as store:
                     _drop(store, indexes, present)
-                _save_indexes(indexes, folder)
-                _link(current, folder, layout.EMBEDDINGS, layout.SKIPPED)
-                return _manifest(current, folder, indexes, "remove", {"removed": len(present)})
+                save_indexes(indexes, folder)
+                link_files(current, folder, layout.EMBEDDINGS, layout.SKIPPED)
+                detail = {"removed": len(present)}
+                return change_manifest(current, folder, indexes, "remove", detail)
 
             layout.commit(root, name, fill)
         else:
@@ -250,7 +253,8 @@ def compact(name: str, index_dir: str | Path | None = None, wait: float = 0.0) -
     start, root = time.perf_counter(), layout.index_root(index_dir)
     guard = layout.disk_guard(root, f"compacting index {name!r}", "free some space and retry")
     with layout.writer_lock(root, name, wait), guard:
-        current = layout.resolve(name, root)
+        current = integrity.resolve(name, root)
+        integrity.check_before_change(name, current)
         old = load_embeddings(current)
         with Store.open(current / layout.STORE) as store:
             live = {kind: store.rows(kind) for kind in _KINDS}
@@ -283,7 +287,7 @@ def _renumbered(store: Store, live: dict[str, np.ndarray]) -> list[ItemEntry]:
 
 def _rebuild(current: Path, folder: Path, live, entries, old: Embeddings) -> Manifest:
     manifest = read_manifest(current)
-    indexes = _load_indexes(current)
+    indexes = load_indexes(current)
     vectors = {
         kind: _stored_vectors(
             indexes[kind],
@@ -303,7 +307,7 @@ def _rebuild(current: Path, folder: Path, live, entries, old: Embeddings) -> Man
         tuned = manifest.indexes[kind].search
         target = tuned.target if tuned else TARGET_RECALL
         searches[kind] = autoindex.tune(rebuilt[kind], vectors[kind], vectors[other], target)
-    _save_indexes(rebuilt, folder)
+    save_indexes(rebuilt, folder)
     owner = np.empty(len(live["caption"]), np.int64)
     for e in entries:
         owner[[c[1] for c in e.captions]] = e.row
@@ -317,8 +321,8 @@ def _rebuild(current: Path, folder: Path, live, entries, old: Embeddings) -> Man
     save_embeddings(folder, emb, bank=_bank(current))
     with Store.create(folder / layout.STORE) as store:
         store.put_items(sorted(entries, key=lambda e: e.row))
-    _link(current, folder, layout.SKIPPED)
-    out = _manifest(
+    link_files(current, folder, layout.SKIPPED)
+    out = change_manifest(
         current, folder, rebuilt, "compact", {"dropped": len(old.image) - len(live["image"])}
     )
     tuned = {kind: replace(out.indexes[kind], search=searches[kind]) for kind in _KINDS}
@@ -329,10 +333,10 @@ def _stored_vectors(index: VectorIndex, rows, stored, entry: IndexEntry) -> np.n
     """(R, D) float32 vectors of ``rows``: FAISS's own copy when it is exact, else fp16 rows."""
     if not autoindex.compressed(entry.factory):
         return index.vectors(rows)
-    return _unit(stored[rows])
+    return unit_rows(stored[rows])
 
 
-def _load_indexes(folder: Path) -> dict[str, VectorIndex]:
+def load_indexes(folder: Path) -> dict[str, VectorIndex]:
     entries = read_manifest(folder).indexes
     return {
         kind: autoindex.apply(VectorIndex.load(folder / e.file, e.factory), e)
@@ -340,17 +344,17 @@ def _load_indexes(folder: Path) -> dict[str, VectorIndex]:
     }
 
 
-def _save_indexes(indexes: dict[str, VectorIndex], folder: Path) -> None:
+def save_indexes(indexes: dict[str, VectorIndex], folder: Path) -> None:
     for kind in _KINDS:
         indexes[kind].save(folder / INDEX_FILES[kind])
 
 
-def _copy_store(current: Path, folder: Path) -> None:
+def copy_store(current: Path, folder: Path) -> None:
     with Store.open(current / layout.STORE) as old:
         old.copy_to(folder / layout.STORE)
 
 
-def _link(current: Path, folder: Path, *names: str) -> None:
+def link_files(current: Path, folder: Path, *names: str) -> None:
     """Share files a change leaves alone with the previous version (hard links)."""
     for name in names:
         src = current / name
@@ -362,7 +366,7 @@ def _link(current: Path, folder: Path, *names: str) -> None:
             layout.link_or_copy(src, folder / name)
 
 
-def _manifest(current: Path, folder: Path, indexes, op: str, detail: dict) -> Manifest:
+def change_manifest(current: Path, folder: Path, indexes, op: str, detail: dict) -> Manifest:
     """The previous manifest with this version's counts, and the change appended to history."""
     manifest = read_manifest(current)
     with Store.open(folder / layout.STORE) as store:

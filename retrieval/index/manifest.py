@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..errors import SearchError
+from ..errors import DamagedIndexError, SearchError
 from ..files import atomic_write, sha256_file
 from ..model.spec import ModelIdentity, ModelSpec
 
@@ -145,6 +145,7 @@ class Manifest:
     updated: str | None = None
     history: tuple[Change, ...] = ()
     sha256: dict[str, str] = field(default_factory=dict)  # file (relative) -> digest
+    sizes: dict[str, int] = field(default_factory=dict)  # file (relative) -> bytes (cheap check)
     random_init: bool = False  # built with random weights (a test index)
 
     @classmethod
@@ -175,6 +176,7 @@ class Manifest:
             "max_memory": self.max_memory,
             "sha256": dict(self.sha256),
         }
+        out |= {"bytes": dict(self.sizes)} if self.sizes else {}
         optional = {"build_seconds": self.build_seconds, "updated": self.updated}
         out |= {k: v for k, v in optional.items() if v is not None}
         return out | ({"history": [c.to_json() for c in self.history]} if self.history else {})
@@ -203,6 +205,7 @@ class Manifest:
             updated=d.get("updated"),
             history=tuple(Change.from_json(c) for c in d.get("history", [])),
             sha256=dict(d.get("sha256") or {}),
+            sizes={k: int(v) for k, v in (d.get("bytes") or {}).items()},
             # Before the key existed, no weights meant random ones.
             random_init=bool(d.get("random_init", d.get("pretrained") is None)),
         )
@@ -262,6 +265,8 @@ def read_manifest(folder: Path) -> Manifest:
         return Manifest.from_json(json.loads(path.read_text(encoding="utf-8")))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         why = f"missing field {e}" if isinstance(e, KeyError) else str(e) or type(e).__name__
-        raise SearchError(
-            f"{path} is damaged ({why}); the index cannot be used: rebuild it from its corpus"
+        raise DamagedIndexError(
+            f"index {folder.parent.name!r} is damaged: {MANIFEST} is unreadable ({why}) in "
+            f"{folder}; `retrieval verify {folder.parent.name} --rollback` returns to the "
+            "previous version"
         ) from None

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EncoderError, SearchError
+from ..errors import DamagedIndexError, EncoderError
 from ..files import sha256_file
 from ..model.encoder import Encoder
-from . import autoindex, layout
+from . import autoindex, integrity, layout
 from .config import VERIFY_SAMPLE
 from .embeddings import load_embeddings
 from .manifest import KINDS as _KINDS
@@ -57,7 +57,10 @@ class VerifyReport:
         lines = [f"index {self.name!r} at {self.folder}:"]
         lines += [f"  {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}" for c in self.checks]
         failed = sum(not c.ok for c in self.checks)
-        lines.append("verified: all checks passed" if self.ok else f"{failed} check(s) FAILED")
+        if self.ok:
+            lines.append("verified: all checks passed")
+        else:
+            lines.append(f"{failed} check(s) FAILED; {integrity.way_out(self.name)}")
         return "\n".join(lines)
 
 
@@ -69,12 +72,13 @@ def verify(
     seed: int = 0,
 ) -> VerifyReport:
     """Run every check on index ``name``; ``sample`` items are re-encoded (0: none)."""
-    folder = layout.resolve(name, index_dir)
-    report = VerifyReport(name, folder)
+    folder = layout.index_root(index_dir) / layout.check_name(name)
+    report = VerifyReport(name, folder.resolve())
     try:
+        folder = integrity.resolve(name, index_dir)
         manifest = read_manifest(folder)
-    except SearchError as e:  # nothing else can be checked against it
-        report.add("manifest", [str(e)], "")
+    except DamagedIndexError as e:  # nothing else can be checked against it
+        report.add("manifest", [str(e).split("; `retrieval verify")[0]], "")
         return report
     report.add("checksums", _checksums(folder, manifest), f"{len(manifest.sha256)} files match")
     try:

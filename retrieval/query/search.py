@@ -25,7 +25,7 @@ from PIL import Image
 from ..corpus import filters
 from ..corpus.images import BadImage, load_image
 from ..errors import EncoderError, SearchError
-from ..index import autoindex, layout
+from ..index import autoindex, integrity, layout
 from ..index.embeddings import load_embeddings
 from ..index.manifest import MANIFEST, read_manifest
 from ..index.store import Store
@@ -155,13 +155,18 @@ class Searcher:
         """
         link = layout.index_root(index_dir) / name
         for attempt in range(3):
-            folder = layout.resolve(name, index_dir)
+            folder = integrity.resolve(name, index_dir)
             try:
                 manifest = read_manifest(folder)
             except FileNotFoundError:  # pruned between resolve and read: resolve again
                 if attempt < 2:
                     continue
                 raise
+            problems = integrity.size_problems(folder, manifest)
+            if problems:
+                if attempt < 2 and folder != layout.resolve(name, index_dir):
+                    continue  # pruned while we looked: the name points elsewhere now
+                raise integrity.damaged(name, folder, problems[0])
             if model is not None and not model.name:
                 model = replace(model, name=manifest.model)
             manifest.check_model(model)
@@ -192,6 +197,10 @@ class Searcher:
         except OSError:
             return self
         if folder == self.folder or not (folder / MANIFEST).is_file():
+            return self
+        problems = integrity.size_problems(folder, read_manifest(folder))
+        if problems:  # keep serving the version that is whole
+            log.warning("index %s: the new version is damaged (%s)", self.link.name, problems[0])
             return self
         try:
             newer = Searcher(folder, encoder=self.encoder, link=self.link)

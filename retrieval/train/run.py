@@ -24,6 +24,7 @@ import torch
 from ..errors import TrainError
 from ..files import atomic_path, atomic_write
 from ..model.checkpoints import is_partial, load_partial, partial_checkpoint, save_checkpoint
+from .config import DEFAULT_LR
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -99,6 +100,7 @@ _SAME_ON_RESUME = (
     "lock_text",
     "all_captions",
     "augment_views",
+    "wd",  # the saved optimizer's, which a resume restores: a new value would be ignored
 )
 
 
@@ -107,8 +109,15 @@ def check_same_run(out: Path, config: TrainConfig) -> None:
     path = out / "config.json"
     saved = json.loads(path.read_text()) if path.is_file() else {}
     differ = [k for k in _SAME_ON_RESUME if k in saved and saved[k] != getattr(config, k)]
+    run_lr = DEFAULT_LR if saved.get("lr") is None else saved["lr"]
+    if "lr" in saved and config.lr is not None and not math.isclose(config.lr, run_lr):
+        saved["lr"] = run_lr  # None (as given) is the run's own: only a new value differs
+        differ.append("lr")
     if differ:
-        flags = " ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in differ)
+        flags = ", ".join(
+            f"--{k.replace('_', '-')} {saved[k]}" if saved[k] is not None else f"no --{k}"
+            for k in differ
+        )
         raise TrainError(
             f"--resume continues the run in {out} as it was started: pass {flags} (its "
             "config.json), or start a new run in another --out"

@@ -3,6 +3,8 @@ meaningless by the others is refused as a usage error naming both; the meaningfu
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 
@@ -64,3 +66,25 @@ def test_verify_takes_one_way_back(index):
     args = ["verify", "x", "--repair", "--rollback", "--index-dir", str(root)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and "--repair and --rollback" in result.output
+
+
+@pytest.mark.parametrize("command", ["add", "verify", "search", "bench"])
+def test_every_command_that_encodes_takes_the_model_options_and_checks_them(index, command):
+    # The index was built with tiny-vit (random): small-vit is another model, named in one line.
+    root, image = index
+    corpus = str(Path(image).parent.parent / "corpus.jsonl")
+    args = {
+        "add": ["add", "x", corpus, "--no-progress", "--workers", "0"],
+        "verify": ["verify", "x"],
+        "search": ["search", "x", "--text", "a red square"],
+        "bench": ["bench", corpus, "--index", "x", "-k", "1"],
+    }[command]
+    other = ["--model", "small-vit", "--random-init", "--device", "cpu"]
+    result = CliRunner().invoke(main, [*args, *other, "--index-dir", str(root)])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    line = result.output.strip()
+    assert len(line.splitlines()) == 1
+    assert "built with model tiny-vit" in line and "not small-vit" in line
+    same = ["--model", "tiny-vit", "--random-init", "--device", "cpu"]
+    result = CliRunner().invoke(main, [*args, *same, "--index-dir", str(root)])
+    assert result.exit_code == 0, result.output

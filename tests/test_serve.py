@@ -46,18 +46,46 @@ def png_bytes(size=(48, 40), colour=(30, 90, 200)) -> bytes:
     return buf.getvalue()
 
 
-def strip(out: dict) -> dict:
+def corpus_root(searcher) -> Path:
+    corpus = Path(searcher.manifest.corpus)
+    return corpus if corpus.is_dir() else corpus.parent
+
+
+def strip(out: dict, searcher) -> dict:
+    """The library's answer from the server's: no image URLs, and the paths whole again."""
+    root = corpus_root(searcher)
     return {
         **out,
-        "results": [{k: v for k, v in r.items() if k != "image_url"} for r in out["results"]],
+        "results": [
+            {k: v for k, v in r.items() if k != "image_url"}
+            | ({"path": str(root / r["path"])} if r.get("path") else {})
+            for r in out["results"]
+        ],
     }
+
+
+def test_paths_are_relative_to_the_corpus_unless_the_operator_asks(searcher, client):
+    full = searcher.search(Query(text=QUERY), k=3)["results"]
+    root = corpus_root(searcher)
+    shown = client.post("/search", json={"text": QUERY, "k": 3}).json()["results"]
+    assert [r["path"] for r in shown] == [
+        Path(r["path"]).relative_to(root).as_posix() for r in full
+    ]
+    assert client.get(f"/items/{full[0]['id']}").json()["path"] == shown[0]["path"]
+    with TestClient(create_app(searcher, ServeConfig(show_paths=True))) as operator:
+        paths = [
+            r["path"]
+            for r in operator.post("/search", json={"text": QUERY, "k": 3}).json()["results"]
+        ]
+        assert paths == [r["path"] for r in full]
+        assert operator.get(f"/items/{full[0]['id']}").json()["path"] == full[0]["path"]
 
 
 def test_json_text_search_is_the_library_answer(client, searcher):
     r = client.post("/search", json={"text": QUERY, "k": 7})
     assert r.status_code == 200
     out = r.json()
-    assert strip(out) == json.loads(json.dumps(searcher.search(Query(text=QUERY), k=7)))
+    assert strip(out, searcher) == json.loads(json.dumps(searcher.search(Query(text=QUERY), k=7)))
     assert [x["rank"] for x in out["results"]] == list(range(1, 8))
     first = out["results"][0]
     assert first["image_url"] == f"/items/{first['id']}/image"
@@ -78,7 +106,7 @@ def test_options_pass_through(client, searcher):
     want = searcher.search(
         Query(text=QUERY), k=5, strategy="cosine", target="captions", where=("relation=above",)
     )
-    assert strip(out) == json.loads(json.dumps(want))
+    assert strip(out, searcher) == json.loads(json.dumps(want))
     assert out["results"] and all(x["extra"]["relation"] == "above" for x in out["results"])
 
 

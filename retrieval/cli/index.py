@@ -18,6 +18,7 @@ from .options import (
     encoding_options,
     index_dir_option,
     model_options,
+    model_spec,
     read_options,
     wait_option,
 )
@@ -32,16 +33,22 @@ def commands() -> None:
 @click.argument("name")
 @click.argument("corpus", type=CorpusPath(exists=True, path_type=Path))
 @click.option("--upsert", is_flag=True, help="Replace items whose id is already indexed.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, ...")
+@model_options(None)
 @encoding_options
 @read_options
 @index_dir_option
-def add(name, corpus, upsert, no_progress, index_dir, resume, wait, **options):
+def add(
+    name, corpus, upsert, model, pretrained, random_init, no_progress, index_dir, resume, wait,
+    **options,
+):  # fmt: skip
     """Add CORPUS's records to index NAME, encoded with the model NAME was built with."""
     from ..index.lifecycle import add as run_add
 
     config = BuildConfig(progress=not no_progress, **options)
-    report = run_add(corpus, name, index_dir, config, upsert=upsert, resume=resume, wait=wait)
+    report = run_add(
+        corpus, name, index_dir, config, upsert=upsert, resume=resume, wait=wait,
+        model=model_spec(model, pretrained, random_init, index=True),
+    )  # fmt: skip
     click.echo(report.summary())
     if sum(report.skipped.values()):
         click.echo(f"skipped records and their reasons: {report.path / 'skipped.jsonl'}")
@@ -102,9 +109,10 @@ def compact(name, wait, index_dir):
     is_flag=True,
     help="Point NAME back at its previous version, if that one verifies.",
 )
+@model_options(None)
 @wait_option
 @index_dir_option
-def verify(name, sample, repair, rollback, wait, index_dir):
+def verify(name, sample, repair, rollback, model, pretrained, random_init, device, wait, index_dir):
     """Check index NAME: checksums, counts, ids, stored vectors; exit 1 on any mismatch."""
     from ..index import repair as ways_back
     from ..index.verify import verify as run_verify
@@ -116,7 +124,8 @@ def verify(name, sample, repair, rollback, wait, index_dir):
     elif rollback:
         folder = ways_back.rollback(name, index_dir, wait=wait)
         click.echo(f"index {name!r} now points to its previous version {folder}")
-    report = run_verify(name, index_dir, sample=sample)
+    spec = model_spec(model, pretrained, random_init, index=True)
+    report = run_verify(name, index_dir, sample=sample, model=spec, device=device)
     click.echo(report.summary())
     if not report.ok:
         raise SystemExit(1)

@@ -133,13 +133,20 @@ def _refuse_meaningless(ctx: click.Context, query, strategy: str | None) -> None
     show_default=True,
     help="Largest request body accepted.",
 )
+@click.option(
+    "--show-paths",
+    is_flag=True,
+    help="Show each image's full path on this machine [paths relative to the corpus folder].",
+)
 @model_options(None)
 @index_dir_option
-def serve(name, host, port, max_upload_mb, model, pretrained, random_init, device, index_dir):
+def serve(
+    name, host, port, max_upload_mb, show_paths, model, pretrained, random_init, device, index_dir
+):
     """Serve index NAME over HTTP: a search page at / and a JSON API (docs at /docs)."""
     from ..serve.app import serve as run_server
 
-    config = ServeConfig(max_upload_bytes=int(max_upload_mb * 2**20))
+    config = ServeConfig(max_upload_bytes=int(max_upload_mb * 2**20), show_paths=show_paths)
     spec = model_spec(model, pretrained, random_init, index=True)
     run_server(name, index_dir, host=host, port=port, device=device, config=config, model=spec)
 
@@ -161,10 +168,16 @@ def _parse_term(text: str):
 
 
 def results_table(out: dict) -> str:
+    """One line per result: line breaks and tabs in ids and captions are shown escaped."""
     lines = [f"{'rank':>4}  {'score':>7}  {'id':<24}  caption"]
     for r in out["results"]:
         caption = r["caption"]["text"] if "caption" in r else (r["captions"] or [""])[0]
-        lines.append(f"{r['rank']:>4}  {r['score']:>7.4f}  {r['id']:<24}  {caption[:70]}")
+        item, caption = _one_line(r["id"]), _one_line(caption)
+        lines.append(f"{r['rank']:>4}  {r['score']:>7.4f}  {item:<24}  {caption[:70]}")
     if not out["results"]:
         lines.append("(no results)")
     return "\n".join(lines)
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t")

@@ -141,16 +141,39 @@ def _caption_text(c: Any) -> str:
 
 
 def _read_folder(root: Path, options: ReadOptions) -> Iterator[Record]:
+    """Images under ``root``; ``photo.txt`` beside ``photo.jpg`` holds its captions, one a line,
+    and ``photo.json`` (or ``photo.jpg.json``), an object, its metadata, as in a WebDataset
+    sample: its ``"caption"`` is used when there is no ``.txt``; the other keys are metadata."""
     for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
         if not image.is_file():
+            continue
+        item = image.relative_to(root).with_suffix("").as_posix()
+        named = [image.with_suffix(".json"), image.with_name(image.name + ".json")]
+        json_path = next((j for j in named if j.is_file()), named[0])  # IMG_1.jpg.json: Takeout
+        meta = _sidecar_json(json_path)
+        if meta is None:
+            yield Record(id=item, image=image, problem=f"{json_path.name} is not a JSON object")
             continue
         sidecar = image.with_suffix(".txt")
         captions: tuple[str, ...] = ()
         if sidecar.is_file():
             lines = sidecar.read_text(encoding="utf-8", errors="replace").splitlines()
             captions = _clean([line for line in lines if line.strip()] or [""])
-        rel = image.relative_to(root).with_suffix("")
-        yield Record(id=rel.as_posix(), image=image, captions=captions)
+        elif meta.get("caption") is not None:
+            captions = _clean(meta["caption"])
+        extra = {k: v for k, v in meta.items() if k != "caption"}
+        yield Record(id=item, image=image, captions=captions, extra=extra)
+
+
+def _sidecar_json(path: Path) -> dict | None:
+    """The object in ``path`` ({} when there is no such file); None when it holds no object."""
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+    except ValueError:
+        return None
+    return meta if isinstance(meta, dict) else None
 
 
 def _read_csv(path: Path, options: ReadOptions) -> Iterator[Record]:

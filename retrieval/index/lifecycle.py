@@ -25,6 +25,7 @@ from ..corpus.readers import read_corpus
 from ..corpus.records import unique_records
 from ..model import spool
 from ..model.encoder import Encoder
+from ..model.spec import ModelSpec
 from . import autoindex, integrity, layout, querybank
 from .build import Skips, entries_for
 from .config import TARGET_RECALL, BuildConfig
@@ -79,12 +80,13 @@ def add(
     encoder: Encoder | None = None,
     resume: bool = False,
     wait: float = 0.0,
+    model: ModelSpec | None = None,
 ) -> ChangeReport:
     """Add ``corpus``'s records to index ``name`` with the model it was built with.
 
     Ids already in the index are skipped (recorded), or replaced with ``upsert``; bad records
-    are skipped with their reasons as in a build. ``config``: reading and encoding options
-    (its model is ignored: an index has one model).
+    are skipped with their reasons as in a build. ``config``: reading and encoding options;
+    ``model``: the index's model at another path (checked against the manifest), or None.
     """
     config, start = config or BuildConfig(), time.perf_counter()
     root = layout.index_root(index_dir)
@@ -94,7 +96,7 @@ def add(
         integrity.check_before_change(name, current)
         manifest = read_manifest(current)
         if encoder is None:
-            encoder = Encoder.load(manifest.model_spec(), config.device)
+            encoder = Encoder.load(manifest.spec_for(model), config.device)
         else:
             manifest.check_model(encoder.spec)
         skips = Skips()

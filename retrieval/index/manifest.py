@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +224,16 @@ class Manifest:
             if sha256_file(path) != self.checkpoint_sha256:
                 raise SearchError(f"the checkpoint {path} changed since the index was built")
         return spec
+
+    def spec_for(self, asked: ModelSpec | None) -> ModelSpec:
+        """The model to encode for this index with: its own, or ``asked`` once checked to be
+        the same (a name left empty means the index's own, its checkpoint at a new path)."""
+        if asked is None:
+            return self.model_spec()
+        if not asked.name:
+            asked = replace(asked, name=self.model)
+        self.check_model(asked)
+        return asked
 
     def check_model(self, spec: ModelSpec | None) -> None:
         """Refuse to query the index with a model other than the one it was built with."""

@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import DamagedIndexError, EncoderError
 from ..files import sha256_file
 from ..model.encoder import Encoder
+from ..model.spec import ModelSpec
 from . import autoindex, integrity, layout
 from .config import VERIFY_SAMPLE
 from .embeddings import load_embeddings
@@ -70,8 +71,11 @@ def verify(
     sample: int = VERIFY_SAMPLE,
     encoder: Encoder | None = None,
     seed: int = 0,
+    model: ModelSpec | None = None,
+    device: str = "cpu",
 ) -> VerifyReport:
-    """Run every check on index ``name``; ``sample`` items are re-encoded (0: none)."""
+    """Run every check on index ``name``; ``sample`` items are re-encoded (0: none) by
+    ``encoder``, or the index's model (``model``: at another path, checked), on ``device``."""
     folder = layout.index_root(index_dir) / layout.check_name(name)
     report = VerifyReport(name, folder.resolve())
     try:
@@ -80,9 +84,14 @@ def verify(
     except DamagedIndexError as e:  # nothing else can be checked against it
         report.add("manifest", [str(e).split("; `retrieval verify")[0]], "")
         return report
+    spec = manifest.spec_for(model)  # a mismatch is the caller's error, not a finding
+
+    def load() -> Encoder:
+        return encoder or Encoder.load(spec, device)
+
     report.add("checksums", _checksums(folder, manifest), f"{len(manifest.sha256)} files match")
     try:
-        _consistency(report, folder, manifest, sample, encoder, seed)
+        _consistency(report, folder, manifest, sample, load, seed)
     except Exception as e:  # unreadable FAISS / LMDB / numpy files are a finding, not a crash
         detail = str(e).strip().splitlines()[-1] if str(e).strip() else ""
         report.add("readable", [f"{type(e).__name__}: {detail}"], "")
@@ -91,7 +100,7 @@ def verify(
 
 
 def _consistency(
-    report: VerifyReport, folder: Path, manifest: Manifest, sample, encoder, seed
+    report: VerifyReport, folder: Path, manifest: Manifest, sample, load, seed
 ) -> None:
     indexes = {
         kind: VectorIndex.load(folder / e.file, e.factory) for kind, e in manifest.indexes.items()
@@ -113,8 +122,7 @@ def _consistency(
         )
         if sample:
             try:
-                encoder = encoder or Encoder.load(manifest.model_spec(), "cpu")
-                problems, detail = _reencode(store, live, emb, encoder, sample, seed)
+                problems, detail = _reencode(store, live, emb, load(), sample, seed)
             except EncoderError as e:  # the model, not the files: say so under its own check
                 problems, detail = [str(e)], ""
             report.add("re-encoded sample", problems, detail)

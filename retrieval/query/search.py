@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -167,9 +167,7 @@ class Searcher:
                 if attempt < 2 and folder != layout.resolve(name, index_dir):
                     continue  # pruned while we looked: the name points elsewhere now
                 raise integrity.damaged(name, folder, problems[0])
-            if model is not None and not model.name:
-                model = replace(model, name=manifest.model)
-            manifest.check_model(model)
+            model = manifest.spec_for(model) if model is not None else None
             encoder = encoder or (Encoder.load(model, device) if model else None)
             try:
                 return cls(folder, encoder=encoder, device=device, link=link)

@@ -109,9 +109,11 @@ def create_app(searcher: Searcher, config: ServeConfig | None = None) -> FastAPI
         req = _validate(fields, config.max_k)
 
         # In a thread: decoding and the model must not hold up the event loop.
-        out = await run_in_threadpool(_run_search, current(), lock, req, raw, config)
+        searcher = current()
+        out = await run_in_threadpool(_run_search, searcher, lock, req, raw, config)
         for r in out["results"]:
             r["image_url"] = _image_url(r["id"])
+            r["path"] = _shown_path(searcher, r.get("path"), config)
         if req.image_id is not None:
             out["query"] = _describe(out["query"], req.image_id)
         return JSONResponse(out)
@@ -124,10 +126,12 @@ def create_app(searcher: Searcher, config: ServeConfig | None = None) -> FastAPI
 
     @app.get("/items/{item_id:path}")
     def item(item_id: str) -> dict[str, Any]:
-        found = current().store.item(item_id)
+        searcher = current()
+        found = searcher.store.item(item_id)
         if found is None:
             raise ApiError(404, f"no item {item_id!r} in this index")
-        return {"id": item_id, **found, "image_url": _image_url(item_id)}
+        shown = _shown_path(searcher, found.get("path"), config)
+        return {"id": item_id, **found, "path": shown, "image_url": _image_url(item_id)}
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -143,6 +147,19 @@ def create_app(searcher: Searcher, config: ServeConfig | None = None) -> FastAPI
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+def _shown_path(searcher: Searcher, path: str | None, config: ServeConfig) -> str | None:
+    """``path`` as a response shows it: relative to the corpus folder (None outside it), or
+    whole with ``show_paths``."""
+    if path is None or config.show_paths:
+        return path
+    corpus = Path(searcher.manifest.corpus)
+    root = corpus if corpus.is_dir() else corpus.parent  # a folder, or a file's folder
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return None
 
 
 def _image_response(searcher: Searcher, item_id: str, size: int | None, max_pixels: int):
@@ -238,15 +255,23 @@ async def _read_query(request: Request, limit: int) -> tuple[dict[str, Any], byt
     return fields, None if image is None else _b64(image)
 
 
+def readable_size(n: int) -> str:
+    """Bytes in the largest unit that shows them as at least 1: ``512 KB``, ``1.5 MB``."""
+    for unit, size in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} bytes"
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"the request is larger than the {limit // 2**20} MB limit")
+        raise ApiError(413, f"the request is larger than the {readable_size(limit)} limit")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:  # chunked bodies declare no length
-            raise ApiError(413, f"the request is larger than the {limit // 2**20} MB limit")
+            raise ApiError(413, f"the request is larger than the {readable_size(limit)} limit")
         chunks.append(chunk)
     return b"".join(chunks)
 

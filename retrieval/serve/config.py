@@ -21,3 +21,6 @@ class ServeConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_k: int = 1000
     max_thumb: int = 1024
+    # Responses give each image's path relative to the corpus folder (none outside it), not
+    # the server's filesystem, unless the operator asks for it (`serve --show-paths`).
+    show_paths: bool = False

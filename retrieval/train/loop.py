@@ -299,8 +299,9 @@ def _datasets(corpus, out: Path, config: TrainConfig, encoder, world: World):
     records, skipped = unique_records(read_corpus(corpus, config.read))
     if config.batch_group:
         check_field(records, config.batch_group)  # before minutes of decoding, not after
+    val_dropped: list = []
     if config.val is not None:
-        val_records, _ = unique_records(read_corpus(config.val, config.read))
+        val_records, val_dropped = unique_records(read_corpus(config.val, config.read))
     else:
         records, val_records = split_records(records, config.val_fraction, config.seed)
     workers = default_workers() if config.workers is None else config.workers
@@ -320,6 +321,7 @@ def _datasets(corpus, out: Path, config: TrainConfig, encoder, world: World):
     if config.early_stop is not None and val_set is None:
         raise TrainError("--early-stop stops on validation recall: give --val or --val-fraction")
     rows = [{"id": i, "path": p, "reason": why} for i, p, why in skipped]
+    rows += [{"id": i, "path": p, "reason": why, "set": "validation"} for i, p, why in val_dropped]
     rows += [{"id": i, "reason": why} for i, why in train_set.skipped]
     rows += [
         {"id": i, "reason": why, "set": "validation"} for i, why in getattr(val_set, "skipped", [])

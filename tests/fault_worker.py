@@ -10,6 +10,8 @@ import resource
 import time
 from pathlib import Path
 
+from retrieval.corpus.readers import read_corpus
+from retrieval.corpus.records import unique_records
 from retrieval.errors import RetrievalError
 from retrieval.index import lifecycle
 from retrieval.index.build import build
@@ -21,8 +23,8 @@ CONFIG = BuildConfig(progress=False, workers=0, shard_size=8, batch_size=8)
 
 
 def job(op: str, corpus: Path, root: Path, name: str, fsize: int | None, out) -> None:
-    """Run ``op`` ("build" or "add"); send "started", then ``("ok", seconds)`` or
-    ``("error", message)``."""
+    """Run ``op`` ("build", "add", or "remove": ``corpus``'s ids); send "started", then
+    ``("ok", seconds)`` or ``("error", message)``."""
     encoder = Encoder.load(ModelSpec("tiny-vit", random_init=True), "cpu")
     out.send("started")
     start = time.perf_counter()
@@ -31,6 +33,9 @@ def job(op: str, corpus: Path, root: Path, name: str, fsize: int | None, out) ->
     try:
         if op == "build":
             build(corpus, name, CONFIG, root, encoder=encoder, resume=True)
+        elif op == "remove":
+            ids = [r.id for r in unique_records(read_corpus(corpus))[0]]
+            lifecycle.remove(name, ids, root)
         else:
             lifecycle.add(corpus, name, root, CONFIG, encoder=encoder, resume=True)
     except RetrievalError as e:

@@ -145,6 +145,27 @@ def test_adds_killed_at_random_moments_lose_and_duplicate_nothing(tmp_path, ctx,
     assert len(outcomes) >= 3, outcomes
 
 
+def test_removes_killed_at_random_moments_leave_one_version_or_the_other(
+    tmp_path, ctx, corpora, encoder
+):
+    a, b = corpora
+    base = tmp_path / "base"
+    build(a, "x", CONFIG, base, encoder=encoder)
+    lifecycle.add(b, "x", base, CONFIG, encoder=encoder)
+    before, after = sorted(_ids(a) + _ids(b)), _ids(a)
+    shutil.copytree(base, tmp_path / "timing", symlinks=True)
+    moments = _moments(ctx, "remove", b, tmp_path / "timing", "x")[: KILLS // 2]
+    for n, moment in enumerate(moments):
+        root = tmp_path / f"run{n}"
+        shutil.copytree(base, root, symlinks=True)
+        _run(ctx, "remove", b, root, "x", kill_after=moment)
+        assert verify("x", root, sample=0).ok, f"kill at {moment:.2f}s"
+        assert _state(root)[0] in (before, after), f"kill at {moment:.2f}s"
+        lifecycle.remove("x", _ids(b), root)  # run again: it completes
+        assert verify("x", root, sample=0).ok and _state(root)[0] == after
+        shutil.rmtree(root)
+
+
 def _largest_file(root: Path) -> int:
     return max(p.stat().st_size for p in layout.resolve("x", root).rglob("*") if p.is_file())
 

@@ -29,7 +29,7 @@ def test_a_grid_into_a_missing_folder_fails_before_the_search(tmp_path):
     out = invoke(
         "search", "g", "--text", "red", "--grid", tmp_path / "nope/s.png", "--index-dir", ix
     )
-    assert out.exit_code == 1 and "rank" not in out.output  # no table: the search never ran
+    assert out.exit_code == 2 and "rank" not in out.output  # no table: the search never ran
     assert "the folder" in out.output and "nope" in out.output and "does not exist" in out.output
 
 

@@ -25,7 +25,7 @@ from retrieval.model import towers
 from retrieval.model.checkpoints import export_checkpoint, is_partial, load_partial
 from retrieval.model.encoder import Encoder
 from retrieval.model.spec import ModelSpec
-from retrieval.train import feature_cache
+from retrieval.train import feature_cache, splits
 from retrieval.train.config import TrainConfig
 from retrieval.train.gradcache import contrastive_step
 from retrieval.train.locking import lock_towers, trained_keys
@@ -132,9 +132,9 @@ def test_locked_towers_are_bit_identical_to_the_pretrained_ones_after_training(e
     # Parameters and buffers (BatchNorm running statistics, counters) alike.
     assert_same(state(trained.visual.trunk), state(ref.visual.trunk))
     assert_same(state(trained.text.transformer), state(ref.text.transformer))
-    img, txt = feature_cache.image_side(trained), feature_cache.text_side(trained)
-    ref_img = feature_cache.image_side(ref, locked=False)
-    ref_txt = feature_cache.text_side(ref, locked=False)
+    img, txt = splits.image_side(trained), splits.text_side(trained)
+    ref_img = splits.image_side(ref, locked=False)
+    ref_txt = splits.text_side(ref, locked=False)
     with torch.no_grad():
         assert torch.equal(img.locked_part(images[:2]), ref_img.locked_part(images[:2]))
         assert torch.equal(txt.locked_part(tokens), ref_txt.locked_part(tokens))
@@ -184,7 +184,7 @@ def test_heads_over_cached_features_give_the_live_embeddings(effnet):
     model = copy.deepcopy(effnet.model)
     lock_towers(model, 0, 0)
     images, tokens, _ = fixed_batch(effnet, n=3)
-    img, txt = feature_cache.image_side(model), feature_cache.text_side(model)
+    img, txt = splits.image_side(model), splits.text_side(model)
     # Cached before the projections: the trunk's pooled 1280 and MiniLM's mean-pooled 384.
     assert img.head is model.visual.head and txt.head is model.text.proj
     cached = feature_cache.CachedTowers(model, img, txt).eval()
@@ -194,10 +194,41 @@ def test_heads_over_cached_features_give_the_live_embeddings(effnet):
         live_i, live_t = model.encode_image(images, True), model.encode_text(tokens, True)
         torch.testing.assert_close(cached.encode_image(fi, True), live_i, atol=1e-6, rtol=0)
         torch.testing.assert_close(cached.encode_text(ft, True), live_t, atol=1e-6, rtol=0)
-    # A text tower with open layers is not cached; a partly open trunk is split (next test).
+    # Partly open towers are split where their open part starts (the next tests).
     lock_towers(reopened := copy.deepcopy(effnet.model), 1, 1)
-    assert feature_cache.text_side(reopened) is None
-    assert feature_cache.image_side(reopened).partial
+    assert splits.text_side(reopened).partial
+    assert splits.image_side(reopened).partial
+
+
+@needs_wheels
+@pytest.mark.parametrize("layers", [1, 4])
+def test_a_partly_open_text_tower_is_cached_up_to_its_first_open_layer(effnet, layers):
+    model = copy.deepcopy(effnet.model)
+    lock_towers(model, None, layers)
+    side = splits.text_side(model)
+    body = model.text.transformer
+    assert side.entry is body.encoder.layer[6 - layers]  # MiniLM has 6 layers
+    # Captions of unequal length: padding is masked in the open layers and the pooling alike.
+    tokens = effnet.tokenizer(["a dog", "two red buses parked beside a long brick wall"])
+    cached = feature_cache.CachedTowers(model, None, side)
+    for mode in ("eval", "train"):
+        getattr(model, mode)()
+        torch.manual_seed(0)  # dropout, when training, draws the same in both forwards
+        with torch.no_grad():
+            packed = side.locked_part(tokens)
+            assert packed.shape == (*tokens.shape, 385)  # hidden states and the mask
+            torch.manual_seed(1)
+            got = cached.encode_text(packed, True)
+            torch.manual_seed(1)
+            live = model.encode_text(tokens, True)
+        torch.testing.assert_close(got, live, atol=1e-5, rtol=0)
+    digest = side.digest
+    with torch.no_grad():
+        body.encoder.layer[5].output.dense.weight.add_(1.0)  # open: the key stays
+    assert splits.text_side(model).digest == digest
+    with torch.no_grad():
+        body.embeddings.word_embeddings.weight.mul_(0.5)  # locked: a new key
+    assert splits.text_side(model).digest != digest
 
 
 @needs_wheels
@@ -205,7 +236,7 @@ def test_heads_over_cached_features_give_the_live_embeddings(effnet):
 def test_a_partly_open_trunk_is_cached_up_to_its_first_open_module(effnet, groups):
     model = copy.deepcopy(effnet.model)
     lock_towers(model, groups, None)
-    side = feature_cache.image_side(model)
+    side = splits.image_side(model)
     trunk = model.visual.trunk
     first = next(n for n, m in trunk.named_modules() if m is side.entry)
     # timm: the last group is the last block with the head conv; each group before, one block.
@@ -223,10 +254,10 @@ def test_a_partly_open_trunk_is_cached_up_to_its_first_open_module(effnet, group
     digest = side.digest
     with torch.no_grad():
         trunk.bn2.weight.add_(1.0)
-    assert feature_cache.image_side(model).digest == digest
+    assert splits.image_side(model).digest == digest
     with torch.no_grad():
         trunk.blocks[0][0].conv_dw.weight.mul_(0.5)
-    assert feature_cache.image_side(model).digest != digest
+    assert splits.image_side(model).digest != digest
 
 
 def test_feature_cache_is_keyed_by_weights_and_preprocessing(towers_config, corpus, tmp_path):
@@ -238,8 +269,8 @@ def test_feature_cache_is_keyed_by_weights_and_preprocessing(towers_config, corp
     data = load_trainset(records, enc, tmp_path / "px", workers=0, progress=False)
     cache = tmp_path / "cache"
     sides = {
-        "image": feature_cache.image_side(enc.model),
-        "text": feature_cache.text_side(enc.model),
+        "image": splits.image_side(enc.model),
+        "text": splits.text_side(enc.model),
     }
 
     def files():
@@ -268,13 +299,13 @@ def test_feature_cache_is_keyed_by_weights_and_preprocessing(towers_config, corp
     # Other trunk weights, other normalisation, other captions: each a new file.
     with torch.no_grad():
         enc.model.visual.trunk.conv_stem.weight.mul_(0.5)
-    sides = {"image": feature_cache.image_side(enc.model), "text": None}
+    sides = {"image": splits.image_side(enc.model), "text": None}
     assert not torch.equal(features(sides).image, first.image) and len(files()) == 3
     data.mean = data.mean + 0.1
     features(sides)
     assert len(files()) == 4
     data.tokens = data.tokens.flip(0)
-    features({"image": None, "text": feature_cache.text_side(enc.model)})
+    features({"image": None, "text": splits.text_side(enc.model)})
     assert len(files()) == 5
 
 
@@ -299,6 +330,42 @@ def test_training_over_cached_features_equals_training_through_the_towers(
     assert not torch.equal(a["visual.head.proj.weight"], micro_start(towers_config))
     for x, y in zip(cached.history, live.history, strict=True):
         assert x["val_image_retrieval_recall@5"] == y["val_image_retrieval_recall@5"]
+
+
+@needs_wheels
+def test_a_step_over_cached_text_states_has_the_live_gradients(effnet):
+    # One training step (train mode: the open layer's dropout, seeded alike) through the cache
+    # and through the whole tower: the same loss and gradients.
+    images, tokens, ids = fixed_batch(effnet)
+    grads = []
+    for cached in (True, False):
+        model = copy.deepcopy(effnet.model)
+        lock_towers(model, 0, 1)
+        side = splits.text_side(model)
+        step_model, texts = model, tokens
+        if cached:
+            with torch.no_grad():
+                texts = side.locked_part(tokens)
+            step_model = feature_cache.CachedTowers(model, None, side)
+        model.train()
+        torch.manual_seed(5)
+        loss = contrastive_step(step_model, images, texts, ids)
+        grads.append(
+            (loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        )
+    (loss_a, a), (loss_b, b) = grads
+    assert loss_a == pytest.approx(loss_b, abs=1e-5)
+    assert a.keys() == b.keys() and "text.transformer.encoder.layer.5.output.dense.weight" in a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+@needs_wheels
+def test_training_caches_a_partly_open_minilm(corpus, tmp_path):
+    kw = dict(epochs=1, lock_image=0, lock_text=1, val_fraction=0.2, batch_size=16)
+    run(corpus, tmp_path / "r", ModelSpec(EFFNET), **kw)
+    states = [np.load(p) for p in (tmp_path / "r/cache").glob("features-text-*")]
+    assert len(states) == 2 and all(s.ndim == 3 and s.shape[-1] == 385 for s in states)
 
 
 def test_training_a_partly_open_trunk_over_cached_maps_equals_training_live(

@@ -93,7 +93,9 @@ def search(
     if grid is not None:
         from ..serve.sheets import sheet_format
 
-        sheet_format(grid)  # a bad file name fails before the search, not after it
+        sheet_format(grid)  # a bad file name or folder fails before the search, not after it
+        if not grid.parent.is_dir():
+            raise click.UsageError(f"--grid {grid}: the folder {grid.parent} does not exist")
     spec = model_spec(model, pretrained, random_init, index=True)
     # The other options are named after Searcher.search's keywords (and index_dir, device).
     out = run_search(name, query, model=spec, **options)

@@ -19,13 +19,10 @@ _BG, _INK, _FAINT = (255, 255, 255), (25, 25, 25), (110, 110, 110)
 
 
 def sheet_format(out: Path) -> str:
-    """The image format that ``out``'s extension names; ValueError when it names none, or
-    when ``out``'s folder does not exist (checked before a search, not after it)."""
+    """The image format that ``out``'s extension names; ValueError when it names none."""
     fmt = Image.registered_extensions().get(out.suffix.lower())
     if fmt is None or fmt not in Image.SAVE:
         raise ValueError(f"{out}: a contact sheet needs an image file name (.png, .jpg, .webp)")
-    if not out.parent.is_dir():
-        raise ValueError(f"{out}: the folder {out.parent} does not exist")
     return fmt
 
 

@@ -5,11 +5,11 @@ features for an input in every epoch (`retrieval.train.locking` keeps it in eval
 training image and each caption is run through it once, and epochs train the projections (and
 the logit scale) over the stored features: seconds instead of minutes on a CPU.
 
-What is cached is the output of the tower's locked part: for open_clip's timm tower the trunk's
-pooled features before ``visual.head`` (the projection), for its Hugging Face tower the pooled
-hidden states before ``text.proj``; a tower locked whole (projection included, as open_clip
-locks its own ViT and text transformer) is cached whole. Features are captured at the head's
-input while the model itself runs, so they are exactly what the live forward would feed it.
+What is cached is the output of the tower's locked part (`retrieval.train.splits.Side`): for
+open_clip's timm tower the trunk's pooled features before ``visual.head`` (the projection), for
+its Hugging Face tower the pooled hidden states before ``text.proj``; a tower locked whole is
+cached whole. Features are captured where the trained part starts while the model itself runs,
+so they are exactly what the live forward would feed it.
 
 Images are encoded in each of their augmented views (`retrieval.train.augment`; one, the image
 itself, by default), so augmentation costs an encoding per view, once, not a forward per step.
@@ -21,13 +21,10 @@ preprocessing build a new file, and a resumed run finds its own. The features ar
 memory on the training device: (views x images + captions) x 1,280 or 384 float32 for
 effnet-minilm.
 
-A partly open timm EfficientNet trunk (``--lock-image-unlocked-groups N``, as effnet-minilm's) is
-cached up to its first open module: the locked stem and blocks run once, and each step runs only
-the open end (`TrunkRest`). That is cheaper in compute whatever N is, so the only limit is memory:
-the open end's input is a feature map (effnet-minilm with its last group open: 320 x 7 x 7 per
-view), and a set whose maps would pass `PARTIAL_CACHE_BYTES` runs live instead. A partly open
-text tower, and any other trunk, runs live (what a live step computes is defined by its forward,
-which only these trunks' are known to be split at).
+A partly open tower is cached up to its first open module where `retrieval.train.splits` knows
+a split (an EfficientNet trunk, a mean-pooled BERT text tower). That is cheaper in compute
+whatever is open, so the only limit is memory: feature maps (320 x 7 x 7 a view with the last
+group open) or hidden states (tokens x 385) for a set past `PARTIAL_CACHE_BYTES` run live.
 """
 
 from __future__ import annotations
@@ -36,7 +33,6 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -45,136 +41,14 @@ import torch
 import torch.nn.functional as F
 
 from ..files import atomic_write
-from ..model.checkpoints import state_digest
 from . import augment, pixel_cache
-from .locking import frozen
+from .splits import Side
 from .trainset import Features, TrainSet
 
 log = logging.getLogger(__name__)
 
 VERSION = "features v1"
 PARTIAL_CACHE_BYTES = 4 << 30  # a partly open trunk's cached feature maps, at most, per set
-
-
-@dataclass
-class Side:
-    """A tower's locked part and what follows it: ``run`` (model input -> the tower's output,
-    unnormalised), ``head`` (the trained rest, from the locked part's output; None when the
-    whole tower is locked), the locked part's weights, and ``entry``: the module whose input
-    the locked part's output is in the live forward (``head`` itself when None)."""
-
-    run: Callable[[torch.Tensor], torch.Tensor]
-    head: Callable[[torch.Tensor], torch.Tensor] | None
-    locked: dict[str, torch.Tensor]
-    entry: torch.nn.Module | None = None
-
-    @property
-    def partial(self) -> bool:
-        """The locked part ends inside the tower's trunk (its outputs are feature maps)."""
-        return self.entry is not None
-
-    @cached_property
-    def digest(self) -> str:
-        """The locked weights' digest: they do not change during the run (that is the lock)."""
-        return state_digest(self.locked)
-
-    def locked_part(self, x: torch.Tensor) -> torch.Tensor:
-        """What the head receives for input ``x`` in the live forward (the tower's own output
-        when there is no head). The forward stops there: the open part does not run, so its
-        BatchNorm statistics do not move."""
-        if self.head is None:
-            return self.run(x)
-        entry = self.entry if self.entry is not None else self.head
-
-        def stop(module: torch.nn.Module, args: tuple) -> None:
-            raise _Reached(args[0])
-
-        hook = entry.register_forward_pre_hook(stop)
-        try:
-            self.run(x)
-        except _Reached as reached:
-            return reached.value
-        finally:
-            hook.remove()
-        raise RuntimeError("the tower's forward never reached its head")  # a wrong split
-
-
-class _Reached(Exception):
-    """Carries the head's input out of a forward stopped there."""
-
-    def __init__(self, value: torch.Tensor) -> None:
-        super().__init__()
-        self.value = value
-
-
-class TrunkRest:
-    """The open end of a timm EfficientNet trunk, then its pooling and open_clip's head: what a
-    live forward computes from the input of ``modules[0]``. The modules are the model's own."""
-
-    def __init__(self, trunk: torch.nn.Module, modules: list[torch.nn.Module], head) -> None:
-        self.trunk, self.modules, self.head = trunk, modules, head
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous(memory_format=torch.channels_last)  # as the live trunk runs (towers)
-        for module in self.modules:
-            x = module(x)
-        return self.head(self.trunk.forward_head(x))
-
-
-def _forward_order(trunk: torch.nn.Module) -> list[torch.nn.Module] | None:
-    """A timm EfficientNet trunk's modules in its ``forward_features`` order; None for any
-    other trunk, whose forward this module does not split."""
-    try:
-        from timm.models.efficientnet import EfficientNet
-    except ImportError:
-        return None
-    if type(trunk) is not EfficientNet:  # a subclass may forward otherwise
-        return None
-    blocks = [block for stage in trunk.blocks for block in stage]
-    return [trunk.conv_stem, trunk.bn1, *blocks, trunk.conv_head, trunk.bn2]
-
-
-def _partial_image_side(model: torch.nn.Module) -> Side | None:
-    """A partly open trunk's split at its first open module, where the trunk allows one."""
-    trunk, head = model.visual.trunk, model.visual.head
-    order = _forward_order(trunk)
-    first = next((i for i, m in enumerate(order or []) if not frozen(m)), None)
-    if not first:  # not such a trunk, all open, or (None) all locked
-        return None
-    locked = {f"{i}.{k}": v for i, m in enumerate(order[:first]) for k, v in m.state_dict().items()}
-    rest = TrunkRest(trunk, order[first:], head)
-    return Side(model.encode_image, rest, locked, entry=order[first])
-
-
-def image_side(model: torch.nn.Module, locked: bool = True) -> Side | None:
-    """The image tower's split; None when ``locked`` and its locked part has open weights (a
-    partly open EfficientNet trunk is split at its first open module)."""
-    visual = model.visual
-    trunk, head = getattr(visual, "trunk", None), getattr(visual, "head", None)
-    if trunk is not None and head is not None:  # open_clip's TimmModel: head(trunk(x))
-        if not locked or frozen(trunk):
-            return Side(model.encode_image, head, trunk.state_dict())
-        return _partial_image_side(model)
-    side = Side(model.encode_image, None, visual.state_dict())
-    return side if frozen(visual) or not locked else None
-
-
-def text_side(model: torch.nn.Module, locked: bool = True) -> Side | None:
-    """The text tower's split; None when ``locked`` and its locked part has open weights."""
-    text = getattr(model, "text", None)
-    if text is not None and hasattr(text, "transformer") and hasattr(text, "proj"):
-        # open_clip's HFTextEncoder: proj(pooler(transformer(ids)))
-        body = text.transformer
-        side = Side(model.encode_text, text.proj, body.state_dict())
-        return side if frozen(body) or not locked else None
-    # open_clip's own text tower: on the model itself (CLIP) or as model.text (CustomTextCLIP).
-    own = ("visual.", "logit_")
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith(own)}
-    is_locked = not any(
-        p.requires_grad for n, p in model.named_parameters() if not n.startswith(own)
-    )
-    side = Side(model.encode_text, None, state)
-    return side if is_locked or not locked else None
 
 
 class CachedTowers(torch.nn.Module):
@@ -267,23 +141,27 @@ def encode_side(
 
 
 @torch.no_grad()
-def fits(side: Side, sets: list[TrainSet | None], how: Encoding, views: list[int]) -> bool:
-    """Whether a partly open trunk's feature maps for ``sets`` (each in its ``views``) stay
-    within `PARTIAL_CACHE_BYTES` each; a whole tower's pooled features always do."""
+def fits(
+    kind: str, side: Side, sets: list[TrainSet | None], how: Encoding, views: list[int]
+) -> bool:
+    """Whether a partly open tower's intermediate features for ``sets`` (images each in its
+    ``views``) stay within `PARTIAL_CACHE_BYTES` each; a whole tower's pooled ones always do."""
     if not side.partial:
         return True
     probe = next((s for s in sets if s is not None and len(s)), None)
     if probe is None:
         return True
     with how.autocast():
-        one = side.locked_part(_inputs("image", probe, slice(0, 1), 0).to(how.device))
+        one = side.locked_part(_inputs(kind, probe, slice(0, 1), 0).to(how.device))
     size = one[0].numel() * 4  # stored as float32
-    need = max(size * len(s) * v for s, v in zip(sets, views, strict=True) if s is not None)
+    rows = [
+        (len(s) * v if kind == "image" else len(s.tokens))
+        for s, v in zip(sets, views, strict=True)
+        if s is not None
+    ]
+    need = size * max(rows)
     if need > PARTIAL_CACHE_BYTES:
-        log.info(
-            "the locked part of the image trunk is not cached: %.1f GiB of feature maps",
-            need / 2**30,
-        )
+        log.info("the locked part of the %s tower is not cached: %.1f GiB", kind, need / 2**30)
     return need <= PARTIAL_CACHE_BYTES
 
 

@@ -50,7 +50,7 @@ from ..model.encoder import Encoder, default_workers
 from ..model.spec import ModelSpec
 from . import sampling
 from .config import DEFAULT_LR, TrainConfig
-from .feature_cache import CachedTowers, Encoding, features_for, fits, image_side, text_side
+from .feature_cache import CachedTowers, Encoding, features_for, fits
 from .gradcache import contrastive_step
 from .locking import lock_towers, trained_keys
 from .loss import clamp_logit_scale
@@ -66,6 +66,7 @@ from .run import (
 )
 from .sampling import epoch_batches as epoch_batches  # where the tests have found it
 from .sampling import pair_count
+from .splits import image_side, text_side
 from .trainset import Features, TrainSet, load_trainset, split_records
 
 log = logging.getLogger(__name__)
@@ -278,10 +279,11 @@ def _features(model, sets, out: Path, config: TrainConfig, world: World):
     # Training images in all their augmented views; validation images as they are.
     views = [config.augment_views, 1]
     how = Encoding(out / "cache", device, autocast, precision)
-    if sides["image"] is not None and not fits(sides["image"], list(sets), how, views):
-        sides["image"] = None
-        if sides["text"] is None:
-            return model, [None] * len(sets)
+    for kind, side in sides.items():
+        if side is not None and not fits(kind, side, list(sets), how, views):
+            sides[kind] = None
+    if not any(sides.values()):
+        return model, [None] * len(sets)
     if world.rank != 0 and world.size > 1:
         dist.barrier()  # rank 0 encodes; the others then read its cache
     feats = [

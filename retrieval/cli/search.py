@@ -29,6 +29,13 @@ def commands() -> None:
 @click.option("--text", default=None, help="Text query.")
 @click.option("--image", type=click.Path(path_type=Path), default=None, help="Image query file.")
 @click.option(
+    "--vector",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="An embedding computed elsewhere, in the index's model's space: a .npy of one vector "
+    "or a JSON list of numbers.",
+)
+@click.option(
     "--image-weight",
     default=DEFAULT_IMAGE_WEIGHT,
     show_default=True,
@@ -39,7 +46,7 @@ def commands() -> None:
     "terms",
     multiple=True,
     metavar="KIND:WEIGHT:VALUE",
-    help="Extra term, e.g. text:-0.5:blurry or image:0.3:ref.jpg (repeatable).",
+    help="Extra term, e.g. text:-0.5:blurry, image:0.3:ref.jpg or vector:0.5:v.npy (repeatable).",
 )
 @click.option("-k", "k", default=DEFAULT_K, show_default=True, help="Number of results.")
 @click.option(
@@ -79,16 +86,20 @@ def commands() -> None:
 @model_options(None)
 @index_dir_option
 def search(
-    name, text, image, image_weight, terms, as_json, grid, model, pretrained, random_init, **options
-):
-    """Search index NAME by --text, --image, or both (and more --term)."""
+    name, text, image, vector, image_weight, terms, as_json, grid, model, pretrained, random_init,
+    **options,
+):  # fmt: skip
+    """Search index NAME by --text, --image, or both, or by --vector (and more --term)."""
     from ..query.search import Query
     from ..query.search import search as run_search
 
     terms = tuple(_parse_term(t) for t in terms)
-    query = Query(text=text, image=image, image_weight=image_weight, terms=terms)
+    if vector is not None and (text is not None or image is not None):
+        raise click.UsageError("--vector stands alone: compose it with --term vector:W:FILE")
+    embedding = read_vector(vector) if vector is not None else None
+    query = Query(text=text, image=image, image_weight=image_weight, terms=terms, vector=embedding)
     if not query.all_terms():
-        raise click.UsageError("give --text, --image or both")
+        raise click.UsageError("give --text, --image or both, or --vector")
     _refuse_meaningless(click.get_current_context(), query, options["strategy"])
     if grid is not None:
         from ..serve.sheets import sheet_format
@@ -162,11 +173,36 @@ def _parse_term(text: str):
         w = float(weight)
     except ValueError:
         w = None
-    if kind not in ("text", "image") or w is None or not value:
+    if kind not in ("text", "image", "vector") or w is None or not value:
         raise click.BadParameter(
-            f"{text!r}: use text:WEIGHT:words or image:WEIGHT:path", param_hint="--term"
+            f"{text!r}: use text:WEIGHT:words, image:WEIGHT:path or vector:WEIGHT:file",
+            param_hint="--term",
         )
+    if kind == "vector":
+        return QueryTerm(vector=read_vector(Path(value)), weight=w)
     return QueryTerm(text=value, weight=w) if kind == "text" else QueryTerm(image=value, weight=w)
+
+
+def read_vector(path: Path):
+    """The numbers in ``path`` (.npy of one vector, or a JSON list) as a 1-d array."""
+    import numpy as np
+
+    try:
+        if path.suffix.lower() == ".npy":
+            numbers = np.load(path, allow_pickle=False)
+        else:
+            numbers = np.asarray(json.loads(path.read_text(encoding="utf-8")), dtype=np.float64)
+    except (OSError, ValueError, TypeError) as e:
+        why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise click.BadParameter(f"{path}: not a vector ({why})", param_hint="--vector") from None
+    if numbers.ndim == 2 and numbers.shape[0] == 1:
+        numbers = numbers[0]
+    if numbers.ndim != 1 or not np.issubdtype(numbers.dtype, np.number):
+        raise click.BadParameter(
+            f"{path}: one vector of numbers, not an array of shape {numbers.shape}",
+            param_hint="--vector",
+        )
+    return numbers
 
 
 def results_table(out: dict) -> str:

@@ -88,7 +88,8 @@ class SearchSpace:
 
 @dataclass(frozen=True, eq=False)  # compared by identity: it holds an array
 class Term:
-    """One query vector (1, D) with its weight; ``kind`` is "t" (text) or "i" (image)."""
+    """One query vector (1, D) with its weight; ``kind`` is "t" (text), "i" (image) or "v" (a
+    vector computed elsewhere): the first letter of its signals' names."""
 
     kind: str
     vector: np.ndarray

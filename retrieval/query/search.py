@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,27 +51,35 @@ TARGETS = ("images", "captions")
 # normalisation did not pay; so every direction stays plain cosine unless asked otherwise.
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class QueryTerm:
-    """An extra term of a composed query: a text or an image; a negative weight pushes away."""
+    """A term of a composed query: a text, an image or an embedding computed elsewhere (a
+    vector in the index's model's space, (D,)); a negative weight pushes away."""
 
     text: str | None = None
     image: str | Path | Image.Image | None = None
     weight: float = 1.0
+    vector: Sequence[float] | np.ndarray | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Query:
-    """A text, an image, or both (weighted by ``image_weight``), plus any extra terms."""
+    """A text, an image, or both (weighted by ``image_weight``), or an embedding alone, plus
+    any extra terms."""
 
     text: str | None = None
     image: str | Path | Image.Image | None = None
     image_weight: float = DEFAULT_IMAGE_WEIGHT
     terms: tuple[QueryTerm, ...] = ()
+    vector: Sequence[float] | np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.image_weight <= 1:
             raise SearchError(f"the image weight must be between 0 and 1, not {self.image_weight}")
+        if self.vector is not None and (self.text is not None or self.image is not None):
+            raise SearchError(
+                "an embedding query stands alone; compose it with a text or an image as terms"
+            )
 
     def all_terms(self) -> tuple[QueryTerm, ...]:
         both = self.text is not None and self.image is not None
@@ -79,6 +88,8 @@ class Query:
             first.append(QueryTerm(text=self.text, weight=1 - self.image_weight if both else 1.0))
         if self.image is not None:
             first.append(QueryTerm(image=self.image, weight=self.image_weight if both else 1.0))
+        if self.vector is not None:
+            first.append(QueryTerm(vector=self.vector))
         return (*first, *self.terms)
 
     def describe(self) -> dict[str, Any]:
@@ -92,8 +103,15 @@ class Query:
 def _describe(t: QueryTerm) -> dict[str, Any]:
     if t.text is not None:
         return {"text": t.text, "weight": t.weight}
+    if t.vector is not None:
+        return {"vector": f"<{np.size(t.vector)} numbers>", "weight": t.weight}
     img = "<image>" if isinstance(t.image, Image.Image) else str(t.image)
     return {"image": img, "weight": t.weight}
+
+
+def _kind(t: QueryTerm) -> str:
+    """The term's letter in signal names: t2i, i2t, v2i (a vector computed elsewhere)."""
+    return "t" if t.text is not None else "i" if t.image is not None else "v"
 
 
 def _check_numbers(k: int, overfetch: int, mix: float) -> None:
@@ -222,8 +240,11 @@ class Searcher:
 
     def embed(self, term: QueryTerm) -> np.ndarray:
         """The term's (1, D) unit vector."""
-        if (term.text is None) == (term.image is None):
-            raise SearchError("each query term is exactly one of a text or an image")
+        given = [x is not None for x in (term.text, term.image, term.vector)]
+        if sum(given) != 1:
+            raise SearchError("each query term is exactly one of a text, an image or a vector")
+        if term.vector is not None:
+            return self._query_vector(term.vector)
         if term.text is not None:
             if not term.text.strip():
                 raise SearchError("the text query is empty")
@@ -235,6 +256,25 @@ class Searcher:
             except BadImage as e:
                 raise SearchError(f"cannot use the query image: {e}") from None
         return self.encoder.encode_pil([image])
+
+    def _query_vector(self, vector) -> np.ndarray:
+        """A vector computed elsewhere as a (1, D) unit query, once checked to fit the index."""
+        try:
+            v = np.asarray(vector, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            raise SearchError("the query vector must be a list of numbers") from None
+        dim = self.manifest.dim
+        if len(v) != dim:
+            raise SearchError(
+                f"the query vector has {len(v)} numbers; index {self.manifest.name!r} holds "
+                f"{dim}-d vectors of model {self.manifest.model}"
+            )
+        if not np.isfinite(v).all():
+            raise SearchError("the query vector holds NaN or infinite numbers")
+        norm = np.linalg.norm(v)
+        if norm < 1e-12:
+            raise SearchError("the query vector is all zeros: it points nowhere")
+        return np.ascontiguousarray((v / norm)[None, :], dtype=np.float32)
 
     def search(
         self,
@@ -251,16 +291,14 @@ class Searcher:
         if not terms:
             raise SearchError("the query is empty: give a text, an image or both")
         _check_numbers(k, overfetch, mix)
-        solo_image = len(terms) == 1 and terms[0].image is not None
+        solo_image = len(terms) == 1 and terms[0].image is not None  # a vector: images
         target = target or ("captions" if solo_image else "images")
         if target not in TARGETS:
             raise SearchError(f"target must be one of {', '.join(TARGETS)}, not {target!r}")
         strategy = strategy or DEFAULT_STRATEGY
         if strategy == "arith" and len(terms) < 2:
             strategy = "cosine"  # arithmetic on one term is plain cosine
-        vectors = [
-            ranking.Term("t" if t.text is not None else "i", self.embed(t), t.weight) for t in terms
-        ]
+        vectors = [ranking.Term(_kind(t), self.embed(t), t.weight) for t in terms]
         options = ranking.Options(
             k=k, target=target, strategy=strategy, overfetch=overfetch, mix=mix
         )

@@ -74,6 +74,9 @@ class SearchRequest(BaseModel):
     image: str | None = Field(None, description="Base64 image bytes, or a data: URL.")
     image_id: str | None = Field(None, description="Use this indexed item's image as the query.")
     image_weight: float = Field(DEFAULT_IMAGE_WEIGHT, ge=0, le=1)
+    embedding: list[float] | None = Field(
+        None, description="A query vector computed elsewhere, in the index's model's space."
+    )
     k: int = DEFAULT_K
     target: Literal["images", "captions"] | None = None
     strategy: Literal[STRATEGIES] | None = None  # type: ignore[valid-type]
@@ -328,8 +331,12 @@ def _query(searcher: Searcher, req: SearchRequest, raw: bytes | None, max_pixels
         image = _decode_upload(raw, max_pixels)
     elif req.image_id is not None:
         image = _load(_item_path(searcher, req.image_id), max_pixels)
+    if req.embedding is not None:
+        if text is not None or image is not None:
+            raise ApiError(400, "an embedding query stands alone: no text or image with it")
+        return Query(vector=req.embedding)
     if text is None and image is None:
-        raise ApiError(400, "the query is empty: give a text, an image or both")
+        raise ApiError(400, "the query is empty: give a text, an image or both, or an embedding")
     return Query(text=text, image=image, image_weight=req.image_weight)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..query.ranking import (
+    DEFAULT_DEDUP,
     DEFAULT_IMAGE_WEIGHT,
     DEFAULT_K,
     DEFAULT_MIX,
@@ -75,6 +76,15 @@ def commands() -> None:
     default=DEFAULT_MIX,
     show_default=True,
     help="hybrid: weight of the other modality's signal.",
+)
+@click.option(
+    "--dedup",
+    type=click.FloatRange(0, 1, min_open=True),
+    is_flag=False,
+    flag_value=DEFAULT_DEDUP,
+    default=None,
+    help=f"Fold results whose images are this close (cosine) to a better one's into it "
+    f"[off; alone: {DEFAULT_DEDUP}].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option(
@@ -211,6 +221,8 @@ def results_table(out: dict) -> str:
     for r in out["results"]:
         caption = r["caption"]["text"] if "caption" in r else (r["captions"] or [""])[0]
         item, caption = _one_line(r["id"]), _one_line(caption)
+        if r.get("duplicates"):
+            caption = f"(+{len(r['duplicates'])} near-copies) {caption}"
         lines.append(f"{r['rank']:>4}  {r['score']:>7.4f}  {item:<24}  {caption[:70]}")
     if not out["results"]:
         lines.append("(no results)")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from ..index.store import Store
 from ..index.vector_index import VectorIndex
 from ..model.encoder import Encoder
 from ..model.spec import ModelSpec
+from ..scoring.dedup import fold as fold_duplicates
 from . import ranking
 from .ranking import (
     DEFAULT_IMAGE_WEIGHT,
@@ -285,12 +286,20 @@ class Searcher:
         where: tuple[str, ...] = (),
         overfetch: int = DEFAULT_OVERFETCH,
         mix: float = DEFAULT_MIX,
+        dedup: float | None = None,
     ) -> dict[str, Any]:
-        """``{"query", "target", "strategy", "where", "results"}`` with the ``k`` best items."""
+        """``{"query", "target", "strategy", "where", "results"}`` with the ``k`` best items.
+
+        ``dedup``: a cosine similarity; an item whose image is at least that close to a better
+        ranked result's is folded into it (listed in its ``"duplicates"``), and k distinct
+        results still come back when the index has them.
+        """
         terms = query.all_terms()
         if not terms:
             raise SearchError("the query is empty: give a text, an image or both")
         _check_numbers(k, overfetch, mix)
+        if dedup is not None and not 0 < dedup <= 1:
+            raise SearchError(f"dedup must be a cosine similarity in (0, 1], not {dedup}")
         solo_image = len(terms) == 1 and terms[0].image is not None  # a vector: images
         target = target or ("captions" if solo_image else "images")
         if target not in TARGETS:
@@ -302,14 +311,43 @@ class Searcher:
         options = ranking.Options(
             k=k, target=target, strategy=strategy, overfetch=overfetch, mix=mix
         )
-        hits = ranking.run(self.space, vectors, options, self._filter(tuple(where)))
+        allowed = self._filter(tuple(where))
+        if dedup is None:
+            kept = [(hit, []) for hit in ranking.run(self.space, vectors, options, allowed)]
+        else:
+            kept = self._distinct(vectors, options, allowed, dedup)
+        results = []
+        for rank, (hit, folded) in enumerate(kept, 1):
+            result = self._result(rank, hit)
+            if dedup is not None:
+                result["duplicates"] = self.store.item_ids([h.item for h in folded])
+            results.append(result)
         return {
             "query": query.describe(),
             "target": target,
             "strategy": strategy,
             "where": list(where),
-            "results": [self._result(rank, hit) for rank, hit in enumerate(hits, 1)],
+            "results": results,
         }
+
+    def _distinct(self, vectors, options: ranking.Options, allowed, threshold: float):
+        """The ``options.k`` best hits that are no near-copy of a better one, each with the hits
+        folded into it; fetches 4x more until k are distinct or the candidates run out."""
+        fetch = options.k * 4
+        while True:
+            hits = ranking.run(self.space, vectors, replace(options, k=fetch), allowed)
+            rows = np.array([h.item for h in hits], dtype=np.int64)
+            images = self.space.image_emb[rows].astype(np.float32)
+            images /= np.maximum(np.linalg.norm(images, axis=1, keepdims=True), 1e-12)
+            owner = fold_duplicates(images, threshold)
+            kept = np.flatnonzero(owner == np.arange(len(hits)))
+            if len(kept) >= options.k or len(hits) < fetch:
+                break
+            fetch *= 4
+        return [
+            (hits[i], [hits[j] for j in np.flatnonzero((owner == i) & (np.arange(len(hits)) != i))])
+            for i in kept[: options.k]
+        ]
 
     def _filter(self, where: tuple[str, ...]) -> np.ndarray | None:
         """Sorted item rows passing every condition (None: no filter), computed once each."""

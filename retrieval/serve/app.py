@@ -43,6 +43,7 @@ from ..corpus import images, webdataset
 from ..errors import EncoderError, SearchError
 from ..model.spec import ModelSpec
 from ..query.ranking import (
+    DEFAULT_DEDUP,
     DEFAULT_IMAGE_WEIGHT,
     DEFAULT_K,
     DEFAULT_MIX,
@@ -83,6 +84,9 @@ class SearchRequest(BaseModel):
     where: list[str] = Field(default_factory=list, description="key=value, key>=n, key=lo..hi")
     overfetch: int = Field(DEFAULT_OVERFETCH, ge=1, le=100)
     mix: float = Field(DEFAULT_MIX, ge=0, le=1)
+    dedup: float | None = Field(
+        None, gt=0, le=1, description="Fold results whose images are this close (cosine)."
+    )
 
 
 class _Latest:
@@ -186,6 +190,7 @@ def _run_search(
     searcher: Searcher, lock: threading.Lock, req: SearchRequest, raw: bytes | None, config
 ) -> dict[str, Any]:
     options = {"k": req.k, "target": req.target, "strategy": req.strategy, "mix": req.mix}
+    options["dedup"] = req.dedup
     try:
         query = _query(searcher, req, raw, config.max_pixels)
         with lock:
@@ -398,6 +403,7 @@ def _stats(searcher: Searcher) -> dict[str, Any]:
         "updated": m.updated,
         "strategies": list(STRATEGIES),
         "default_strategy": DEFAULT_STRATEGY,
+        "default_dedup": DEFAULT_DEDUP,
         "version": __version__,
     }
 

@@ -39,6 +39,7 @@ async function search() {
   form.append("k", $("k").value || "12");
   form.append("image_weight", $("image-weight").value || "0.5");
   if ($("strategy").value) form.append("strategy", $("strategy").value);
+  if ($("dedup").checked && state.dedup) form.append("dedup", String(state.dedup));
   for (const cond of $("where").value.split(",")) if (cond.trim()) form.append("where", cond.trim());
   setStatus("Searching…");
   const started = performance.now();
@@ -71,7 +72,8 @@ function render(out) {
     meta.innerHTML = `<div><span class="score"></span> <span class="rank"></span></div>
       <div class="caption"></div><div class="parts"></div>`;
     meta.querySelector(".score").textContent = r.score.toFixed(3);
-    meta.querySelector(".rank").textContent = `#${r.rank} ${r.id}`;
+    const folded = r.duplicates && r.duplicates.length ? ` (+${r.duplicates.length} near-copies)` : "";
+    meta.querySelector(".rank").textContent = `#${r.rank} ${r.id}${folded}`;
     meta.querySelector(".caption").textContent = caption;
     meta.querySelector(".parts").textContent = parts;
     card.append(img, meta);
@@ -106,6 +108,7 @@ async function init() {
   try {
     const stats = await api("/stats");
     $("index-name").textContent = stats.name;
+    state.dedup = stats.default_dedup;
     $("stats").textContent = `${stats.counts.items} items · ${stats.counts.captions} captions · ${stats.model}`;
     for (const s of stats.strategies) {
       const opt = document.createElement("option");

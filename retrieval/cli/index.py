@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..index import integrity
-from ..index.config import TARGET_RECALL, VERIFY_SAMPLE, BuildConfig
+from ..index.config import EXPORT_FORMATS, TARGET_RECALL, VERIFY_SAMPLE, BuildConfig, ExportConfig
 from ..index.manifest import IndexEntry
 from ..model.spec import DEFAULT_MODEL
 from .options import (
@@ -180,6 +180,31 @@ def build(
     click.echo(report.summary())
     if sum(report.skipped.values()):
         click.echo(f"skipped records and their reasons: {report.path / 'skipped.jsonl'}")
+
+
+@commands.command()
+@click.argument("name")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(EXPORT_FORMATS),
+    default=ExportConfig.format,
+    show_default=True,
+    help="clip-retrieval: its img_emb/, text_emb/, metadata/ layout (a folder); npz or parquet: "
+    "one file.",
+)
+@click.option(
+    "--dtype", type=click.Choice(["float16", "float32"]), default=ExportConfig.dtype,
+    show_default=True,
+)  # fmt: skip
+@index_dir_option
+def embeddings(name, out, fmt, dtype, index_dir):
+    """Write index NAME's embeddings, ids and metadata to OUT (not a model: see `export`)."""
+    from ..index.export import export
+
+    count = export(name, out, ExportConfig(format=fmt, dtype=dtype), index_dir)
+    click.echo(f"wrote {count} items of index {name!r} to {out} ({fmt}, {dtype})")
 
 
 @commands.command()

@@ -52,3 +52,15 @@ class BuildConfig:
             resume=resume,
             progress=self.progress,
         )
+
+
+EXPORT_FORMATS = ("clip-retrieval", "npz", "parquet")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How `retrieval embeddings` writes an index's vectors (`retrieval.index.export`)."""
+
+    format: str = "clip-retrieval"
+    dtype: str = "float16"  # or "float32"
+    chunk: int = 100_000  # items read and written at a time: ~100 MB of fp16 512-d vectors

@@ -157,3 +157,36 @@ def test_rollback_without_a_sound_previous_version_says_so(corpora, tmp_path):
     assert "no previous version that verifies" in out and "--resume" in out
     out = run(root, "verify", "y", "--sample", "0", code=1).output
     assert "embeddings/image.npy is missing" in out and "--repair" in out
+
+
+def test_repairing_one_normaliser_keeps_the_other_bit_for_bit(built, tmp_path):
+    root = fresh(built, tmp_path)
+    folder = layout.resolve("x", root)
+    sound = (folder / "embeddings/caption.qbnorm.npy").read_bytes()
+    damage(folder, "embeddings/image.qbnorm.npy", "truncate")
+    out = run(root, "verify", "x", "--repair", "--sample", "0").output
+    assert "rebuilt embeddings/image.qbnorm.npy" in out and "as it is now" in out
+    repaired = layout.resolve("x", root)
+    assert (repaired / "embeddings/caption.qbnorm.npy").read_bytes() == sound
+
+
+def test_a_missing_version_folder_is_damage_with_a_way_back(built, tmp_path):
+    root = fresh(built, tmp_path)
+    shutil.rmtree(layout.resolve("x", root))
+    out = run(root, "search", "x", "--text", "red", code=1).output
+    assert "version folder itself is missing" in out and "--rollback" in out
+    assert "previous version" in run(root, "verify", "x", "--rollback", "--sample", "0").output
+
+
+def test_a_server_stays_on_the_sound_version_when_a_damaged_one_is_published(built, tmp_path):
+    from retrieval.query.search import Searcher
+
+    root = fresh(built, tmp_path)
+    with Searcher.open("x", root) as searcher:
+        old = searcher.folder
+        newer = old.parent / "newer"
+        shutil.copytree(old, newer)
+        (newer / MANIFEST).write_text("{not json")
+        (root / "x").unlink()
+        (root / "x").symlink_to(newer.relative_to(root))
+        assert searcher.latest() is searcher  # a warning, and the version that is whole

@@ -96,3 +96,24 @@ def test_clip_retrieval_layout_reads_back(index, truth, tmp_path):
 def test_an_unknown_format_is_refused(index, tmp_path):
     result = CliRunner().invoke(main, ["embeddings", "e", str(tmp_path / "x"), "--format", "csv"])
     assert result.exit_code == 2 and "csv" in result.output
+
+
+def test_outputs_that_cannot_be_written_are_one_line(index, tmp_path):
+    stale = tmp_path / "old"
+    (stale / "img_emb").mkdir(parents=True)
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        (stale, "clip-retrieval", "is not an empty folder"),
+        (tmp_path / "afile", "clip-retrieval", "is not an empty folder"),
+        (tmp_path, "npz", "is a folder: --format npz writes one file"),
+    ]
+    for out, fmt, words in cases:
+        args = ["embeddings", "e", str(out), "--format", fmt, "--index-dir", str(index)]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1 and words in result.output and "Traceback" not in result.output
+    # A single file is replaced whole.
+    target = tmp_path / "e.npz"
+    export("e", target, ExportConfig("npz"), index)
+    export("e", target, ExportConfig("npz", "float32"), index)
+    assert np.load(target)["image"].dtype == np.float32
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -21,6 +21,10 @@ REFUSED = [
     (("--text", "red", "--strategy", "qbnorm", "--mix", "0.5"), ("--mix", "qbnorm")),
     (("--text", "a red square", "--overfetch", "3"), ("--overfetch", "cosine")),
     (("--image", "IMG", "--strategy", "cosine", "--overfetch", "3"), ("--overfetch", "cosine")),
+    (
+        ("--text", "red", "--strategy", "arith", "--overfetch", "3"),
+        ("--overfetch", "one query term"),
+    ),
 ]
 ACCEPTED = [
     ("--text", "a red square", "--image", "IMG", "--image-weight", "0.3"),

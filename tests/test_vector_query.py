@@ -58,6 +58,7 @@ def test_a_vector_finds_what_its_text_finds(searcher, encoder):
         (np.full(128, np.nan), "NaN or infinite"),
         (np.zeros(128), "all zeros"),
         (["a"] * 128, "a list of numbers"),
+        (np.ones((2, 64)), r"one vector, not an array of \(2, 64\)"),
     ],
 )
 def test_a_bad_vector_is_one_line(searcher, vector, words):

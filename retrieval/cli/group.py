@@ -29,7 +29,10 @@ class ErrorGroup(click.Group):
         previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
         try:
             return super().invoke(ctx)
-        except (RetrievalError, FileNotFoundError, FileExistsError, ValueError) as e:
+        except (RetrievalError, ValueError, FileNotFoundError, FileExistsError) as e:
+            _show_traceback(ctx, e)
+            raise click.ClickException(str(e)) from None
+        except (PermissionError, IsADirectoryError, NotADirectoryError) as e:  # a path given
             _show_traceback(ctx, e)
             raise click.ClickException(str(e)) from None
         except KeyboardInterrupt as e:

@@ -137,8 +137,12 @@ def _refuse_meaningless(ctx: click.Context, query, strategy: str | None) -> None
             f"--mix weighs the other modality in --strategy {' or '.join(hybrid)}; with "
             f"--strategy {strategy or DEFAULT_STRATEGY} it does nothing"
         )
-    one_term = len(query.all_terms()) == 1
-    if given(ctx, "overfetch") and (strategy or DEFAULT_STRATEGY) == "cosine" and one_term:
+    one_term = len(query.all_terms()) == 1  # arith on one term is plain cosine
+    if (
+        given(ctx, "overfetch")
+        and (strategy or DEFAULT_STRATEGY) in ("cosine", "arith")
+        and one_term
+    ):
         raise click.UsageError(
             "--overfetch sets the candidates each signal fetches for fusion; --strategy "
             "cosine with one query term fuses nothing (the index's own top k are the answer)"

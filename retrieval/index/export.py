@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RetrievalError
+from ..files import atomic_path
 from . import integrity, layout
 from .config import EXPORT_FORMATS as FORMATS
 from .config import ExportConfig
@@ -50,13 +51,34 @@ def export(name: str, out: Path, config: ExportConfig, index_dir=None) -> int:
     """Write index ``name``'s embeddings to ``out`` as ``config.format``; return the item count."""
     if config.format not in FORMATS:
         raise RetrievalError(f"unknown export format {config.format!r} ({', '.join(FORMATS)})")
+    out = Path(out)
+    _check_out(out, config.format)
     folder, manifest = integrity.open_version(name, index_dir)
     writer = {"clip-retrieval": _clip_retrieval, "npz": _npz, "parquet": _parquet}[config.format]
     with Store.open(folder / layout.STORE) as store:
         counts = store.counts()
         chunks = _chunks(store, folder, config)
-        writer(chunks, out, config, (counts["items"], counts["captions"], manifest.dim))
+        sizes = (counts["items"], counts["captions"], manifest.dim)
+        if config.format == "clip-retrieval":
+            writer(chunks, out, config, sizes)
+        else:  # one file: all or nothing
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(out) as tmp:
+                writer(chunks, tmp, config, sizes)
     return counts["items"]
+
+
+def _check_out(out: Path, fmt: str) -> None:
+    """Refuse, in one line, an OUT the format cannot be written to."""
+    if fmt == "clip-retrieval":
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise RetrievalError(
+                f"{out} exists and is not an empty folder: clip-retrieval's layout is a folder of "
+                "chunk files, and an earlier export's would be read with the new ones; give a "
+                "new folder"
+            )
+    elif out.is_dir():
+        raise RetrievalError(f"{out} is a folder: --format {fmt} writes one file")
 
 
 def _chunks(store: Store, folder: Path, config: ExportConfig) -> Iterator[Chunk]:
@@ -148,7 +170,6 @@ def _parquet(chunks, out: Path, config: ExportConfig, sizes) -> None:
             ("caption_embeddings", pa.list_(vector)),
         ]
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
     with pq.ParquetWriter(out, schema) as writer:
         for chunk in chunks:
             bounds = np.cumsum([0] + [len(cs) for cs in chunk.captions])

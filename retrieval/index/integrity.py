@@ -69,7 +69,9 @@ def resolve(name: str, index_dir: str | Path | None = None) -> Path:
     """`layout.resolve`, with a version whose manifest is gone reported as damaged."""
     root = layout.index_root(index_dir)
     link = root / layout.check_name(name)
-    if link.is_symlink() and link.resolve().is_dir() and not (link / MANIFEST).exists():
+    if link.is_symlink() and not link.resolve().is_dir():
+        raise damaged(name, link.resolve(), "the version folder itself is missing")
+    if link.is_symlink() and not (link / MANIFEST).exists():
         raise damaged(name, link.resolve(), f"{MANIFEST} is missing")
     return layout.resolve(name, index_dir)
 

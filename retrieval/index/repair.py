@@ -40,9 +40,12 @@ class RepairReport:
     def summary(self) -> str:
         if not self.rebuilt:
             return f"index {self.name!r} verifies: nothing to repair"
+        approx = any(r in NORMALISERS.values() for r in self.rebuilt)
+        note = " (querybank normalisers against the corpus as it is now)" if approx else ""
         return (
             f"repaired index {self.name!r}: rebuilt {', '.join(self.rebuilt)} from the stored "
-            f"vectors (was: {'; '.join(self.problems)}); `retrieval verify {self.name}` checks it"
+            f"vectors{note} (was: {'; '.join(self.problems)}); `retrieval verify {self.name}` "
+            "checks it"
         )
 
 
@@ -103,7 +106,7 @@ def _rebuild(current: Path, folder: Path, manifest: Manifest, bad: set[str]) -> 
     for kind in KINDS:  # as a searcher sees them: removed rows are not part of the bank
         indexes[kind].exclude(dead[kind])
     if bad & set(NORMALISERS.values()):
-        _write_embeddings(current, folder, emb, indexes, manifest)
+        _write_embeddings(current, folder, emb, indexes, manifest, bad)
     else:
         link_files(current, folder, layout.EMBEDDINGS)
     link_files(current, folder, layout.SKIPPED)
@@ -135,23 +138,27 @@ def _faiss_rows(store: Store, kind: str) -> np.ndarray:
     return np.union1d(store.rows(kind), store.tombstones(kind)).astype(np.int64)
 
 
-def _write_embeddings(current, folder, emb: Embeddings, indexes, manifest: Manifest) -> None:
-    """``embeddings/`` with fresh querybank normalisers: against the stored bank when the index
-    was built with one, else against the live corpus (its FAISS indexes, tombstones excluded)."""
+def _write_embeddings(current, folder, emb: Embeddings, indexes, manifest, bad: set[str]) -> None:
+    """``embeddings/`` with the damaged normalisers computed again (the sound one kept as it
+    is): against the stored bank when the index was built with one, else against the live
+    corpus (its FAISS indexes, tombstones excluded). Built from fp16 vectors against today's
+    corpus, they are close to the build's, not equal (a build's are from float32 vectors)."""
     config = BankConfig(beta=manifest.querybank.beta, m=manifest.querybank.m)
-    images, captions = unit_rows(emb.image), unit_rows(emb.caption)
-    bank = current / layout.EMBEDDINGS / "bank.image.npy"
-    if bank.is_file():
-        bank_images = unit_rows(np.load(bank))
-        bank_captions = unit_rows(np.load(current / layout.EMBEDDINGS / "bank.caption.npy"))
-        image_norm = querybank.normalisers(images, bank_captions, config)
-        caption_norm = querybank.normalisers(captions, bank_images, config)
-        kept = (np.load(bank), np.load(current / layout.EMBEDDINGS / "bank.caption.npy"))
-    else:
-        image_norm = querybank.normalisers_in(images, indexes["caption"], config)
-        caption_norm = querybank.normalisers_in(captions, indexes["image"], config)
-        kept = None
-    fresh = replace(emb, image_norm=image_norm, caption_norm=caption_norm)
+    src = current / layout.EMBEDDINGS
+    kept = None
+    if (src / "bank.image.npy").is_file():
+        kept = (np.load(src / "bank.image.npy"), np.load(src / "bank.caption.npy"))
+    norms = {"image": emb.image_norm, "caption": emb.caption_norm}
+    for kind, other in (("image", "caption"), ("caption", "image")):
+        if NORMALISERS[kind] not in bad:
+            continue
+        vectors = unit_rows(emb.image if kind == "image" else emb.caption)
+        if kept is not None:
+            bank = unit_rows(kept[1] if kind == "image" else kept[0])
+            norms[kind] = querybank.normalisers(vectors, bank, config)
+        else:
+            norms[kind] = querybank.normalisers_in(vectors, indexes[other], config)
+    fresh = replace(emb, image_norm=norms["image"], caption_norm=norms["caption"])
     save_embeddings(folder, fresh, bank=kept)
 
 

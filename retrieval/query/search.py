@@ -25,7 +25,7 @@ from PIL import Image
 
 from ..corpus import filters
 from ..corpus.images import BadImage, load_image
-from ..errors import EncoderError, SearchError
+from ..errors import DamagedIndexError, EncoderError, SearchError
 from ..index import autoindex, integrity, layout
 from ..index.embeddings import load_embeddings
 from ..index.manifest import MANIFEST, read_manifest
@@ -215,7 +215,10 @@ class Searcher:
             return self
         if folder == self.folder or not (folder / MANIFEST).is_file():
             return self
-        problems = integrity.size_problems(folder, read_manifest(folder))
+        try:
+            problems = integrity.size_problems(folder, read_manifest(folder))
+        except (DamagedIndexError, OSError) as e:  # unreadable, or pruned since: next time
+            problems = [str(e)]
         if problems:  # keep serving the version that is whole
             log.warning("index %s: the new version is damaged (%s)", self.link.name, problems[0])
             return self
@@ -261,9 +264,13 @@ class Searcher:
     def _query_vector(self, vector) -> np.ndarray:
         """A vector computed elsewhere as a (1, D) unit query, once checked to fit the index."""
         try:
-            v = np.asarray(vector, dtype=np.float64).reshape(-1)
+            v = np.asarray(vector, dtype=np.float64)
         except (TypeError, ValueError):
             raise SearchError("the query vector must be a list of numbers") from None
+        if v.ndim == 2 and v.shape[0] == 1:
+            v = v[0]
+        if v.ndim != 1:
+            raise SearchError(f"the query vector must be one vector, not an array of {v.shape}")
         dim = self.manifest.dim
         if len(v) != dim:
             raise SearchError(

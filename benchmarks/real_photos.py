@@ -11,6 +11,7 @@ row of ours is `retrieval train` with the evaluation set as `--val`; the figures
 epoch's (no early stop, so the evaluation set chooses nothing); the peer's last checkpoint is
 scored by the same code.
 
+    .venv/bin/pip install braceexpand webdataset pandas   # open_clip_train's data deps (peer)
     .venv/bin/python benchmarks/real_photos.py        # -> results/real_photos.json; ~45 min
 """
 

@@ -63,3 +63,15 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def fingerprint(path: Path) -> dict | None:
+    """``{"size", "mtime_ns", "sha256"}`` of a regular file, None for anything else (a tar
+    member's reference, a missing file): what `retrieval sync` compares to notice an edit."""
+    try:
+        st = Path(path).stat()
+    except (OSError, ValueError):
+        return None
+    if not Path(path).is_file():
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}

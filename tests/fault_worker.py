@@ -23,7 +23,7 @@ CONFIG = BuildConfig(progress=False, workers=0, shard_size=8, batch_size=8)
 
 
 def job(op: str, corpus: Path, root: Path, name: str, fsize: int | None, out) -> None:
-    """Run ``op`` ("build", "add", or "remove": ``corpus``'s ids); send "started", then
+    """Run ``op`` ("build", "add", "sync", or "remove": ``corpus``'s ids); send "started", then
     ``("ok", seconds)`` or ``("error", message)``."""
     encoder = Encoder.load(ModelSpec("tiny-vit", random_init=True), "cpu")
     out.send("started")
@@ -33,6 +33,8 @@ def job(op: str, corpus: Path, root: Path, name: str, fsize: int | None, out) ->
     try:
         if op == "build":
             build(corpus, name, CONFIG, root, encoder=encoder, resume=True)
+        elif op == "sync":
+            lifecycle.add(corpus, name, root, CONFIG, encoder=encoder, resume=True, sync=True)
         elif op == "remove":
             ids = [r.id for r in unique_records(read_corpus(corpus))[0]]
             lifecycle.remove(name, ids, root)

@@ -166,6 +166,27 @@ def test_removes_killed_at_random_moments_leave_one_version_or_the_other(
         shutil.rmtree(root)
 
 
+def test_syncs_killed_at_random_moments_leave_one_version_or_the_other(
+    tmp_path, ctx, corpora, encoder
+):
+    # The corpus moves from a to b: every item of a goes, every item of b comes, in one version.
+    a, b = corpora
+    base = tmp_path / "base"
+    build(a, "x", CONFIG, base, encoder=encoder)
+    before, after = _ids(a), _ids(b)
+    shutil.copytree(base, tmp_path / "timing", symlinks=True)
+    moments = _moments(ctx, "sync", b, tmp_path / "timing", "x")[: KILLS // 2]
+    for n, moment in enumerate(moments):
+        root = tmp_path / f"run{n}"
+        shutil.copytree(base, root, symlinks=True)
+        _run(ctx, "sync", b, root, "x", kill_after=moment)
+        assert verify("x", root, sample=0).ok, f"kill at {moment:.2f}s"
+        assert _state(root)[0] in (before, after), f"kill at {moment:.2f}s"
+        lifecycle.add(b, "x", root, CONFIG, encoder=encoder, resume=True, sync=True)
+        assert verify("x", root, sample=0).ok and _state(root)[0] == after
+        shutil.rmtree(root)
+
+
 def _largest_file(root: Path) -> int:
     return max(p.stat().st_size for p in layout.resolve("x", root).rglob("*") if p.is_file())
 

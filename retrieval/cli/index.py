@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ..index import integrity
+from ..index import integrity, layout
 from ..index.config import EXPORT_FORMATS, TARGET_RECALL, VERIFY_SAMPLE, BuildConfig, ExportConfig
 from ..index.manifest import IndexEntry
 from ..model.spec import DEFAULT_MODEL
@@ -52,6 +52,35 @@ def add(
     click.echo(report.summary())
     if sum(report.skipped.values()):
         click.echo(f"skipped records and their reasons: {report.path / 'skipped.jsonl'}")
+
+
+@commands.command()
+@click.argument("name")
+@click.argument("corpus", required=False, type=CorpusPath(exists=True, path_type=Path))
+@click.option("--dry-run", is_flag=True, help="List what would change, and change nothing.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, ...")
+@encoding_options
+@read_options
+@index_dir_option
+def sync(name, corpus, dry_run, no_progress, index_dir, resume, wait, **options):
+    """Bring index NAME in step with CORPUS [the one it was built from]: new and edited items
+    encoded, items no longer listed removed, in one new version."""
+    from ..corpus.readers import read_corpus
+    from ..corpus.records import unique_records
+    from ..index.lifecycle import add as run_add
+    from ..index.store import Store
+    from ..index.sync import plan
+
+    config = BuildConfig(progress=not no_progress, **options)
+    folder, manifest = integrity.open_version(name, index_dir)
+    corpus = corpus or Path(manifest.corpus)
+    if dry_run:
+        records, _ = unique_records(read_corpus(corpus, config.read))
+        with Store.open(folder / layout.STORE) as store:
+            click.echo(f"index {name!r} against {corpus}:\n{plan(records, store).summary()}")
+        return
+    report = run_add(corpus, name, index_dir, config, resume=resume, wait=wait, sync=True)
+    click.echo(report.summary())
 
 
 @commands.command()

@@ -19,6 +19,7 @@ import numpy as np
 from ..corpus.readers import read_corpus
 from ..corpus.records import Record, unique_records
 from ..errors import IndexBuildError, IndexBusyError
+from ..files import fingerprint
 from ..model import spool
 from ..model.distributed import World, barrier, from_rank0
 from ..model.distributed import join as join_world
@@ -221,7 +222,9 @@ def entries_for(
                 continue
             caps.append((cid, first_caption + len(texts), text))
             texts.append(text)
-        entries.append(ItemEntry(r.id, row, str(r.image), tuple(caps), r.extra))
+        entries.append(
+            ItemEntry(r.id, row, str(r.image), tuple(caps), r.extra, fingerprint(r.image))
+        )
     for (cid, _, text), long in zip(
         (c for e in entries for c in e.captions), encoder.too_long(texts), strict=True
     ):

@@ -33,6 +33,7 @@ from .embeddings import Embeddings, load_embeddings, save_embeddings
 from .manifest import INDEX_FILES, MANIFEST, Change, IndexEntry, Manifest, now, read_manifest
 from .manifest import KINDS as _KINDS
 from .store import ItemEntry, Store
+from .sync import plan as sync_plan
 from .vector_index import VectorIndex
 
 
@@ -62,6 +63,8 @@ class ChangeReport:
                 else ""
             ),
             "compact": f"dropped {self.removed} removed rows",
+            "sync": f"added {self.added}, re-encoded {self.replaced}, removed {self.removed}; "
+            f"skipped {sum(self.skipped.values())} ({reasons})",
         }[self.op]
         state = "" if self.changed else " (nothing changed)"
         return (
@@ -81,12 +84,15 @@ def add(
     resume: bool = False,
     wait: float = 0.0,
     model: ModelSpec | None = None,
+    sync: bool = False,
 ) -> ChangeReport:
     """Add ``corpus``'s records to index ``name`` with the model it was built with.
 
     Ids already in the index are skipped (recorded), or replaced with ``upsert``; bad records
     are skipped with their reasons as in a build. ``config``: reading and encoding options;
     ``model``: the index's model at another path (checked against the manifest), or None.
+    ``sync``: bring the index in step with ``corpus`` (`retrieval.index.sync`): new and changed
+    items encoded, items the corpus no longer lists removed, in the same one version.
     """
     config, start = config or BuildConfig(), time.perf_counter()
     root = layout.index_root(index_dir)
@@ -103,6 +109,11 @@ def add(
         records, dropped = unique_records(read_corpus(corpus, config.read))
         skips.dropped(dropped)
         with Store.open(current / layout.STORE) as old:
+            gone: list[str] = []
+            if sync:  # only what differs, and the items to drop
+                todo = sync_plan(records, old)
+                wanted, gone, upsert = {*todo.new, *todo.changed}, todo.gone, True
+                records = [r for r in records if r.id in wanted]
             present = {r.id for r in records if old.item(r.id) is not None}
         if not upsert:
             for r in records:
@@ -113,9 +124,10 @@ def add(
         enc = spool.encode(records, encoder, spool_dir, config.spool_options(resume))
         kept = skips.failed(records, enc)
         replaced = [r.id for r in kept if r.id in present]
-        report = ChangeReport(name, "add", root / name, len(kept) - len(replaced), len(replaced))
-        if kept or skips.rows:
-            change = _Addition(kept, enc, replaced, skips, encoder, config, str(corpus))
+        op, added = "sync" if sync else "add", len(kept) - len(replaced)
+        report = ChangeReport(name, op, root / name, added, len(replaced), len(gone))
+        if kept or skips.rows or gone:
+            change = _Addition(kept, enc, replaced, skips, encoder, config, str(corpus), gone, op)
             layout.commit(root, name, lambda folder: change.write(current, folder))
         else:
             report.changed = False
@@ -133,6 +145,8 @@ class _Addition:
     encoder: Encoder
     config: BuildConfig
     corpus: str
+    gone: list[str] = field(default_factory=list)  # sync: ids the corpus no longer lists
+    op: str = "add"  # or "sync", as the history records it
 
     def write(self, current: Path, folder: Path) -> Manifest:
         old = load_embeddings(current)
@@ -142,7 +156,7 @@ class _Addition:
         indexes = load_indexes(current)
         copy_store(current, folder)
         with Store.create(folder / layout.STORE) as store:
-            _drop(store, indexes, self.replaced)
+            _drop(store, indexes, [*self.replaced, *self.gone])
             store.put_items(entries)
             for kind in _KINDS:
                 indexes[kind].exclude(store.tombstones(kind))
@@ -169,8 +183,8 @@ class _Addition:
             "added": len(entries) - len(self.replaced),
             "replaced": len(self.replaced),
             "skipped": sum(self.skips.counts().values()),
-        }
-        manifest = change_manifest(current, folder, indexes, "add", history)
+        } | ({"removed": len(self.gone)} if self.gone else {})
+        manifest = change_manifest(current, folder, indexes, self.op, history)
         by_reason = Counter(manifest.counts.skipped_by_reason) + self.skips.counts()
         counts = replace(
             manifest.counts, skipped=sum(by_reason.values()), skipped_by_reason=dict(by_reason)
@@ -283,7 +297,7 @@ def _renumbered(store: Store, live: dict[str, np.ndarray]) -> list[ItemEntry]:
             for c in it["captions"]
         )
         row = int(np.searchsorted(live["image"], it["row"]))
-        entries.append(ItemEntry(it["id"], row, it["path"], caps, it["extra"]))
+        entries.append(ItemEntry(it["id"], row, it["path"], caps, it["extra"], it.get("file")))
     return entries
 
 

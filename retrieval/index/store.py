@@ -57,6 +57,7 @@ class ItemEntry:
     path: str
     captions: tuple[tuple[str, int, str], ...] = ()  # (caption id, caption row, text)
     extra: dict[str, Any] = field(default_factory=dict)
+    file: dict[str, Any] | None = None  # the image file's size, mtime and sha256 (sync)
 
 
 class _Readers:
@@ -143,6 +144,8 @@ class Store:
             for it in items:
                 caps = [{"id": cid, "text": text} for cid, _, text in it.captions]
                 value = {"row": it.row, "path": it.path, "captions": caps, "extra": it.extra}
+                if it.file is not None:
+                    value["file"] = it.file
                 txn.put(it.id.encode(), _dump(value), db=self._db["items"])
                 txn.put(_row_key(it.row), it.id.encode(), db=self._db["image_rows"])
                 for cid, crow, text in it.captions:

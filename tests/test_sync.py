@@ -93,3 +93,13 @@ def test_sync_of_a_caption_file_and_a_corpus_named_explicitly(tmp_path):
     out = run(root, "sync", "p", moved, *QUIET)
     assert "added 0, re-encoded 1, removed 1" in out
     assert sorted(state(root)) == ["green", "red"] and state(root)["red"][0] == ["a crimson"]
+
+
+def test_sync_against_an_empty_corpus_removes_nothing(photos, tmp_path):
+    root = tmp_path / "ix"
+    run(root, "build", photos, "--name", "p", *TINY, *QUIET)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = run(root, "sync", "p", empty, *QUIET, code=1)
+    assert "lists no items: sync would remove all of index 'p'" in out
+    assert sorted(state(root)) == ["blue", "green", "red"]

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..corpus.readers import read_corpus
 from ..corpus.records import unique_records
+from ..errors import IndexBuildError
 from ..model import spool
 from ..model.encoder import Encoder
 from ..model.spec import ModelSpec
@@ -111,6 +112,11 @@ def add(
         with Store.open(current / layout.STORE) as old:
             gone: list[str] = []
             if sync:  # only what differs, and the items to drop
+                if not records:  # an unmounted folder, a wrong file: never "remove everything"
+                    raise IndexBuildError(
+                        f"{corpus} lists no items: sync would remove all of index {name!r}; "
+                        "give the corpus it was built from (`retrieval remove` removes items)"
+                    )
                 todo = sync_plan(records, old)
                 wanted, gone, upsert = {*todo.new, *todo.changed}, todo.gone, True
                 records = [r for r in records if r.id in wanted]

@@ -152,18 +152,10 @@ def test_removes_killed_at_random_moments_leave_one_version_or_the_other(
     base = tmp_path / "base"
     build(a, "x", CONFIG, base, encoder=encoder)
     lifecycle.add(b, "x", base, CONFIG, encoder=encoder)
-    before, after = sorted(_ids(a) + _ids(b)), _ids(a)
-    shutil.copytree(base, tmp_path / "timing", symlinks=True)
-    moments = _moments(ctx, "remove", b, tmp_path / "timing", "x")[: KILLS // 2]
-    for n, moment in enumerate(moments):
-        root = tmp_path / f"run{n}"
-        shutil.copytree(base, root, symlinks=True)
-        _run(ctx, "remove", b, root, "x", kill_after=moment)
-        assert verify("x", root, sample=0).ok, f"kill at {moment:.2f}s"
-        assert _state(root)[0] in (before, after), f"kill at {moment:.2f}s"
-        lifecycle.remove("x", _ids(b), root)  # run again: it completes
-        assert verify("x", root, sample=0).ok and _state(root)[0] == after
-        shutil.rmtree(root)
+    _kill_then_rerun(
+        ctx, "remove", b, base, (sorted(_ids(a) + _ids(b)), _ids(a)),
+        lambda root: lifecycle.remove("x", _ids(b), root),
+    )  # fmt: skip
 
 
 def test_syncs_killed_at_random_moments_leave_one_version_or_the_other(
@@ -173,16 +165,25 @@ def test_syncs_killed_at_random_moments_leave_one_version_or_the_other(
     a, b = corpora
     base = tmp_path / "base"
     build(a, "x", CONFIG, base, encoder=encoder)
-    before, after = _ids(a), _ids(b)
-    shutil.copytree(base, tmp_path / "timing", symlinks=True)
-    moments = _moments(ctx, "sync", b, tmp_path / "timing", "x")[: KILLS // 2]
+    _kill_then_rerun(
+        ctx, "sync", b, base, (_ids(a), _ids(b)),
+        lambda root: lifecycle.add(b, "x", root, CONFIG, encoder=encoder, resume=True, sync=True),
+    )  # fmt: skip
+
+
+def _kill_then_rerun(ctx, op, corpus, base: Path, states, rerun) -> None:
+    """Kill ``op`` at KILLS / 2 random moments over its run on copies of ``base``: each leaves
+    the ``(before, after)`` ids, verified, and ``rerun(root)`` then ends at ``after``."""
+    before, after = states
+    shutil.copytree(base, base.parent / "timing", symlinks=True)
+    moments = _moments(ctx, op, corpus, base.parent / "timing", "x")[: KILLS // 2]
     for n, moment in enumerate(moments):
-        root = tmp_path / f"run{n}"
+        root = base.parent / f"run{n}"
         shutil.copytree(base, root, symlinks=True)
-        _run(ctx, "sync", b, root, "x", kill_after=moment)
+        _run(ctx, op, corpus, root, "x", kill_after=moment)
         assert verify("x", root, sample=0).ok, f"kill at {moment:.2f}s"
         assert _state(root)[0] in (before, after), f"kill at {moment:.2f}s"
-        lifecycle.add(b, "x", root, CONFIG, encoder=encoder, resume=True, sync=True)
+        rerun(root)
         assert verify("x", root, sample=0).ok and _state(root)[0] == after
         shutil.rmtree(root)
 

@@ -111,21 +111,11 @@ def add(
         skips.dropped(dropped)
         with Store.open(current / layout.STORE) as old:
             gone: list[str] = []
-            if sync:  # only what differs, and the items to drop
-                if not records:  # an unmounted folder, a wrong file: never "remove everything"
-                    raise IndexBuildError(
-                        f"{corpus} lists no items: sync would remove all of index {name!r}; "
-                        "give the corpus it was built from (`retrieval remove` removes items)"
-                    )
-                todo = sync_plan(records, old)
-                wanted, gone, upsert = {*todo.new, *todo.changed}, todo.gone, True
-                records = [r for r in records if r.id in wanted]
+            if sync:  # only what differs (replaced in place), and the items to drop
+                records, gone = _sync_selection(records, old, f"{corpus}", name)
             present = {r.id for r in records if old.item(r.id) is not None}
-        if not upsert:
-            for r in records:
-                if r.id in present:
-                    skips.add("item", r.id, "id already in the index (use --upsert to replace)")
-            records = [r for r in records if r.id not in present]
+        if not (upsert or sync):
+            records = _skip_known(records, present, skips)
         spool_dir = layout.spool_dir(root, name)
         enc = spool.encode(records, encoder, spool_dir, config.spool_options(resume))
         kept = skips.failed(records, enc)
@@ -140,6 +130,26 @@ def add(
         report.skipped = skips.counts()
         spool.discard(spool_dir)
     return _finish(report, start)
+
+
+def _sync_selection(records: list, store: Store, corpus: str, name: str) -> tuple[list, list]:
+    """(the records that are new or changed, the ids the corpus no longer lists)."""
+    if not records:  # an unmounted folder, a wrong file: never "remove everything"
+        raise IndexBuildError(
+            f"{corpus} lists no items: sync would remove all of index {name!r}; "
+            "give the corpus it was built from (`retrieval remove` removes items)"
+        )
+    todo = sync_plan(records, store)
+    wanted = {*todo.new, *todo.changed}
+    return [r for r in records if r.id in wanted], todo.gone
+
+
+def _skip_known(records: list, present: set[str], skips: Skips) -> list:
+    """The records whose ids are not indexed yet; the others recorded as skipped."""
+    for r in records:
+        if r.id in present:
+            skips.add("item", r.id, "id already in the index (use --upsert to replace)")
+    return [r for r in records if r.id not in present]
 
 
 @dataclass

@@ -42,3 +42,7 @@ class DiskFullError(RetrievalError, OSError):
 class DamagedIndexError(SearchError):
     """A published index version whose files are missing, cut short or altered; the message
     names the index, the file and the way back (``verify --repair`` or ``--rollback``)."""
+
+
+class PeerFailedError(RetrievalError, RuntimeError):
+    """Another process of the same torchrun launch failed; the message is its own line."""

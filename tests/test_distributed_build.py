@@ -47,3 +47,47 @@ def test_two_processes_build_the_index_one_process_builds(tmp_path, encoder):
     for kind in one[1]:
         np.testing.assert_allclose(two[1][kind], one[1][kind], atol=1e-5)
     assert not layout.spool_dir(tmp_path / "ix", "two").exists()
+
+
+def _ranks(tmp_path, args_of_rank, port, torchrun=True):
+    """Start two ranks as two one-process "nodes" (so no agent stops the other for us): under
+    torchrun, or started by hand with the environment variables torchrun would set."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    procs = []
+    for rank, args in enumerate(args_of_rank):
+        if torchrun:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2"]
+            cmd += ["--node-rank", str(rank), "--nproc-per-node", "1", "--master-addr"]
+            cmd += ["127.0.0.1", "--master-port", str(port), "-m", "retrieval.cli", *args]
+            extra = {}
+        else:
+            cmd = [sys.executable, "-m", "retrieval.cli", *args]
+            extra = {"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_PORT": str(port)}
+        procs.append(
+            subprocess.Popen(
+                cmd, env={**env, **extra}, cwd=tmp_path, stderr=subprocess.PIPE, text=True
+            )
+        )
+    return [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+
+
+def test_a_rank_that_fails_before_joining_stops_the_others_with_its_line(tmp_path):
+    synthetic.generate(tmp_path / "c", n=40, seed=8)
+    options = ["--workers", "0", "--no-progress", "--model", "tiny-vit", "--random-init"]
+    for torchrun in (True, False):
+        port = 29000 + (os.getpid() + torchrun) % 800
+        args = [["build", corpus, "--name", "x", *options] for corpus in ("c", "missing")]
+        (rc0, err0), (rc1, err1) = _ranks(tmp_path, args, port, torchrun)
+        assert rc1 != 0 and "'missing' does not exist" in err1
+        assert rc0 == 1, err0
+        assert "stopped because rank 1 failed: " in err0 and "'missing' does not exist" in err0
+        assert "Traceback" not in err0.split("Error: stopped")[0]  # the rank's own output
+
+
+def test_a_rank_that_fails_after_joining_stops_the_others_with_its_line(tmp_path):
+    synthetic.generate(tmp_path / "c", n=40, seed=8)
+    options = ["--workers", "0", "--no-progress", "--random-init", "--epochs", "1"]
+    args = [["train", "c", "--out", "run", *options, "--model", m] for m in ("tiny-vit", "nope")]
+    (rc0, err0), (rc1, err1) = _ranks(tmp_path, args, 29800 + os.getpid() % 90)
+    assert rc1 != 0 and "unknown model 'nope'" in err1
+    assert rc0 == 1 and "stopped because rank 1 failed: unknown model 'nope'" in err0

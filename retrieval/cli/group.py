@@ -28,6 +28,16 @@ class ErrorGroup(click.Group):
         main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
         try:
+            return self._one_line_errors(ctx)
+        except Exception as e:
+            _tell_other_ranks(e)
+            raise
+        finally:
+            if main and previous is not None:  # None: set outside Python (embedded)
+                signal.signal(signal.SIGTERM, previous)
+
+    def _one_line_errors(self, ctx: click.Context):
+        try:
             return super().invoke(ctx)
         except (RetrievalError, ValueError, FileNotFoundError, FileExistsError) as e:
             _show_traceback(ctx, e)
@@ -41,9 +51,19 @@ class ErrorGroup(click.Group):
                 "interrupted: nothing half-written was published (build, add and train "
                 "continue with --resume)"
             ) from None
-        finally:
-            if main and previous is not None:  # None: set outside Python (embedded)
-                signal.signal(signal.SIGTERM, previous)
+
+
+def _tell_other_ranks(e: Exception) -> None:
+    """Under torchrun, tell the other ranks this one failed, so they stop now rather than
+    wait 30 minutes for it; where another rank failed first, its line replaces this one."""
+    if isinstance(e, click.exceptions.Exit) or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    from ..model import distributed  # torch: only when torchrun started this process
+
+    line = e.format_message() if isinstance(e, click.ClickException) else str(e)
+    first = distributed.announce(line)
+    if not first.startswith(f"rank {os.environ.get('RANK', '?')} "):
+        raise click.ClickException(f"stopped because {first}") from None
 
 
 def _show_traceback(ctx: click.Context, e: BaseException) -> None:

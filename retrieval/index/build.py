@@ -81,6 +81,13 @@ class Skips:
             self.add("item", records[pos].id, reason, path=str(records[pos].image))
         return [records[p] for p in enc.positions]
 
+    def skip_known(self, records: list[Record], present: set[str]) -> list[Record]:
+        """The records whose ids are not indexed yet; the others recorded as skipped."""
+        for r in records:
+            if r.id in present:
+                self.add("item", r.id, "id already in the index (use --upsert to replace)")
+        return [r for r in records if r.id not in present]
+
     def counts(self) -> Counter:
         return Counter(r["reason"] for r in self.rows if r["kind"] != "truncated caption")
 
@@ -126,6 +133,10 @@ def build(
     config = config or BuildConfig()
     start = time.perf_counter()
     root = layout.index_root(index_dir)
+    if config.backend == "milvus":
+        from .milvus.backend import check_config
+
+        check_config(config)  # before any encoding
     world, device = join_world(config.device)
     with (
         _rank0_lock(root, name, wait, world),
@@ -145,11 +156,16 @@ def build(
         factories: dict[str, str] = {}
 
         def fill(folder: Path) -> Manifest:
-            described = _write(folder, entries, enc.image_emb, enc.caption_emb, config, encoder)
+            if config.backend == "milvus":
+                where, described = _write_milvus(root, name, entries, enc, config)
+            else:
+                where = None
+                described = _write(folder, entries, enc.image_emb, enc.caption_emb, config, encoder)
             factories.update({kind: d.factory for kind, d in described.items()})
             skips.write(folder / layout.SKIPPED)
             manifest = _manifest(name, corpus, encoder, skips, described, config)
-            return replace(manifest, build_seconds=round(time.perf_counter() - start, 3))
+            built = round(time.perf_counter() - start, 3)
+            return replace(manifest, build_seconds=built, milvus=where)
 
         link = layout.commit(root, name, fill)
         spool.discard(spool_dir)
@@ -266,6 +282,19 @@ def _write(
     with Store.create(folder / layout.STORE) as store:
         store.put_items(entries)
     return described
+
+
+def _write_milvus(root: Path, name: str, entries, enc, config: BuildConfig):
+    """The Milvus backend's build: normalisers as the FAISS backend's, rows into Milvus."""
+    from .milvus.backend import write_build
+    from .milvus.writer import Vectors
+
+    bank = config.querybank
+    norms = (
+        querybank.normalisers(enc.image_emb, enc.caption_emb, bank),
+        querybank.normalisers(enc.caption_emb, enc.image_emb, bank),
+    )
+    return write_build(root, name, Vectors(entries, enc.image_emb, enc.caption_emb), norms, config)
 
 
 def _manifest(

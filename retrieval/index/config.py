@@ -42,6 +42,8 @@ class BuildConfig:
     shard_size: int = SpoolOptions.shard_size  # a resumed build re-encodes at most one shard
     bank: Path | None = None  # querybank corpus; None: the corpus's own captions and images
     querybank: BankConfig = field(default_factory=BankConfig)
+    backend: str = "faiss"  # or "milvus": vectors and metadata in Milvus collections
+    milvus_uri: str | None = None  # None: a milvus-lite file under the index root
 
     def spool_options(self, resume: bool = False) -> SpoolOptions:
         return SpoolOptions(
@@ -53,6 +55,8 @@ class BuildConfig:
             progress=self.progress,
         )
 
+
+BACKENDS = ("faiss", "milvus")
 
 EXPORT_FORMATS = ("clip-retrieval", "npz", "parquet")
 

@@ -268,3 +268,8 @@ def list_indexes(root: Path) -> list[str]:
     return sorted(
         p.name for p in root.iterdir() if not p.name.startswith(".") and (p / MANIFEST).is_file()
     )
+
+
+def root_of(version: Path) -> Path:
+    """The index root that version folder ``version`` (``<root>/.versions/<name>/<v>``) is in."""
+    return version.resolve().parent.parent.parent

@@ -33,6 +33,7 @@ from .config import TARGET_RECALL, BuildConfig
 from .embeddings import Embeddings, load_embeddings, save_embeddings
 from .manifest import INDEX_FILES, MANIFEST, Change, IndexEntry, Manifest, now, read_manifest
 from .manifest import KINDS as _KINDS
+from .milvus.changes import AddJob
 from .store import ItemEntry, Store
 from .sync import plan as sync_plan
 from .vector_index import VectorIndex
@@ -109,13 +110,16 @@ def add(
         skips = Skips()
         records, dropped = unique_records(read_corpus(corpus, config.read))
         skips.dropped(dropped)
+        if manifest.milvus is not None:
+            job = AddJob(config, layout.spool_dir(root, name), skips, upsert, resume, wait)
+            return _finish(_milvus_add(records, manifest, root, encoder, job, sync), start)
         with Store.open(current / layout.STORE) as old:
             gone: list[str] = []
             if sync:  # only what differs (replaced in place), and the items to drop
                 records, gone = _sync_selection(records, old, f"{corpus}", name)
             present = {r.id for r in records if old.item(r.id) is not None}
         if not (upsert or sync):
-            records = _skip_known(records, present, skips)
+            records = skips.skip_known(records, present)
         spool_dir = layout.spool_dir(root, name)
         enc = spool.encode(records, encoder, spool_dir, config.spool_options(resume))
         kept = skips.failed(records, enc)
@@ -132,6 +136,21 @@ def add(
     return _finish(report, start)
 
 
+def _milvus_add(records, manifest: Manifest, root: Path, encoder, job, sync: bool):
+    from .milvus import changes
+
+    if sync:
+        raise IndexBuildError(
+            f"sync is not available on the Milvus backend yet: `retrieval add "
+            f"{manifest.name} CORPUS --upsert` re-encodes what changed, `remove` drops items"
+        )
+    added, replaced = changes.add(records, manifest, root, encoder, job)
+    report = ChangeReport(manifest.name, "add", root / manifest.name, added, replaced)
+    report.skipped, report.changed = job.skips.counts(), bool(added or replaced)
+    spool.discard(job.spool_dir)
+    return report
+
+
 def _sync_selection(records: list, store: Store, corpus: str, name: str) -> tuple[list, list]:
     """(the records that are new or changed, the ids the corpus no longer lists)."""
     if not records:  # an unmounted folder, a wrong file: never "remove everything"
@@ -142,14 +161,6 @@ def _sync_selection(records: list, store: Store, corpus: str, name: str) -> tupl
     todo = sync_plan(records, store)
     wanted = {*todo.new, *todo.changed}
     return [r for r in records if r.id in wanted], todo.gone
-
-
-def _skip_known(records: list, present: set[str], skips: Skips) -> list:
-    """The records whose ids are not indexed yet; the others recorded as skipped."""
-    for r in records:
-        if r.id in present:
-            skips.add("item", r.id, "id already in the index (use --upsert to replace)")
-    return [r for r in records if r.id not in present]
 
 
 @dataclass
@@ -249,6 +260,16 @@ def remove(
     with layout.writer_lock(root, name, wait), guard:
         current = integrity.resolve(name, root)
         integrity.check_before_change(name, current)
+        manifest = read_manifest(current)
+        if manifest.milvus is not None:
+            from .milvus import changes
+
+            present = changes.remove(ids, manifest, root, wait)
+            found = set(present)
+            missing = list(dict.fromkeys(i for i in ids if i not in found))
+            report = ChangeReport(name, "remove", root / name, removed=len(present))
+            report.missing, report.changed = missing, bool(present)
+            return _finish(report, start)
         with Store.open(current / layout.STORE) as old:
             present = list(dict.fromkeys(i for i in ids if old.item(i) is not None))
         found = set(present)
@@ -287,6 +308,12 @@ def compact(name: str, index_dir: str | Path | None = None, wait: float = 0.0) -
     with layout.writer_lock(root, name, wait), guard:
         current = integrity.resolve(name, root)
         integrity.check_before_change(name, current)
+        manifest = read_manifest(current)
+        if manifest.milvus is not None:
+            from .milvus import changes
+
+            changes.compact(manifest, root, wait)
+            return _finish(ChangeReport(name, "compact", root / name), start)
         old = load_embeddings(current)
         with Store.open(current / layout.STORE) as store:
             live = {kind: store.rows(kind) for kind in _KINDS}

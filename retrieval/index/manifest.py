@@ -68,14 +68,33 @@ class IndexEntry:
         return {**out, "search": self.search.to_json() if self.search else None}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any], kind: str) -> IndexEntry:
-        if d["file"] != INDEX_FILES[kind]:  # a path read from the file never leaves the folder
+    def from_json(cls, d: dict[str, Any], kind: str, milvus: bool = False) -> IndexEntry:
+        # A path read from the file never leaves the folder; Milvus indexes have no file.
+        if d["file"] != ("" if milvus else INDEX_FILES[kind]):
             raise ValueError(f"the {kind} index is {d['file']!r}, not {INDEX_FILES[kind]!r}")
         search = Tuning.from_json(d["search"]) if d.get("search") else None
         return cls(
             d["file"], d["factory"], int(d["count"]), d.get("why", ""),
             int(d.get("memory_bytes", 0)), search,
         )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MilvusLocation:
+    """Where a Milvus-backed index lives: the URI (a relative ``.db`` path is a milvus-lite
+    file under the index root) and the collections' name base. Never the token."""
+
+    uri: str
+    base: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "milvus", "uri": self.uri, "collections": self.base}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> MilvusLocation:
+        if d.get("kind") != "milvus":
+            raise ValueError(f"unknown backend {d.get('kind')!r}")
+        return cls(str(d["uri"]), str(d["collections"]))
 
 
 @dataclass(frozen=True)
@@ -147,6 +166,11 @@ class Manifest:
     sha256: dict[str, str] = field(default_factory=dict)  # file (relative) -> digest
     sizes: dict[str, int] = field(default_factory=dict)  # file (relative) -> bytes (cheap check)
     random_init: bool = False  # built with random weights (a test index)
+    milvus: MilvusLocation | None = None  # None: FAISS + LMDB files in the version folder
+
+    @property
+    def backend(self) -> str:
+        return "faiss" if self.milvus is None else "milvus"
 
     @classmethod
     def new(cls, name: str, model: ModelIdentity, **fields: Any) -> Manifest:
@@ -177,6 +201,7 @@ class Manifest:
             "sha256": dict(self.sha256),
         }
         out |= {"bytes": dict(self.sizes)} if self.sizes else {}
+        out |= {"backend": self.milvus.to_json()} if self.milvus else {}
         optional = {"build_seconds": self.build_seconds, "updated": self.updated}
         out |= {k: v for k, v in optional.items() if v is not None}
         return out | ({"history": [c.to_json() for c in self.history]} if self.history else {})
@@ -187,6 +212,7 @@ class Manifest:
         if d.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
             raise ValueError(f"format_version {d['format_version']} (this engine reads 1)")
         q = d["querybank"]
+        milvus = MilvusLocation.from_json(d["backend"]) if d.get("backend") else None
         return cls(
             name=d["name"],
             created=d["created"],
@@ -196,7 +222,7 @@ class Manifest:
             checkpoint_sha256=d.get("checkpoint_sha256"),
             dim=int(d["dim"]),
             context_length=int(d["context_length"]),
-            indexes={k: IndexEntry.from_json(d["indexes"][k], k) for k in KINDS},
+            indexes={k: IndexEntry.from_json(d["indexes"][k], k, bool(milvus)) for k in KINDS},
             counts=Counts.from_json(d["counts"]),
             corpus=d["corpus"],
             querybank=QuerybankSettings(float(q["beta"]), int(q["m"]), str(q["bank"])),
@@ -208,6 +234,7 @@ class Manifest:
             sizes={k: int(v) for k, v in (d.get("bytes") or {}).items()},
             # Before the key existed, no weights meant random ones.
             random_init=bool(d.get("random_init", d.get("pretrained") is None)),
+            milvus=milvus,
         )
 
     def model_spec(self) -> ModelSpec:

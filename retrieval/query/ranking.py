@@ -18,7 +18,7 @@ their candidates: ``sum_t weight_t * score_t``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -49,9 +49,36 @@ class Options:
     mix: float = DEFAULT_MIX  # hybrid: weight of the other modality's signal
 
 
+class Space(Protocol):
+    """What queries are scored against: one index version, whatever its backend. Rows are the
+    backend's int64 item and caption numbers; ``allowed`` is what the backend made of a
+    filter (None: everything)."""
+
+    beta: float  # querybank temperature
+
+    def nearest_items(self, vec: np.ndarray, fetch: int, allowed: Any) -> np.ndarray:
+        """Item rows of the ``fetch`` images nearest to ``vec`` (1, D)."""
+        ...
+
+    def nearest_captions(self, vec: np.ndarray, fetch: int, allowed: Any) -> np.ndarray:
+        """Item rows owning the ``fetch`` captions nearest to ``vec`` (1, D), repeats kept."""
+        ...
+
+    def caption_count(self, allowed: Any) -> int: ...
+
+    def images_of(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(U, D) float32 stored vectors of ``items`` (U,) and their (U,) normalisers."""
+        ...
+
+    def captions_of(self, items: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Caption rows (C,) of ``items``, the position in ``items`` each belongs to (C,), their
+        (C, D) float32 stored vectors and (C,) normalisers."""
+        ...
+
+
 @dataclass
 class SearchSpace:
-    """What queries are scored against: both FAISS indexes, the stored embeddings (N, D) fp16
+    """The FAISS backend's `Space`: both FAISS indexes, the stored embeddings (N, D) fp16
     and the querybank normalisers of one index version; rows are FAISS ids."""
 
     images: VectorIndex
@@ -80,13 +107,30 @@ class SearchSpace:
         )
         self._starts = bounds
 
-    def captions_of(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Caption rows of ``items`` (U,), and for each the position in ``items`` it belongs to."""
+    def nearest_items(self, vec: np.ndarray, fetch: int, allowed: Any) -> np.ndarray:
+        return self.images.search(vec, fetch, allowed=allowed)[0].ids
+
+    def nearest_captions(self, vec: np.ndarray, fetch: int, allowed: Any) -> np.ndarray:
+        rows = self.captions.search(vec, fetch, allowed=self._allowed_captions(allowed))[0].ids
+        return self.caption_owner[rows]
+
+    def caption_count(self, allowed: Any) -> int:
+        caps = self._allowed_captions(allowed)
+        return self.captions.ntotal if caps is None else len(caps)
+
+    def _allowed_captions(self, allowed: np.ndarray | None) -> np.ndarray | None:
+        return None if allowed is None else np.flatnonzero(np.isin(self.caption_owner, allowed))
+
+    def images_of(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.image_emb[items].astype(np.float32), self.image_norm[items]
+
+    def captions_of(self, items: np.ndarray) -> tuple[np.ndarray, ...]:
         lo, hi = self._starts[items], self._starts[items + 1]
         counts = hi - lo
         pos = np.repeat(np.arange(len(items)), counts)
         within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-        return self._order[np.repeat(lo, counts) + within], pos
+        rows = self._order[np.repeat(lo, counts) + within]
+        return rows, pos, self.caption_emb[rows].astype(np.float32), self.caption_norm[rows]
 
 
 @dataclass(frozen=True, eq=False)  # compared by identity: it holds an array
@@ -116,35 +160,32 @@ def _signals(kind: str, options: Options) -> list[tuple[str, float]]:
 
 
 def candidates(
-    space: SearchSpace, vec: np.ndarray, side: str, k: int, fetch: int, allowed: np.ndarray | None
+    space: Space, vec: np.ndarray, side: str, k: int, fetch: int, allowed: Any
 ) -> np.ndarray:
     """Item rows among the top hits of one signal: at least ``k`` items unless exhausted."""
     if side == "i":
-        return space.images.search(vec, fetch, allowed=allowed)[0].ids
-    allowed_caps = (
-        None if allowed is None else np.flatnonzero(np.isin(space.caption_owner, allowed))
-    )
-    total = space.captions.ntotal if allowed_caps is None else len(allowed_caps)
+        return space.nearest_items(vec, fetch, allowed)
+    total = space.caption_count(allowed)
     while True:  # several captions of one item collapse into one candidate
-        rows = space.captions.search(vec, fetch, allowed=allowed_caps)[0].ids
-        items = np.unique(space.caption_owner[rows])
+        items = np.unique(space.nearest_captions(vec, fetch, allowed))
         if len(items) >= k or fetch >= total:
             return items
         fetch *= 4
 
 
-def rescore(space: SearchSpace, vec: np.ndarray, side: str, items: np.ndarray, qbnorm: bool):
+def rescore(space: Space, vec: np.ndarray, side: str, items: np.ndarray, qbnorm: bool):
     """Exact scores of ``items`` (U,): (U,) values (NaN: no caption) and best caption rows."""
     v = vec[0].astype(np.float32)
     if side == "i":
-        s = space.image_emb[items].astype(np.float32) @ v
+        vectors, norms = space.images_of(items)
+        s = vectors @ v
         if qbnorm:
-            s = fusion.querybank_scores(s, space.image_norm[items], space.beta)
+            s = fusion.querybank_scores(s, norms, space.beta)
         return s.astype(np.float64), None
-    rows, pos = space.captions_of(items)
-    s = (space.caption_emb[rows].astype(np.float32) @ v).astype(np.float64)
+    rows, pos, vectors, norms = space.captions_of(items)
+    s = (vectors @ v).astype(np.float64)
     if qbnorm:
-        s = fusion.querybank_scores(s, space.caption_norm[rows], space.beta)
+        s = fusion.querybank_scores(s, norms, space.beta)
     best = np.full(len(items), np.nan)
     best_row = np.full(len(items), -1, dtype=np.int64)
     order = np.lexsort((-s, pos))  # per item, best caption first
@@ -155,9 +196,7 @@ def rescore(space: SearchSpace, vec: np.ndarray, side: str, items: np.ndarray, q
     return best, best_row
 
 
-def run(
-    space: SearchSpace, terms: list[Term], options: Options, allowed: np.ndarray | None = None
-) -> list[Hit]:
+def run(space: Space, terms: list[Term], options: Options, allowed: Any = None) -> list[Hit]:
     """The ``options.k`` best items for ``terms`` under ``options.strategy``."""
     if options.strategy not in STRATEGIES:
         raise SearchError(

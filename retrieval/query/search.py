@@ -138,6 +138,13 @@ class Searcher:
         self.folder, self.link = folder, link  # link: the name's symlink, to follow updates
         self.manifest = read_manifest(folder)
         self.encoder = encoder or Encoder.load(self.manifest.model_spec(), device)
+        self._allowed: dict[tuple, np.ndarray | str] = {}  # filter -> item rows, or the error
+        if self.manifest.milvus is not None:  # everything lives in Milvus: nothing mapped here
+            from ..index.milvus.backend import open_space
+
+            self.space, self.store = open_space(self.manifest, layout.root_of(folder))
+            self._close = weakref.finalize(self, self.store.close)
+            return
         faiss_device = "cuda" if self.encoder.device.type == "cuda" else "cpu"
         # Memory-mapped: a published index is read-only, so pages load on demand, are shared
         # by every process serving it, and an index larger than RAM still serves.
@@ -156,7 +163,6 @@ class Searcher:
         self.space = ranking.SearchSpace.of(
             self.images, self.captions, load_embeddings(folder), self.manifest.querybank.beta
         )
-        self._allowed: dict[tuple, np.ndarray | str] = {}  # filter -> item rows, or the error
 
     @classmethod
     def open(
@@ -315,6 +321,8 @@ class Searcher:
         if strategy == "arith" and len(terms) < 2:
             strategy = "cosine"  # arithmetic on one term is plain cosine
         vectors = [ranking.Term(_kind(t), self.embed(t), t.weight) for t in terms]
+        if self.manifest.milvus is not None:
+            self.space.refresh()  # the version and state this query sees, read once
         options = ranking.Options(
             k=k, target=target, strategy=strategy, overfetch=overfetch, mix=mix
         )
@@ -344,7 +352,7 @@ class Searcher:
         while True:
             hits = ranking.run(self.space, vectors, replace(options, k=fetch), allowed)
             rows = np.array([h.item for h in hits], dtype=np.int64)
-            images = self.space.image_emb[rows].astype(np.float32)
+            images = self.space.images_of(rows)[0]
             images /= np.maximum(np.linalg.norm(images, axis=1, keepdims=True), 1e-12)
             owner = fold_duplicates(images, threshold)
             kept = np.flatnonzero(owner == np.arange(len(hits)))
@@ -360,6 +368,8 @@ class Searcher:
         """Sorted item rows passing every condition (None: no filter), computed once each."""
         if not where:
             return None
+        if self.manifest.milvus is not None:  # pushed down to Milvus as an expression
+            return self.space.allowed(tuple(filters.parse(w) for w in where))
         if where not in self._allowed:
             conds = tuple(filters.parse(w) for w in where)
             rows, fields = [], set()

@@ -1,0 +1,82 @@
+"""Connecting to Milvus: a milvus-lite file, a standalone server or a cluster, one way.
+
+The token comes from ``$MILVUS_TOKEN`` only (``user:password`` or an API key), so it is never
+written to a manifest, a log line or an error message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ...errors import RetrievalError
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "MILVUS_TOKEN"
+EXTRA_HINT = "the Milvus backend needs the [milvus] extra: pip install 'retrieval[milvus]'"
+LITE_DIR = ".milvus"  # under the index root: the default milvus-lite files, one per index
+CONNECT_TIMEOUT_S = 10.0
+
+
+class MilvusError(RetrievalError, RuntimeError):
+    """Milvus cannot be reached, refused the token, or failed an operation."""
+
+
+def default_uri(name: str) -> str:
+    """The embedded default: a milvus-lite file beside the index, relative to the index root."""
+    return f"{LITE_DIR}/{name}.db"
+
+
+def is_lite(uri: str) -> bool:
+    return "://" not in uri and uri.endswith(".db")
+
+
+def resolve_uri(uri: str, root: Path) -> str:
+    """``uri`` as pymilvus takes it: a relative milvus-lite file is under the index root."""
+    if is_lite(uri) and not Path(uri).is_absolute():
+        path = root / uri
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return str(path)
+    return uri
+
+
+class _LiteNoise(logging.Filter):
+    """milvus-lite's in-process gRPC server logs a traceback each time pymilvus asks it for a
+    timestamp it does not serve (pymilvus then goes on without it): drop those records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Method not implemented" not in record.getMessage()
+
+
+def connect(uri: str) -> Any:
+    """A ``pymilvus.MilvusClient`` on ``uri``; one-line `MilvusError`s for every failure."""
+    try:
+        from pymilvus import MilvusClient
+    except ImportError:
+        raise MilvusError(EXTRA_HINT) from None
+    if is_lite(uri):
+        grpc_log = logging.getLogger("grpc._server")
+        if not any(isinstance(f, _LiteNoise) for f in grpc_log.filters):
+            grpc_log.addFilter(_LiteNoise())
+    token = os.environ.get(TOKEN_ENV, "")
+    try:
+        client = MilvusClient(uri=uri, token=token, timeout=CONNECT_TIMEOUT_S)
+        client.list_collections()  # a wrong token is refused here, not at the first write
+    except Exception as e:  # pymilvus raises its own and grpc's errors, and ConnectionError
+        raise MilvusError(f"cannot use Milvus at {uri}: {describe(e)}") from None
+    return client
+
+
+def describe(e: Exception) -> str:
+    """pymilvus's error as one line, without the token (it never holds it, but be sure)."""
+    text = getattr(e, "message", None) or str(e) or type(e).__name__
+    line = " ".join(str(text).split())
+    token = os.environ.get(TOKEN_ENV)
+    if token:
+        line = line.replace(token, "<token>")
+    if "auth" in line.lower() or "credential" in line.lower():
+        line += f" (check ${TOKEN_ENV})"
+    return line[:300]

@@ -1,0 +1,205 @@
+"""The query layer's view of a Milvus-backed index: `MilvusSpace` and `MilvusItems`.
+
+`MilvusSpace` is a `retrieval.query.ranking.Space`: candidates come from Milvus searches
+(filters pushed down as expressions), and the union is re-scored exactly from the vectors
+fetched back, rounded to fp16 as the FAISS backend stores them, so both backends rank alike.
+Each query starts with `refresh`: which version the alias names now and what its state row
+publishes (rows of a change still under way, or being removed, are filtered out).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+import numpy as np
+
+from ...corpus.filters import Condition, unknown_field
+from ...errors import SearchError
+from . import collections as coll
+from .client import MilvusError, describe
+from .where import expression
+
+MAX_LIMIT = 16_384  # Milvus's largest top-k (and query window)
+_CHUNK = 1_000  # rows fetched per query by primary key
+
+
+def _rows(hits) -> list[int]:
+    return [int(h["entity"]["row"] if "entity" in h else h["row"]) for h in hits]
+
+
+def _fp16(vectors: list) -> np.ndarray:
+    """(N, D) float32, rounded through fp16 like the FAISS backend's stored copies."""
+    out = np.asarray(vectors, dtype=np.float32).astype(np.float16).astype(np.float32)
+    return out.reshape(len(vectors), -1)
+
+
+class MilvusSpace:
+    """One Milvus-backed index, as the query layer scores it (rows are Milvus primary keys)."""
+
+    def __init__(self, client, names: coll.Names, beta: float, dim: int) -> None:
+        self.client, self.names, self.beta, self.dim = client, names, beta, dim
+        self.now: coll.Loaded | None = None
+
+    def refresh(self) -> coll.Loaded:
+        """Follow the alias and read the state: once per query."""
+        try:
+            items = coll.current(self.client, self.names)
+            if items is None:
+                raise SearchError(f"Milvus has no collection {self.names.items_alias}: rebuild it")
+            if self.now is None or self.now.items != items:  # a new version: load it once
+                coll.ensure_loaded(
+                    self.client, self.names.meta, items, self.names.captions_of(items)
+                )
+            state = coll.read_state(self.client, self.names, items)
+            types = {}
+            for kind, name in (("image", items), ("caption", self.names.captions_of(items))):
+                described = self.client.describe_index(name, "vector")
+                types[kind] = described.get("index_type", "FLAT")
+        except MilvusError as e:
+            raise SearchError(str(e)) from None
+        except Exception as e:  # pymilvus's own errors (the server went away)
+            raise SearchError(f"Milvus failed: {describe(e)}") from None
+        self.now = coll.Loaded(items, self.names.captions_of(items), state, types)
+        return self.now
+
+    def _loaded(self) -> coll.Loaded:
+        return self.now or self.refresh()
+
+    def allowed(self, conditions: tuple[Condition, ...]) -> str:
+        """The filter expression of ``conditions``; a one-line error for an unknown field."""
+        msg = unknown_field([c.key for c in conditions], self._loaded().state.fields)
+        if msg:
+            raise SearchError(msg)
+        return expression(conditions)
+
+    def _search(self, collection: str, vec, fetch: int, filt: str, kind: str) -> list:
+        now = self._loaded()
+        limit = min(fetch, MAX_LIMIT)
+        params = {"params": coll.search_params(now.index_types[kind], limit)}
+        try:
+            found = self.client.search(
+                collection, data=[vec[0].tolist()], limit=limit, filter=filt,
+                output_fields=["row", "item"] if kind == "caption" else ["row"],
+                search_params=params, consistency_level="Strong",
+            )  # fmt: skip
+        except Exception as e:
+            raise SearchError(f"Milvus search failed: {describe(e)}") from None
+        return found[0]
+
+    def _filter(self, allowed: str | None, item_field: str) -> str:
+        visible = self._loaded().state.visible(item_field)
+        return visible if not allowed else f"{visible} and ({allowed})"
+
+    def nearest_items(self, vec: np.ndarray, fetch: int, allowed: Any) -> np.ndarray:
+        hits = self._search(self._loaded().items, vec, fetch, self._filter(allowed, "row"), "image")
+        return np.array(_rows(hits), dtype=np.int64)
+
+    def nearest_captions(self, vec: np.ndarray, fetch: int, allowed: Any) -> np.ndarray:
+        filt = self._filter(allowed, "item")
+        hits = self._search(self._loaded().captions, vec, fetch, filt, "caption")
+        return np.array([int(h["entity"]["item"]) for h in hits], dtype=np.int64)
+
+    def caption_count(self, allowed: Any) -> int:
+        if allowed is None and not self._loaded().state.hiding:
+            return min(self._loaded().state.captions, MAX_LIMIT)
+        return MAX_LIMIT  # unknown without counting: the loop stops at Milvus's top-k limit
+
+    def _fetch(self, collection: str, key: str, rows, fields: list[str], extra: str = "") -> list:
+        out = []
+        for start in range(0, len(rows), _CHUNK):
+            part = [int(r) for r in rows[start : start + _CHUNK]]
+            filt = f"{key} in {part}" + (f" and {extra}" if extra else "")
+            try:
+                out += self.client.query(
+                    collection, filter=filt, output_fields=fields, consistency_level="Strong"
+                )
+            except Exception as e:
+                raise SearchError(f"Milvus query failed: {describe(e)}") from None
+        return out
+
+    def images_of(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        got = self._fetch(self._loaded().items, "row", items, ["row", "vector", "qbnorm"])
+        by_row = {int(r["row"]): r for r in got}
+        missing = [int(i) for i in items if int(i) not in by_row]
+        if missing:
+            raise SearchError(f"Milvus lost item rows {missing[:5]} during the query: search again")
+        vectors = _fp16([by_row[int(i)]["vector"] for i in items])
+        norms = np.array([by_row[int(i)]["qbnorm"] for i in items], dtype=np.float32)
+        return vectors.reshape(len(items), self.dim), norms
+
+    def captions_of(self, items: np.ndarray) -> tuple[np.ndarray, ...]:
+        now = self._loaded()
+        got = self._fetch(
+            now.captions, "item", items, ["row", "item", "vector", "qbnorm"],
+            f"batch <= {now.state.committed}",
+        )  # fmt: skip
+        got.sort(key=lambda r: int(r["row"]))
+        position = {int(i): p for p, i in enumerate(items)}
+        rows = np.array([int(r["row"]) for r in got], dtype=np.int64)
+        pos = np.array([position[int(r["item"])] for r in got], dtype=np.int64)
+        vectors = _fp16([r["vector"] for r in got]).reshape(len(got), self.dim)
+        norms = np.array([r["qbnorm"] for r in got], dtype=np.float32)
+        return rows, pos, vectors, norms
+
+
+class MilvusItems:
+    """Item and caption records by row or id, as `retrieval.index.store.Store` gives them."""
+
+    def __init__(self, space: MilvusSpace) -> None:
+        self.space = space
+
+    def _query(self, which: str, filt: str, fields: list[str]) -> list[dict]:
+        now = self.space._loaded()
+        name = now.items if which == "items" else now.captions
+        try:
+            return self.space.client.query(
+                name, filter=f"({filt}) and batch <= {now.state.committed}",
+                output_fields=fields, consistency_level="Strong",
+            )  # fmt: skip
+        except Exception as e:
+            raise SearchError(f"Milvus query failed: {describe(e)}") from None
+
+    def item_ids(self, rows) -> list[str | None]:
+        rows = [int(r) for r in rows]
+        found = {
+            int(r["row"]): r["id"] for r in self._query("items", f"row in {rows}", ["row", "id"])
+        }
+        return [found.get(r) for r in rows]
+
+    def caption_ids(self, rows) -> list[str | None]:
+        rows = [int(r) for r in rows]
+        got = self._query("captions", f"row in {rows}", ["row", "id"])
+        found = {int(r["row"]): r["id"] for r in got}
+        return [found.get(r) for r in rows]
+
+    def item(self, item_id: str) -> dict[str, Any] | None:
+        fields = ["row", "id", "path", "captions", "extra", "file"]
+        got = self._query("items", f"id == {_literal(item_id)}", fields)
+        if not got or int(got[0]["row"]) in self.space._loaded().state.hiding:
+            return None
+        r = got[0]
+        out = {"row": int(r["row"]), "path": r["path"], "captions": r["captions"]}
+        return out | {"extra": r["extra"] or {}, "file": r["file"]}
+
+    def caption(self, caption_id: str) -> dict[str, Any] | None:
+        got = self._query(
+            "captions", f"id == {_literal(caption_id)}", ["row", "item", "id", "text"]
+        )
+        if not got:
+            return None
+        r = got[0]
+        return {"id": r["id"], "row": int(r["row"]), "item": int(r["item"]), "text": r["text"]}
+
+    def counts(self) -> dict[str, int]:
+        state = self.space._loaded().state
+        return {"items": state.items, "captions": state.captions}
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # a server gone: nothing left to release
+            self.space.client.close()
+
+
+def _literal(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)

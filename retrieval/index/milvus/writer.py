@@ -1,0 +1,364 @@
+"""Every write to a Milvus-backed index: build a version, add, remove, upsert, compact.
+
+Each change is O(change): rows are inserted and deleted, never rewritten. Readers never see
+half of one, because each change goes through the version's state row (`collections.State`):
+
+- **add** (and an upsert's new rows): ``pending = {"op": "add", "batch": b}`` is written
+  first, then the rows are inserted with ``batch = b``, invisible (readers filter
+  ``batch <= committed``); one state write then commits ``b``. A crash before it leaves rows
+  that the next writer deletes (rolled back), so a re-run inserts the same rows again.
+- **remove** (and an upsert's old rows): one state write hides the rows (``hiding``), which
+  is the moment they disappear for readers, then they are deleted; a crash in between is
+  rolled forward by the next writer.
+
+One writer at a time, across machines: the ``lock`` row (owner, heartbeat), taken by writing
+it and reading it back; a lock whose heartbeat is older than `STALE_S` was left by a writer
+that died and is taken over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from ...errors import IndexBusyError
+from ...scoring.fusion import bank_normalisers
+from ..config import BankConfig
+from ..store import ItemEntry
+from . import collections as coll
+from .client import MilvusError, describe
+from .where import filter_doc
+
+log = logging.getLogger(__name__)
+
+INSERT_ROWS = 1_000  # rows per insert call (a gRPC message stays far below its size limit)
+HEARTBEAT_S = 10.0
+STALE_S = 60.0
+KEEP_VERSIONS = 2  # the current version and the one before it (for a manual way back)
+
+
+@dataclass(frozen=True)
+class Vectors:
+    """New rows to write: entries with their (N, D) image and (C, D) caption unit vectors."""
+
+    entries: Sequence[ItemEntry]
+    images: np.ndarray
+    captions: np.ndarray
+
+
+def _guard(what: str):
+    """Turn pymilvus's errors into one line naming ``what`` was being done."""
+
+    @contextlib.contextmanager
+    def run():
+        try:
+            yield
+        except (MilvusError, IndexBusyError):
+            raise
+        except Exception as e:
+            raise MilvusError(
+                f"Milvus failed while {what}: {describe(e)}; nothing half-done is visible, and "
+                "re-running the command finishes it"
+            ) from None
+
+    return run()
+
+
+# --- the lock -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def lock(client, names: coll.Names, wait: float = 0.0) -> Iterator[None]:
+    """The one-writer lock of index ``names``, held across machines while the body runs."""
+    coll.create_meta(client, names)
+    me = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    deadline = time.monotonic() + wait
+    while not _try_lock(client, names, me):
+        if time.monotonic() >= deadline:
+            held = coll.read_row(client, names, "lock") or {}
+            raise IndexBusyError(
+                f"index collections {names.base} are being changed by {held.get('owner', '?')}; "
+                "wait for it, or retry with --wait SECONDS"
+            )
+        time.sleep(0.5)
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(client, names, me, stop), daemon=True)
+    beat.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beat.join()
+        with contextlib.suppress(Exception):  # the server gone: the lock goes stale
+            if (coll.read_row(client, names, "lock") or {}).get("owner") == me:
+                coll.delete_row(client, names, "lock")
+
+
+def _try_lock(client, names: coll.Names, me: str) -> bool:
+    held = coll.read_row(client, names, "lock")
+    if held and held["owner"] != me and time.time() - held["at"] < STALE_S:
+        return False
+    if held and held["owner"] != me:
+        log.warning("taking over the lock of %s, left by %s", names.base, held["owner"])
+    coll.write_row(client, names, "lock", {"owner": me, "at": time.time()})
+    time.sleep(0.2)  # no compare-and-set in Milvus: the last of two racing writers wins...
+    return (coll.read_row(client, names, "lock") or {}).get("owner") == me  # ...and knows it
+
+
+def _heartbeat(client, names: coll.Names, me: str, stop: threading.Event) -> None:
+    while not stop.wait(HEARTBEAT_S):
+        with contextlib.suppress(Exception):
+            coll.write_row(client, names, "lock", {"owner": me, "at": time.time()})
+
+
+# --- rows -----------------------------------------------------------------------------------
+
+
+def _item_rows(new: Vectors, image_norm, batch: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "row": e.row, "id": e.id, "path": e.path,
+            "captions": [{"id": c[0], "text": c[2]} for c in e.captions],
+            "extra": e.extra, "filters": filter_doc(e.extra), "file": e.file,
+            "batch": batch, "qbnorm": float(image_norm[i]), "vector": new.images[i].tolist(),
+        }
+        for i, e in enumerate(new.entries)
+    ]  # fmt: skip
+
+
+def _caption_rows(new: Vectors, caption_norm, batch: int) -> list[dict[str, Any]]:
+    out = []
+    for e in new.entries:
+        doc = filter_doc(e.extra)
+        for cid, row, text in e.captions:
+            j = len(out)
+            out.append(
+                {
+                    "row": row, "item": e.row, "id": cid, "text": text, "filters": doc,
+                    "batch": batch, "qbnorm": float(caption_norm[j]),
+                    "vector": new.captions[j].tolist(),
+                }
+            )  # fmt: skip
+    return out
+
+
+def _insert(client, collection: str, rows: list[dict]) -> None:
+    for start in range(0, len(rows), INSERT_ROWS):
+        client.insert(collection, rows[start : start + INSERT_ROWS])
+
+
+# --- a build --------------------------------------------------------------------------------
+
+
+def build_version(
+    client, names: coll.Names, new: Vectors, norms: tuple[np.ndarray, np.ndarray], index: str
+) -> tuple[str, dict[str, str]]:
+    """Write a new version's collections, switch the aliases to it, drop the old ones.
+
+    Returns its items collection and the Milvus index type of each kind.
+    """
+    dim = new.images.shape[1]
+    with _guard("writing the new collections"):
+        coll.create_meta(client, names)
+        done = coll.versions(client, names)
+        version = names.version_of(done[-1]) + 1 if done else 1
+        items, captions = names.items(version), names.captions_of(names.items(version))
+        chosen = {}
+        for name, schema, count, kind in (
+            (items, coll.item_schema(client, dim), len(new.images), "image"),
+            (captions, coll.caption_schema(client, dim), len(new.captions), "caption"),
+        ):
+            if client.has_collection(name):  # left by a build that died: not published
+                client.drop_collection(name)
+            params, chosen[kind] = coll.index_params(client, index, count)
+            client.create_collection(
+                name, schema=schema, index_params=params, consistency_level="Strong"
+            )
+        _insert(client, items, _item_rows(new, norms[0], 0))
+        _insert(client, captions, _caption_rows(new, norms[1], 0))
+        for name in (items, captions):
+            client.flush(name)
+        keys = {k for e in new.entries for k in e.extra}
+        state = coll.State(
+            next_row=len(new.entries), next_caption=len(new.captions),
+            items=len(new.entries), captions=len(new.captions),
+        ).with_fields(keys)  # fmt: skip
+        coll.write_state(client, names, items, state)
+    with _guard("switching the aliases to the new version"):
+        coll.switch(client, names, items)
+    with _guard("dropping old versions"):
+        for old in coll.versions(client, names)[:-KEEP_VERSIONS]:
+            client.drop_collection(names.captions_of(old))
+            client.drop_collection(old)
+            coll.delete_row(client, names, f"state:{old}")
+    return items, chosen
+
+
+# --- changes --------------------------------------------------------------------------------
+
+
+@dataclass
+class Version:
+    """The version a change applies to, with its state as the change goes on."""
+
+    client: Any
+    names: coll.Names
+    items: str
+    state: coll.State
+
+    @property
+    def captions(self) -> str:
+        return self.names.captions_of(self.items)
+
+    def save(self, state: coll.State) -> None:
+        coll.write_state(self.client, self.names, self.items, state)
+        self.state = state
+
+
+def open_version(client, names: coll.Names) -> Version:
+    """The current version, with any change a dead writer left rolled back or finished."""
+    with _guard("reading the index state"):
+        items = coll.current(client, names)
+        if items is None:
+            raise MilvusError(f"Milvus has no index {names.items_alias}: build it first")
+        coll.ensure_loaded(client, names.meta, items, names.captions_of(items))
+        version = Version(client, names, items, coll.read_state(client, names, items))
+        _recover(version)
+    return version
+
+
+def _recover(v: Version) -> None:
+    pending = v.state.pending
+    if pending is None:
+        return
+    if pending["op"] == "add":  # never committed: its rows go
+        log.warning("rolling back an add to %s that did not finish", v.items)
+        for name in (v.items, v.captions):
+            v.client.delete(name, filter=f"batch == {pending['batch']}")
+        v.save(replace(v.state, pending=None))
+    else:  # "delete": committed (hidden) already; finish deleting
+        log.warning("finishing a removal from %s that did not finish", v.items)
+        _delete_rows(v, pending["rows"])
+
+
+def item_rows(v: Version, ids: Sequence[str]) -> dict[str, int]:
+    """The visible rows of ``ids`` that are in the index: id -> row."""
+    found: dict[str, int] = {}
+    ids = list(dict.fromkeys(ids))
+    for start in range(0, len(ids), 1_000):
+        part = json.dumps(ids[start : start + 1_000], ensure_ascii=False)
+        rows = v.client.query(
+            v.items, filter=f"id in {part} and {v.state.visible()}",
+            output_fields=["row", "id"], consistency_level="Strong",
+        )  # fmt: skip
+        found |= {r["id"]: int(r["row"]) for r in rows}
+    return found
+
+
+def add(v: Version, new: Vectors, replaces: Sequence[int], bank: BankConfig) -> None:
+    """Insert ``new`` rows (replacing items at rows ``replaces``) as one change."""
+    batch = v.state.committed + 1
+    with _guard("adding items"):
+        v.save(replace(v.state, pending={"op": "add", "batch": batch}))
+        norms = _normalisers(v, new, replaces, bank)
+        _insert(v.client, v.items, _item_rows(new, norms[0], batch))
+        _insert(v.client, v.captions, _caption_rows(new, norms[1], batch))
+        committed = replace(
+            v.state.with_fields({k for e in new.entries for k in e.extra}),
+            committed=batch,
+            next_row=v.state.next_row + len(new.entries),
+            next_caption=v.state.next_caption + len(new.captions),
+            items=v.state.items + len(new.entries),
+            captions=v.state.captions + len(new.captions),
+            hiding=tuple(sorted({*v.state.hiding, *replaces})),
+            pending={"op": "delete", "rows": list(replaces)} if replaces else None,
+        )
+        v.save(committed)  # the moment the new rows appear (and replaced ones disappear)
+        if replaces:
+            _delete_rows(v, list(replaces))
+
+
+def remove(v: Version, rows: Sequence[int]) -> None:
+    """Remove items at ``rows`` with their captions: hidden in one write, then deleted."""
+    with _guard("removing items"):
+        hidden = tuple(sorted({*v.state.hiding, *rows}))
+        v.save(replace(v.state, hiding=hidden, pending={"op": "delete", "rows": list(rows)}))
+        _delete_rows(v, list(rows))
+
+
+def _delete_rows(v: Version, rows: list[int]) -> None:
+    captions = 0
+    for start in range(0, len(rows), 1_000):
+        part = rows[start : start + 1_000]
+        captions += len(v.client.query(v.captions, filter=f"item in {part}", output_fields=["row"]))
+        v.client.delete(v.captions, filter=f"item in {part}")
+        v.client.delete(v.items, filter=f"row in {part}")
+    gone = set(rows)
+    v.save(
+        replace(
+            v.state,
+            hiding=tuple(r for r in v.state.hiding if r not in gone),
+            items=v.state.items - len(gone),
+            captions=v.state.captions - captions,
+            pending=None,
+        )
+    )
+
+
+def compact(v: Version) -> None:
+    """Milvus's own compaction: deleted rows' space reclaimed, segments merged."""
+    with _guard("compacting"):
+        for name in (v.items, v.captions):
+            v.client.compact(name)
+
+
+def _normalisers(v: Version, new: Vectors, replaces, bank: BankConfig):
+    """Querybank normalisers of the new rows against the live corpus, the new rows included
+    and the replaced ones not (as the FAISS backend computes them)."""
+    hide = f" and item not in {list(replaces)}" if replaces else ""
+    hide_items = f" and row not in {list(replaces)}" if replaces else ""
+    image_norm = _against(v, v.captions, new.images, new.captions, bank, hide)
+    caption_norm = _against(v, v.items, new.captions, new.images, bank, hide_items)
+    return image_norm, caption_norm
+
+
+def _against(v: Version, bank_name: str, queries, new_bank, bank: BankConfig, hide: str):
+    """(Q,) normalisers of ``queries`` against the visible rows of ``bank_name`` + ``new_bank``."""
+    if len(queries) == 0:
+        return np.zeros(0, dtype=np.float32)
+    m = bank.m
+    found = v.client.search(
+        bank_name, data=queries.tolist(), limit=m,
+        filter=v.state.visible("item" if bank_name == v.captions else "row") + hide,
+        consistency_level="Strong",
+    )  # fmt: skip
+    sims = np.full((len(queries), m), -np.inf)
+    for i, hits in enumerate(found):
+        old = np.array([h["distance"] for h in hits], dtype=np.float64)
+        mine = (new_bank @ queries[i]).astype(np.float64) if len(new_bank) else np.zeros(0)
+        both = np.sort(np.concatenate([old, mine]))[::-1][:m]
+        sims[i, : len(both)] = both
+    live = min(m, int(np.isfinite(sims).sum(axis=1).max(initial=0)))
+    if live == 0:
+        return np.zeros(len(queries), dtype=np.float32)
+    return bank_normalisers(sims[:, :live], bank.beta).astype(np.float32)
+
+
+def record_skips(v: Version, rows: list[dict]) -> None:
+    """A change's skipped records, kept in Milvus beside the version (the FAISS backend
+    appends them to the new version's ``skipped.jsonl``)."""
+    with _guard("recording skipped records"):
+        key = f"skipped:{v.items}"
+        kept = coll.read_row(v.client, v.names, key) or []
+        coll.write_row(v.client, v.names, key, [*kept, *rows])

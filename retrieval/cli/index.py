@@ -9,13 +9,21 @@ from pathlib import Path
 import click
 
 from ..index import integrity, layout
-from ..index.config import EXPORT_FORMATS, TARGET_RECALL, VERIFY_SAMPLE, BuildConfig, ExportConfig
+from ..index.config import (
+    BACKENDS,
+    EXPORT_FORMATS,
+    TARGET_RECALL,
+    VERIFY_SAMPLE,
+    BuildConfig,
+    ExportConfig,
+)
 from ..index.manifest import IndexEntry
 from ..model.spec import DEFAULT_MODEL
 from .options import (
     ByteSize,
     CorpusPath,
     encoding_options,
+    given,
     index_dir_option,
     model_options,
     model_spec,
@@ -170,7 +178,8 @@ def verify(name, sample, repair, rollback, model, pretrained, random_init, devic
     default=BuildConfig.index,
     show_default=True,
     help="auto (exact below 100k vectors; above, HNSW, IVF or IVF-PQ, whatever fits "
-    "--max-memory) or a FAISS factory string.",
+    "--max-memory) or a FAISS factory string; with --backend milvus, auto (FLAT below 50k "
+    "vectors, else HNSW) or a Milvus index type (HNSW, IVF_FLAT, IVF_PQ, GPU_CAGRA, ...).",
 )
 @click.option(
     "--max-memory",
@@ -190,15 +199,33 @@ def verify(name, sample, repair, rollback, model, pretrained, random_init, devic
     default=None,
     help="Querybank corpus for qbnorm [the corpus's own captions and images].",
 )
+@click.option(
+    "--backend",
+    type=click.Choice(BACKENDS),
+    default=BuildConfig.backend,
+    show_default=True,
+    help="faiss: FAISS + LMDB files in the index folder; milvus: everything in Milvus "
+    "collections (other commands follow the manifest).",
+)
+@click.option(
+    "--milvus-uri",
+    default=None,
+    help="With --backend milvus: a Milvus server or cluster (http://host:19530) or a "
+    "milvus-lite .db file [indexes/.milvus/NAME.db]; the token comes from $MILVUS_TOKEN.",
+)
 @encoding_options
 @read_options
 @index_dir_option
+@click.pass_context
 def build(
+    ctx,
     corpus, name, model, pretrained, random_init, no_progress, index_dir, resume, wait, **options
-):
+):  # fmt: skip
     """Build index NAME from CORPUS (any format: see --format), replacing any index NAME."""
     from ..index.build import build as run_build
     from ..model.spec import ModelSpec
+
+    _check_backend_options(ctx, options["backend"])
 
     # The other options are named after their BuildConfig fields.
     spec = ModelSpec(model, pretrained, random_init)
@@ -209,6 +236,17 @@ def build(
     click.echo(report.summary())
     if sum(report.skipped.values()):
         click.echo(f"skipped records and their reasons: {report.path / 'skipped.jsonl'}")
+
+
+def _check_backend_options(ctx: click.Context, backend: str) -> None:
+    """Options that only one backend reads, refused on the other, naming both."""
+    if backend != "milvus" and given(ctx, "milvus_uri"):
+        raise click.UsageError("--milvus-uri needs --backend milvus")
+    if backend == "milvus":
+        for option in ("max_memory", "target_recall", "bank"):
+            if given(ctx, option):
+                flag = "--" + option.replace("_", "-")
+                raise click.UsageError(f"{flag} is for --backend faiss, not --backend milvus")
 
 
 @commands.command()
@@ -246,6 +284,9 @@ def info(name, as_json, index_dir):
     if as_json:
         click.echo(json.dumps({**m.to_json(), "folder": str(folder)}, indent=2))
         return
+    if m.milvus is not None:
+        _milvus_info(m, layout.root_of(folder), folder)
+        return
     c, image, caption = m.counts, m.indexes["image"], m.indexes["caption"]
     click.echo(f"index     {m.name}  ({folder})")
     click.echo(f"model     {m.model}  pretrained: {m.pretrained or 'none'}")
@@ -262,6 +303,23 @@ def info(name, as_json, index_dir):
     for change in m.history:
         detail = ", ".join(f"{k} {v}" for k, v in change.detail.items())
         click.echo(f"{change.op:<9} {change.at}  {detail}")
+
+
+def _milvus_info(m, root: Path, folder: Path) -> None:
+    from ..index.milvus.changes import status
+
+    st = status(m, root)
+    click.echo(f"index     {m.name}  ({folder})")
+    click.echo(f"backend   milvus  {st.uri}  (collection {st.collection})")
+    click.echo(f"model     {m.model}  pretrained: {m.pretrained or 'none'}")
+    click.echo(f"dim       {m.dim}")
+    click.echo(f"items     {st.items}  (Milvus {st.index_types['image']})")
+    click.echo(f"captions  {st.captions}  (Milvus {st.index_types['caption']})")
+    click.echo(f"skipped   {m.counts.skipped} at build, {st.skipped} by changes since")
+    click.echo(f"created   {m.created}  by retrieval {m.package_version}")
+    for change in st.history:
+        detail = ", ".join(f"{k} {v}" for k, v in change.items() if k not in ("op", "at"))
+        click.echo(f"{change['op']:<9} {change['at']}  {detail}")
 
 
 def _tuned(entry: IndexEntry) -> str:

@@ -91,7 +91,10 @@ def verify(
 
     report.add("checksums", _checksums(folder, manifest), f"{len(manifest.sha256)} files match")
     try:
-        _consistency(report, folder, manifest, sample, load, seed)
+        if manifest.milvus is not None:
+            _milvus(report, folder, manifest, sample, load, seed)
+        else:
+            _consistency(report, folder, manifest, sample, load, seed)
     except Exception as e:  # unreadable FAISS / LMDB / numpy files are a finding, not a crash
         detail = str(e).strip().splitlines()[-1] if str(e).strip() else ""
         report.add("readable", [f"{type(e).__name__}: {detail}"], "")
@@ -126,6 +129,21 @@ def _consistency(
             except EncoderError as e:  # the model, not the files: say so under its own check
                 problems, detail = [str(e)], ""
             report.add("re-encoded sample", problems, detail)
+
+
+def _milvus(report: VerifyReport, folder: Path, manifest: Manifest, sample, load, seed) -> None:
+    from .milvus import checks
+
+    root = layout.root_of(folder)
+    for name, problems, fine in checks.consistency(manifest, root):
+        report.add(name, problems, fine)
+    if sample:
+        items, images, captions = checks.sample(manifest, root, sample, seed)
+        try:
+            problems, detail = _compare(items, images, captions, load())
+        except EncoderError as e:
+            problems, detail = [str(e)], ""
+        report.add("re-encoded sample", problems, detail)
 
 
 def _checksums(folder: Path, manifest: Manifest) -> list[str]:
@@ -236,21 +254,26 @@ def _embeddings(indexes, live, emb, manifest: Manifest) -> list[str]:
 def _reencode(store: Store, live, emb, encoder: Encoder, sample: int, seed: int):
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(live["image"], min(sample, len(live["image"])), replace=False))
-    items = [store.item(i) for i in store.item_ids(rows)]
+    items = [store.item(i) | {"id": i} for i in store.item_ids(rows)]
+    caption_rows = [store.caption(c["id"])["row"] for it in items for c in it["captions"]]
+    images = np.asarray(emb.image[rows], np.float32)
+    return _compare(items, images, np.asarray(emb.caption[caption_rows], np.float32), encoder)
+
+
+def _compare(items: list[dict], images: np.ndarray, captions: np.ndarray, encoder: Encoder):
+    """Re-encode ``items`` (their files, their captions' text) against their stored vectors:
+    images (n, D) in item order, captions (C, D) in the items' caption order."""
     got, positions, failures = encoder.encode_image_files(
         [Path(i["path"]) for i in items], workers=0
     )
     problems = []
-    cos = _cosines(got, np.asarray(emb.image[rows[positions]], np.float32))
+    cos = _cosines(got, images[positions])
     for pos, c in zip(positions, cos, strict=True):
         if c < MIN_COSINE:
             problems.append(f"item {items[pos]['id']!r}: re-encoded image at cosine {c:.4f}")
     caps = [(c["id"], c["text"]) for it in items for c in it["captions"]]
     if caps:
-        crows = [store.caption(cid)["row"] for cid, _ in caps]
-        ccos = _cosines(
-            encoder.encode_texts([t for _, t in caps]), np.asarray(emb.caption[crows], np.float32)
-        )
+        ccos = _cosines(encoder.encode_texts([t for _, t in caps]), captions)
         problems += [
             f"caption {cid!r}: re-encoded at cosine {c:.4f}"
             for (cid, _), c in zip(caps, ccos, strict=True)

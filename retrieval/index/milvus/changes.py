@@ -53,7 +53,12 @@ def add(
             writer.add(v, new, replaced, bank)
         if job.skips.rows:
             writer.record_skips(v, job.skips.rows)
-    return len(entries) - len(replaced), len(replaced)
+        added = len(entries) - len(replaced)
+        if entries or job.skips.rows:
+            skipped = sum(job.skips.counts().values())
+            detail = {"added": added, "replaced": len(replaced), "skipped": skipped}
+            writer.record_change(v, "add", detail)
+    return added, len(replaced)
 
 
 def remove(ids: list[str], manifest: Manifest, root: Path, wait: float) -> list[str]:
@@ -63,9 +68,42 @@ def remove(ids: list[str], manifest: Manifest, root: Path, wait: float) -> list[
         present = [i for i in dict.fromkeys(ids) if i in rows]
         if present:
             writer.remove(v, [rows[i] for i in present])
+            writer.record_change(v, "remove", {"removed": len(present)})
     return present
 
 
 def compact(manifest: Manifest, root: Path, wait: float) -> None:
     with changing(manifest, root, wait) as v:
         writer.compact(v)
+        writer.record_change(v, "compact", {})
+
+
+@dataclass(frozen=True)
+class Status:
+    """A Milvus-backed index as `info` and `verify` describe it, read from Milvus."""
+
+    uri: str
+    collection: str  # the items collection the alias names now
+    items: int
+    captions: int
+    index_types: dict[str, str]
+    history: tuple[dict[str, Any], ...]
+    skipped: int  # records skipped by changes since the build
+
+
+def status(manifest: Manifest, root: Path) -> Status:
+    from . import collections as coll
+    from .backend import open_space
+
+    space, items = open_space(manifest, root)
+    try:
+        now = space.refresh()
+        history = coll.read_row(space.client, space.names, f"history:{now.items}") or []
+        skipped = coll.read_row(space.client, space.names, f"skipped:{now.items}") or []
+        assert manifest.milvus is not None
+        return Status(
+            manifest.milvus.uri, now.items, now.state.items, now.state.captions,
+            dict(now.index_types), tuple(history), len(skipped),
+        )  # fmt: skip
+    finally:
+        items.close()

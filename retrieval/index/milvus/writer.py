@@ -362,3 +362,13 @@ def record_skips(v: Version, rows: list[dict]) -> None:
         key = f"skipped:{v.items}"
         kept = coll.read_row(v.client, v.names, key) or []
         coll.write_row(v.client, v.names, key, [*kept, *rows])
+
+
+def record_change(v: Version, op: str, detail: dict[str, Any]) -> None:
+    """The change in the version's history row (what `info` lists; the FAISS backend keeps
+    it in the manifest, which a Milvus change does not rewrite)."""
+    with _guard("recording the change"):
+        key = f"history:{v.items}"
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        kept = coll.read_row(v.client, v.names, key) or []
+        coll.write_row(v.client, v.names, key, [*kept, {"op": op, "at": at, **detail}])

@@ -66,7 +66,13 @@ def connect(uri: str) -> Any:
         client = MilvusClient(uri=uri, token=token, timeout=CONNECT_TIMEOUT_S)
         client.list_collections()  # a wrong token is refused here, not at the first write
     except Exception as e:  # pymilvus raises its own and grpc's errors, and ConnectionError
-        raise MilvusError(f"cannot use Milvus at {uri}: {describe(e)}") from None
+        hint = (
+            " (milvus-lite serves one process at a time: stop the other one using it, or put "
+            "the index on a Milvus server with --milvus-uri)"
+            if is_lite(uri)
+            else ""
+        )
+        raise MilvusError(f"cannot use Milvus at {uri}: {describe(e)}{hint}") from None
     return client
 
 

@@ -15,15 +15,20 @@ from typing import Any
 from ...corpus.filters import Condition, _number
 from ...errors import SearchError
 
-FIELD = "filters"  # the JSON field of the items collection that holds the filter document
+FIELD = "filters"
+_LARGEST = 1.7976931348623157e308  # the JSON field of the items collection that holds the filter document
 
 
 def filter_doc(extra: dict[str, Any]) -> dict[str, Any]:
     """The filter document of an item's metadata ``extra``."""
     texts = {k: [str(x) for x in (v if isinstance(v, list) else [v])] for k, v in extra.items()}
+    # JSON has no infinity: the largest double compares with every finite bound as it does;
+    # NaN compares false with everything, so it is left out (never matches, as on FAISS).
     numbers = {
-        k: n for k, v in extra.items() if (n := _number(v)) is not None and math.isfinite(n)
-    }  # JSON has no infinity: "inf" is text only here
+        k: max(-_LARGEST, min(_LARGEST, n))
+        for k, v in extra.items()
+        if (n := _number(v)) is not None and not math.isnan(n)
+    }
     return {"t": texts, "n": numbers}
 
 

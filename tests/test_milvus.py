@@ -308,3 +308,71 @@ def test_an_unreachable_milvus_is_one_line(tmp_path, monkeypatch):
     assert len(line.splitlines()) == 1 and "cannot use Milvus at http://127.0.0.1:9" in line
     assert "secret-token" not in line and "Traceback" not in line
     assert not (tmp_path / "ix" / "x").exists()
+
+
+# --- a writer killed ------------------------------------------------------------------------
+
+
+def _collections(root: Path) -> dict[str, dict[int, tuple]]:
+    """Every row of both collections (visible or not): row -> (id, rounded vector)."""
+    client = connect(str(root / ".milvus" / "x.db"))
+    names = coll.Names(coll.base_name("x"))
+    items = coll.current(client, names)
+    coll.ensure_loaded(client, names.meta, items, names.captions_of(items))
+    out = {}
+    for kind, name in (("items", items), ("captions", names.captions_of(items))):
+        rows = client.query(
+            name, filter="row >= 0", output_fields=["row", "id", "vector"], limit=16384
+        )
+        out[kind] = {r["row"]: (r["id"], tuple(np.round(r["vector"], 5))) for r in rows}
+    client.close()
+    return out
+
+
+def _visible(root: Path, encoder) -> list[str]:
+    with Searcher.open("x", root, encoder=encoder) as s:
+        return _ids(s)
+
+
+def test_adds_killed_at_random_moments_end_as_the_uninterrupted_one(tmp_path, encoder):
+    import multiprocessing as mp
+
+    from fault_worker import job
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["retrieval.index.lifecycle", "retrieval.index.verify"])
+    a = synthetic.generate(tmp_path / "a", n=24, seed=4)
+    b = synthetic.generate(tmp_path / "b", n=40, seed=5)
+    base = tmp_path / "base"
+    build(a, "x", MILVUS, base, encoder=encoder)
+
+    def run(root: Path, kill_after: float | None):
+        recv, send = ctx.Pipe(duplex=False)
+        child = ctx.Process(target=job, args=("add", b, root, "x", None, send))
+        child.start()
+        assert recv.poll(120) and recv.recv() == "started"
+        child.join(kill_after if kill_after is not None else 120)
+        if child.is_alive():
+            child.kill()
+            child.join()
+        return recv.recv() if recv.poll() else None
+
+    shutil.copytree(base, tmp_path / "whole", symlinks=True)
+    done = run(tmp_path / "whole", None)
+    assert done is not None and done[0] == "ok", done
+    want, before = _collections(tmp_path / "whole"), _visible(base, encoder)
+    after = _visible(tmp_path / "whole", encoder)
+    outcomes = set()
+    for n, moment in enumerate(np.random.default_rng(0).uniform(0, done[1] * 1.1, 8)):
+        root = tmp_path / f"run{n}"
+        shutil.copytree(base, root, symlinks=True)
+        run(root, moment)
+        assert verify("x", root, sample=0).ok, f"kill at {moment:.2f}s"
+        seen = _visible(root, encoder)
+        assert seen in (before, after), f"kill at {moment:.2f}s"  # never half an add
+        outcomes.add("added" if seen == after else "not yet")
+        lifecycle.add(b, "x", root, CONFIG, encoder=encoder, resume=True)
+        assert _collections(root) == want, f"kill at {moment:.2f}s"
+        assert verify("x", root, sample=2, encoder=encoder).ok
+        shutil.rmtree(root)
+    assert outcomes == {"added", "not yet"}, outcomes

@@ -107,13 +107,28 @@ def lock(client, names: coll.Names, wait: float = 0.0) -> Iterator[None]:
 
 def _try_lock(client, names: coll.Names, me: str) -> bool:
     held = coll.read_row(client, names, "lock")
-    if held and held["owner"] != me and time.time() - held["at"] < STALE_S:
+    if held and held["owner"] != me and time.time() - held["at"] < STALE_S and _alive(held):
         return False
     if held and held["owner"] != me:
         log.warning("taking over the lock of %s, left by %s", names.base, held["owner"])
     coll.write_row(client, names, "lock", {"owner": me, "at": time.time()})
     time.sleep(0.2)  # no compare-and-set in Milvus: the last of two racing writers wins...
     return (coll.read_row(client, names, "lock") or {}).get("owner") == me  # ...and knows it
+
+
+def _alive(held: dict) -> bool:
+    """Whether the lock's owner may still run: a process on this host is asked directly; on
+    another host, only its heartbeat tells (a lock older than STALE_S is taken over)."""
+    host, pid, _ = held["owner"].rsplit(":", 2)
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):  # another user's process, or not ours to judge
+        return True
+    return True
 
 
 def _heartbeat(client, names: coll.Names, me: str, stop: threading.Event) -> None:

@@ -18,7 +18,7 @@ from ..corpus.filters import check_field, group_codes
 from ..corpus.readers import read_corpus
 from ..corpus.records import unique_records
 from ..errors import RetrievalError
-from ..index import layout, querybank
+from ..index import querybank
 from ..index.vector_index import VectorIndex
 from ..model.encoder import Encoder
 from ..model.spec import ModelSpec
@@ -95,8 +95,6 @@ def _with_captions(kept, img: np.ndarray, encoder: Encoder, config: BenchConfig)
 
 def embed_from_index(records, searcher: Searcher, config: BenchConfig) -> Embedded:
     """Images: the index's stored vectors; captions: the dataset's, encoded by its model."""
-    stored = np.load(searcher.folder / layout.EMBEDDINGS / "image.npy").astype(np.float32)
-    stored /= np.maximum(np.linalg.norm(stored, axis=1, keepdims=True), 1e-12)
     kept, rows = [], []
     for r in records:
         item = searcher.store.item(r.id)
@@ -107,7 +105,8 @@ def embed_from_index(records, searcher: Searcher, config: BenchConfig) -> Embedd
         raise RetrievalError("none of the dataset's ids is in the index; build it from the dataset")
     if len(kept) < len(records):
         log.warning("%d dataset items are not in the index", len(records) - len(kept))
-    img = np.ascontiguousarray(stored[rows])
+    img = searcher.space.images_of(np.array(rows, dtype=np.int64))[0]  # any backend
+    img /= np.maximum(np.linalg.norm(img, axis=1, keepdims=True), 1e-12)
     return _with_captions(kept, img, searcher.encoder, config)
 
 

@@ -141,9 +141,14 @@ class Searcher:
         self._allowed: dict[tuple, np.ndarray | str] = {}  # filter -> item rows, or the error
         if self.manifest.milvus is not None:  # everything lives in Milvus: nothing mapped here
             from ..index.milvus.backend import open_space
+            from ..index.milvus.space import RowIndex
 
             self.space, self.store = open_space(self.manifest, layout.root_of(folder))
             self._close = weakref.finalize(self, self.store.close)
+            self.images, self.captions = (
+                RowIndex(self.space, "image"),
+                RowIndex(self.space, "caption"),
+            )
             return
         faiss_device = "cuda" if self.encoder.device.type == "cuda" else "cpu"
         # Memory-mapped: a published index is read-only, so pages load on demand, are shared

@@ -17,6 +17,7 @@ import numpy as np
 
 from ...corpus.filters import Condition, unknown_field
 from ...errors import SearchError
+from ..exact import Neighbors
 from . import collections as coll
 from .client import MilvusError, describe
 from .where import expression
@@ -75,18 +76,21 @@ class MilvusSpace:
         return expression(conditions)
 
     def _search(self, collection: str, vec, fetch: int, filt: str, kind: str) -> list:
+        return self._search_many(collection, vec, fetch, filt, kind)[0]
+
+    def _search_many(self, collection: str, vecs, fetch: int, filt: str, kind: str) -> list:
+        """Hits per query of ``vecs`` (Q, D), at most ``fetch`` each (Milvus's limit)."""
         now = self._loaded()
         limit = min(fetch, MAX_LIMIT)
         params = {"params": coll.search_params(now.index_types[kind], limit)}
         try:
-            found = self.client.search(
-                collection, data=[vec[0].tolist()], limit=limit, filter=filt,
-                output_fields=["row", "item"] if kind == "caption" else ["row"],
+            return self.client.search(
+                collection, data=np.asarray(vecs, np.float32).tolist(), limit=limit,
+                filter=filt, output_fields=["row", "item"] if kind == "caption" else ["row"],
                 search_params=params, consistency_level="Strong",
             )  # fmt: skip
         except Exception as e:
             raise SearchError(f"Milvus search failed: {describe(e)}") from None
-        return found[0]
 
     def _filter(self, allowed: str | None, item_field: str) -> str:
         visible = self._loaded().state.visible(item_field)
@@ -203,3 +207,28 @@ class MilvusItems:
 
 def _literal(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
+
+
+class RowIndex:
+    """One collection of a Milvus-backed index with `VectorIndex`'s batch ``search``, for
+    `bench --index` (rows: item rows for images, caption rows for captions)."""
+
+    def __init__(self, space: MilvusSpace, kind: str) -> None:
+        self.space, self.kind = space, kind
+
+    @property
+    def factory(self) -> str:
+        return f"Milvus {self.space._loaded().index_types[self.kind]}"
+
+    def search(self, queries: np.ndarray, k: int) -> list[Neighbors]:
+        now = self.space._loaded()
+        name = now.items if self.kind == "image" else now.captions
+        filt = now.state.visible("row" if self.kind == "image" else "item")
+        out = []
+        for start in range(0, len(queries), _CHUNK):
+            for q in self.space._search_many(
+                name, queries[start : start + _CHUNK], k, filt, self.kind
+            ):
+                ids = np.array([int(h["entity"]["row"]) for h in q], dtype=np.int64)
+                out.append(Neighbors(ids, np.array([h["distance"] for h in q], np.float32)))
+        return out

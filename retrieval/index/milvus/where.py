@@ -16,7 +16,9 @@ from ...corpus.filters import Condition, _number
 from ...errors import SearchError
 
 FIELD = "filters"
-_LARGEST = 1.7976931348623157e308  # the JSON field of the items collection that holds the filter document
+_LARGEST = (
+    1.7976931348623157e308  # the JSON field of the items collection that holds the filter document
+)
 
 
 def filter_doc(extra: dict[str, Any]) -> dict[str, Any]:

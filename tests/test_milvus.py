@@ -363,7 +363,8 @@ def test_adds_killed_at_random_moments_end_as_the_uninterrupted_one(tmp_path, en
     want, before = _collections(tmp_path / "whole"), _visible(base, encoder)
     after = _visible(tmp_path / "whole", encoder)
     outcomes = set()
-    for n, moment in enumerate(np.random.default_rng(0).uniform(0, done[1] * 1.1, 8)):
+    moments = [*np.random.default_rng(0).uniform(0, done[1], 7), done[1] * 2]  # the last: done
+    for n, moment in enumerate(moments):
         root = tmp_path / f"run{n}"
         shutil.copytree(base, root, symlinks=True)
         run(root, moment)

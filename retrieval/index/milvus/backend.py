@@ -75,8 +75,9 @@ def changing(manifest: Manifest, root: Path, wait: float = 0.0) -> Iterator[writ
     assert manifest.milvus is not None
     client = client_for(manifest.milvus, root)
     names = coll.Names(manifest.milvus.base)
+    grace = 0.0 if is_lite(manifest.milvus.uri) else coll.BOUNDED_STALENESS_S
     try:
         with writer.lock(client, names, wait):
-            yield writer.open_version(client, names)
+            yield writer.open_version(client, names, grace)
     finally:
         client.close()

@@ -34,8 +34,7 @@ def consistency(manifest: Manifest, root: Path) -> list[tuple[str, list[str], st
         state = now.state
         fine = f"collection {now.items}, change {state.committed} committed"
         if state.pending:  # invisible to searches: not a fault of what is published
-            op = "an add" if state.pending["op"] == "add" else "a removal"
-            fine += f"; {op} was interrupted (the next add, remove or compact cleans it up)"
+            fine += "; an add was interrupted (the next add, remove or compact rolls it back)"
         out: list[tuple[str, list[str], str]] = [("state", [], fine)]
         visible = state.visible()
         rows = {int(r["row"]) for r in _scan(space, now.items, ["row"], visible)}
@@ -78,6 +77,8 @@ def sample(manifest: Manifest, root: Path, n: int, seed: int):
         caption_rows, _, caption_vectors, _ = space.captions_of(chosen)
         ids = items.caption_ids(caption_rows)
         by_id = dict(zip(ids, caption_vectors, strict=True))
+        for it in picked:  # stored as {"all": [...]}: Milvus 2.3 keeps JSON objects only
+            it["captions"] = it["captions"]["all"]
         wanted = [c["id"] for it in picked for c in it["captions"]]
         vectors = np.array([by_id[c] for c in wanted]).reshape(len(wanted), manifest.dim)
         return picked, images, vectors

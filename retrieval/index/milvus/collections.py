@@ -27,6 +27,9 @@ from .client import MilvusError, describe
 META_DIM = 2  # Milvus wants a vector field in every collection; the meta rows ignore it
 MAX_TEXT = 65_535  # Milvus's VARCHAR limit
 INDEX_TYPES = ("FLAT", "HNSW", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "AUTOINDEX", "GPU_CAGRA")
+# How stale a Bounded read may be: Milvus's common.gracefulTime (5000 ms by default). Writers
+# on a server wait this out (`retrieval.index.milvus.writer`); milvus-lite reads are current.
+BOUNDED_STALENESS_S = 5.0
 EXACT_BELOW = 50_000  # "auto": FLAT (exact) below this many vectors, HNSW from there
 
 
@@ -72,13 +75,14 @@ class State:
     """What readers and writers agree on about one version; stored as one meta row."""
 
     committed: int = 0  # rows whose ``batch`` is above this are not published yet
-    hiding: tuple[int, ...] = ()  # item rows being removed: invisible already
+    hiding: tuple[int, ...] = ()  # item rows removed (invisible), not yet deleted
+    hidden_at: float = 0.0  # when rows were last hidden (time.time())
     next_row: int = 0
     next_caption: int = 0
     fields: tuple[str, ...] = ()  # metadata keys of the items (for the unknown-field check)
     items: int = 0
     captions: int = 0
-    pending: dict[str, Any] | None = None  # the change under way: {"op", "batch", ...}
+    pending: dict[str, Any] | None = None  # the add under way: {"op": "add", "batch": b}
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "hiding": list(self.hiding), "fields": list(self.fields)}
@@ -177,25 +181,28 @@ def create_meta(client, names: Names) -> None:
     client.create_collection(names.meta, schema=s, index_params=p, consistency_level="Strong")
 
 
-def read_row(client, names: Names, key: str) -> Any:
+def read_row(client, names: Names, key: str, strong: bool = True) -> Any:
+    """One meta row's value (None: no such row). ``strong``: as of now (writers); else with
+    bounded staleness (readers: a Strong read waits for the server's next time tick)."""
     rows = client.query(
         names.meta, filter=f"key == {json.dumps(key)}", output_fields=["value"],
-        consistency_level="Strong",
+        consistency_level="Strong" if strong else "Bounded",
     )  # fmt: skip
-    return rows[0]["value"] if rows else None
+    return rows[0]["value"]["v"] if rows else None
 
 
 def write_row(client, names: Names, key: str, value: Any) -> None:
     """Upsert one meta row: Milvus writes a row whole, so readers see the old or the new."""
-    client.upsert(names.meta, [{"key": key, "value": value, "v": [0.0] * META_DIM}])
+    row = {"key": key, "value": {"v": value}, "v": [0.0] * META_DIM}  # an object: Milvus 2.3
+    client.upsert(names.meta, [row])
 
 
 def delete_row(client, names: Names, key: str) -> None:
     client.delete(names.meta, filter=f"key == {json.dumps(key)}")
 
 
-def read_state(client, names: Names, items: str) -> State:
-    value = read_row(client, names, f"state:{items}")
+def read_state(client, names: Names, items: str, strong: bool = False) -> State:
+    value = read_row(client, names, f"state:{items}", strong)
     if value is None:
         raise MilvusError(f"collection {items} has no state row in {names.meta}: not built here")
     return State.from_json(value)

@@ -3,7 +3,8 @@
 `retrieval.corpus.filters` compares equality as text (any element of a list field) and
 comparisons as numbers (a value that is not a number never matches). Milvus cannot convert
 JSON values, so each item carries a ``filter_doc`` of its metadata, already converted:
-``{"t": {key: [text, ...]}, "n": {key: number}}``; the expressions read that.
+``{"t": {key: [text, ...]}, "n": {key: number}, "k": [key, ...]}``; the expressions read
+that (with functions Milvus 2.3 servers have too).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def filter_doc(extra: dict[str, Any]) -> dict[str, Any]:
         for k, v in extra.items()
         if (n := _number(v)) is not None and not math.isnan(n)
     }
-    return {"t": texts, "n": numbers}
+    return {"t": texts, "n": numbers, "k": sorted(extra)}
 
 
 def expression(conditions: tuple[Condition, ...]) -> str:
@@ -49,7 +50,8 @@ def _one(c: Condition) -> str:
     if c.op == "=":
         return f"json_contains({texts}, {_string(c.value)})"
     if c.op == "!=":
-        return f"exists {texts} and not json_contains({texts}, {_string(c.value)})"
+        has = f'json_contains({FIELD}["k"], {_string(c.key)})'  # `exists` is Milvus 2.4+
+        return f"{has} and not json_contains({texts}, {_string(c.value)})"
     if c.op == "range":
         return f"{number} >= {float(c.value)!r} and {number} <= {float(c.high)!r}"
     return f"{number} {c.op} {float(c.value)!r}"

@@ -144,8 +144,8 @@ def _item_rows(new: Vectors, image_norm, batch: int) -> list[dict[str, Any]]:
     return [
         {
             "row": e.row, "id": e.id, "path": e.path,
-            "captions": [{"id": c[0], "text": c[2]} for c in e.captions],
-            "extra": e.extra, "filters": filter_doc(e.extra), "file": e.file,
+            "captions": {"all": [{"id": c[0], "text": c[2]} for c in e.captions]},
+            "extra": e.extra, "filters": filter_doc(e.extra), "file": e.file or {},
             "batch": batch, "qbnorm": float(image_norm[i]), "vector": new.images[i].tolist(),
         }
         for i, e in enumerate(new.entries)
@@ -225,12 +225,14 @@ def build_version(
 
 @dataclass
 class Version:
-    """The version a change applies to, with its state as the change goes on."""
+    """The version a change applies to, with its state as the change goes on. ``grace_s``:
+    how stale a reader's view may be (Milvus's bounded staleness; 0 for milvus-lite)."""
 
     client: Any
     names: coll.Names
     items: str
     state: coll.State
+    grace_s: float = 0.0
 
     @property
     def captions(self) -> str:
@@ -241,15 +243,18 @@ class Version:
         self.state = state
 
 
-def open_version(client, names: coll.Names) -> Version:
-    """The current version, with any change a dead writer left rolled back or finished."""
+def open_version(client, names: coll.Names, grace_s: float) -> Version:
+    """The current version, with any change a dead writer left rolled back, and the rows
+    hidden long enough ago deleted."""
     with _guard("reading the index state"):
         items = coll.current(client, names)
         if items is None:
             raise MilvusError(f"Milvus has no index {names.items_alias}: build it first")
         coll.ensure_loaded(client, names.meta, items, names.captions_of(items))
-        version = Version(client, names, items, coll.read_state(client, names, items))
+        state = coll.read_state(client, names, items, strong=True)
+        version = Version(client, names, items, state, grace_s)
         _recover(version)
+        purge(version)
     return version
 
 
@@ -257,14 +262,10 @@ def _recover(v: Version) -> None:
     pending = v.state.pending
     if pending is None:
         return
-    if pending["op"] == "add":  # never committed: its rows go
-        log.warning("rolling back an add to %s that did not finish", v.items)
-        for name in (v.items, v.captions):
-            v.client.delete(name, filter=f"batch == {pending['batch']}")
-        v.save(replace(v.state, pending=None))
-    else:  # "delete": committed (hidden) already; finish deleting
-        log.warning("finishing a removal from %s that did not finish", v.items)
-        _delete_rows(v, pending["rows"])
+    log.warning("rolling back an add to %s that did not finish", v.items)
+    for name in (v.items, v.captions):  # never committed: its rows go
+        v.client.delete(name, filter=f"batch == {pending['batch']}")
+    v.save(replace(v.state, pending=None))
 
 
 def item_rows(v: Version, ids: Sequence[str]) -> dict[str, int]:
@@ -282,57 +283,86 @@ def item_rows(v: Version, ids: Sequence[str]) -> dict[str, int]:
 
 
 def add(v: Version, new: Vectors, replaces: Sequence[int], bank: BankConfig) -> None:
-    """Insert ``new`` rows (replacing items at rows ``replaces``) as one change."""
+    """Insert ``new`` rows (replacing items at rows ``replaces``) as one change.
+
+    Readers read with bounded staleness, so the rows are committed only once they are older
+    than ``grace_s``: a reader that sees the commit sees every row of it.
+    """
     batch = v.state.committed + 1
     with _guard("adding items"):
         v.save(replace(v.state, pending={"op": "add", "batch": batch}))
         norms = _normalisers(v, new, replaces, bank)
         _insert(v.client, v.items, _item_rows(new, norms[0], batch))
         _insert(v.client, v.captions, _caption_rows(new, norms[1], batch))
-        committed = replace(
-            v.state.with_fields({k for e in new.entries for k in e.extra}),
-            committed=batch,
-            next_row=v.state.next_row + len(new.entries),
-            next_caption=v.state.next_caption + len(new.captions),
-            items=v.state.items + len(new.entries),
-            captions=v.state.captions + len(new.captions),
-            hiding=tuple(sorted({*v.state.hiding, *replaces})),
-            pending={"op": "delete", "rows": list(replaces)} if replaces else None,
-        )
-        v.save(committed)  # the moment the new rows appear (and replaced ones disappear)
-        if replaces:
-            _delete_rows(v, list(replaces))
+        time.sleep(v.grace_s)
+        state = _hidden(v, v.state.with_fields({k for e in new.entries for k in e.extra}), replaces)
+        v.save(
+            replace(
+                state,
+                committed=batch,
+                next_row=v.state.next_row + len(new.entries),
+                next_caption=v.state.next_caption + len(new.captions),
+                items=state.items + len(new.entries),
+                captions=state.captions + len(new.captions),
+                pending=None,
+            )
+        )  # the moment the new rows appear (and the replaced ones disappear)
+        purge(v)
 
 
 def remove(v: Version, rows: Sequence[int]) -> None:
-    """Remove items at ``rows`` with their captions: hidden in one write, then deleted."""
+    """Remove items at ``rows`` with their captions: hidden in one state write (the moment
+    they disappear), deleted once no reader's view can predate that (see `purge`)."""
     with _guard("removing items"):
-        hidden = tuple(sorted({*v.state.hiding, *rows}))
-        v.save(replace(v.state, hiding=hidden, pending={"op": "delete", "rows": list(rows)}))
-        _delete_rows(v, list(rows))
+        v.save(_hidden(v, v.state, rows))
+        purge(v)
 
 
-def _delete_rows(v: Version, rows: list[int]) -> None:
+def _hidden(v: Version, state: coll.State, rows: Sequence[int]) -> coll.State:
+    """``state`` with items ``rows`` hidden, and no longer counted."""
+    if not rows:
+        return state
     captions = 0
     for start in range(0, len(rows), 1_000):
-        part = rows[start : start + 1_000]
-        captions += len(v.client.query(v.captions, filter=f"item in {part}", output_fields=["row"]))
-        v.client.delete(v.captions, filter=f"item in {part}")
-        v.client.delete(v.items, filter=f"row in {part}")
-    gone = set(rows)
-    v.save(
-        replace(
-            v.state,
-            hiding=tuple(r for r in v.state.hiding if r not in gone),
-            items=v.state.items - len(gone),
-            captions=v.state.captions - captions,
-            pending=None,
-        )
+        part = [int(r) for r in rows[start : start + 1_000]]
+        captions += len(
+            v.client.query(
+                v.captions, filter=f"item in {part} and {state.visible('item')}",
+                output_fields=["row"], consistency_level="Strong",
+            )
+        )  # fmt: skip
+    return replace(
+        state,
+        hiding=tuple(sorted({*state.hiding, *rows})),
+        hidden_at=time.time(),
+        items=state.items - len(rows),
+        captions=state.captions - captions,
     )
 
 
+def purge(v: Version, wait: bool = False) -> None:
+    """Delete the hidden rows once a reader's view cannot predate their hiding: two staleness
+    windows after it (a reader may read the state, then the rows, each that stale).
+    ``wait``: wait for that moment rather than leave them to the next change."""
+    if not v.state.hiding:
+        return
+    due = v.state.hidden_at + 2 * v.grace_s - time.time()
+    if due > 0 and not wait:
+        return
+    time.sleep(max(due, 0.0))
+    rows = list(v.state.hiding)
+    with _guard("deleting removed rows"):
+        for start in range(0, len(rows), 1_000):
+            part = rows[start : start + 1_000]
+            v.client.delete(v.captions, filter=f"item in {part}")
+            v.client.delete(v.items, filter=f"row in {part}")
+        v.save(replace(v.state, hiding=()))
+
+
 def compact(v: Version) -> None:
-    """Milvus's own compaction: deleted rows' space reclaimed, segments merged."""
+    """Delete every hidden row (waiting out the staleness window), then Milvus's own
+    compaction: deleted rows' space reclaimed, segments merged."""
+    purge(v, wait=True)
     with _guard("compacting"):
         for name in (v.items, v.captions):
             v.client.compact(name)

@@ -1,0 +1,199 @@
+"""The Milvus backend on a real Milvus server (the PyPI package `milvus`: Milvus 2.3 standalone,
+started here on a free port): HTTP URIs, HNSW, aliases, two `serve` processes reading while an
+`add` writes, the lock between two machines' folders, and the server going away mid-add."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+
+milvus = pytest.importorskip("milvus")
+pytest.importorskip("pymilvus")
+
+from retrieval.corpus import synthetic  # noqa: E402
+from retrieval.errors import RetrievalError  # noqa: E402
+from retrieval.index import lifecycle  # noqa: E402
+from retrieval.index.build import build  # noqa: E402
+from retrieval.index.config import BuildConfig  # noqa: E402
+from retrieval.index.milvus import collections as coll  # noqa: E402
+from retrieval.index.milvus.client import connect  # noqa: E402
+from retrieval.index.verify import verify  # noqa: E402
+from retrieval.query.search import Query, Searcher  # noqa: E402
+
+CONFIG = BuildConfig(progress=False, workers=0, shard_size=16, batch_size=16)
+TINY = ["--model", "tiny-vit", "--random-init", "--no-progress", "--workers", "0"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A Milvus standalone server with its own data folder; (its URI, the server)."""
+    srv = milvus.MilvusServer()
+    srv.set_base_dir(str(tmp_path_factory.mktemp("milvus-data")))
+    srv.listen_port = _free_port()
+    srv.start()
+    yield f"http://127.0.0.1:{srv.listen_port}", srv
+    srv.stop()
+
+
+def _ids(root: Path, name: str, encoder) -> list[str]:
+    with Searcher.open(name, root, encoder=encoder) as s:
+        return sorted(r["id"] for r in s.search(Query(text="a shape"), k=1000)["results"])
+
+
+def test_a_server_index_with_hnsw_ranks_as_the_exact_faiss_one(tmp_path, server, encoder):
+    uri, _ = server
+    corpus = synthetic.generate(tmp_path / "c", n=50, seed=3)
+    root = tmp_path / "ix"
+    build(corpus, "f", CONFIG, root, encoder=encoder)
+    milvus_config = replace(CONFIG, backend="milvus", milvus_uri=uri, index="HNSW")
+    build(corpus, "hnsw", milvus_config, root, encoder=encoder)
+    build(corpus, "hnsw", milvus_config, root, encoder=encoder)  # a rebuild: the alias moves
+    client = connect(uri)
+    names = coll.Names(coll.base_name("hnsw"))
+    assert coll.current(client, names) == names.items(2)
+    assert client.describe_index(names.items(2), "vector")["index_type"] == "HNSW"
+    client.close()
+    with (
+        Searcher.open("f", root, encoder=encoder) as f,
+        Searcher.open("hnsw", root, encoder=encoder) as m,
+    ):
+        for strategy in ("cosine", "qbnorm", "hybrid"):
+            for target in ("images", "captions"):
+                args = {"k": 10, "strategy": strategy, "target": target}
+                q = Query(text="a blue square above a red circle")
+                want = [r["score"] for r in f.search(q, **args)["results"]]
+                got = [r["score"] for r in m.search(q, **args)["results"]]
+                assert got == pytest.approx(want, abs=1e-5), (strategy, target)
+    assert verify("hnsw", root, sample=3, encoder=encoder).ok
+
+
+def _serve(root: Path, name: str, log: Path) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "retrieval.cli", "serve", name, "--index-dir", str(root)]
+    proc = subprocess.Popen(
+        [*cmd, "--port", str(port)], stdout=log.open("w"), stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the server did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.3)
+
+
+def test_two_servers_read_while_an_add_writes(tmp_path, server, encoder):
+    uri, _ = server
+    a = synthetic.generate(tmp_path / "a", n=30, seed=4)
+    b = synthetic.generate(tmp_path / "b", n=60, seed=5)
+    root = tmp_path / "ix"
+    build(a, "shared", replace(CONFIG, backend="milvus", milvus_uri=uri), root, encoder=encoder)
+    before = _ids(root, "shared", encoder)
+    servers = [_serve(root, "shared", tmp_path / f"serve{i}.log") for i in range(2)]
+    seen: list[frozenset] = []
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def poll(url: str) -> None:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            while not stop.is_set():
+                r = c.post("/search", json={"text": "a shape", "k": 1000})
+                if r.status_code != 200:
+                    errors.append(r.text)
+                else:
+                    seen.append(frozenset(x["id"] for x in r.json()["results"]))
+
+    pollers = [threading.Thread(target=poll, args=(url,)) for _, url in servers]
+    try:
+        for t in pollers:
+            t.start()
+        lifecycle.add(b, "shared", root, CONFIG, encoder=encoder)
+        time.sleep(1.5)  # both servers answer from the new state too
+    finally:
+        stop.set()
+        for t in pollers:
+            t.join()
+        for proc, _ in servers:
+            proc.terminate()
+            proc.wait(timeout=30)
+    after = _ids(root, "shared", encoder)
+    assert not errors, errors[:3]
+    assert {frozenset(before), frozenset(after)} >= set(seen)  # never half an add
+    assert frozenset(after) in seen and len(after) == 90
+
+
+def test_the_lock_holds_between_two_machines_folders(tmp_path, server, encoder):
+    # Two index folders (two machines' copies of the manifest) on one server's collections:
+    # their file locks are independent, so only Milvus's lock row keeps the writers apart.
+    uri, _ = server
+    a = synthetic.generate(tmp_path / "a", n=20, seed=4)
+    b = synthetic.generate(tmp_path / "b", n=120, seed=5)
+    c = synthetic.generate(tmp_path / "c", n=120, seed=6)
+    one, two = tmp_path / "machine1", tmp_path / "machine2"
+    build(a, "team", replace(CONFIG, backend="milvus", milvus_uri=uri), one, encoder=encoder)
+    shutil.copytree(one, two, symlinks=True)
+    cmd = [sys.executable, "-m", "retrieval.cli", "add", "team"]
+    procs = [
+        subprocess.Popen(
+            [*cmd, str(corpus), *TINY, "--index-dir", str(root)], stderr=subprocess.PIPE, text=True
+        )
+        for corpus, root in ((b, one), (c, two))
+    ]
+    done = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(rc for rc, _ in done)
+    assert codes == [0, 1], done
+    refused = next(err for rc, err in done if rc == 1)
+    assert "are being changed by" in refused and "Traceback" not in refused
+    total = len(_ids(one, "team", encoder))
+    assert total == 20 + 120 and _ids(two, "team", encoder) == _ids(one, "team", encoder)
+
+
+def test_the_server_going_away_during_an_add_leaves_the_index_and_a_rerun_finishes(
+    tmp_path, server, encoder
+):
+    uri, srv = server
+    a = synthetic.generate(tmp_path / "a", n=20, seed=4)
+    b = synthetic.generate(tmp_path / "b", n=400, seed=5)
+    root = tmp_path / "ix"
+    build(a, "gone", replace(CONFIG, backend="milvus", milvus_uri=uri), root, encoder=encoder)
+    before = _ids(root, "gone", encoder)
+    big = replace(CONFIG, shard_size=400, batch_size=50)  # one shard: encoded, then written
+
+    def stop_when_writing():
+        client = connect(uri)
+        names = coll.Names(coll.base_name("gone"))
+        while (coll.read_state(client, names, names.items(1)).pending or {}).get("op") != "add":
+            time.sleep(0.05)
+        srv.stop()
+
+    killer = threading.Thread(target=stop_when_writing)
+    killer.start()
+    with pytest.raises(RetrievalError) as failed:
+        lifecycle.add(b, "gone", root, big, encoder=encoder)
+    killer.join()
+    assert "Milvus" in str(failed.value) and "\n" not in str(failed.value)
+    srv.start()
+    assert _ids(root, "gone", encoder) == before  # the half-written add is invisible
+    lifecycle.add(b, "gone", root, big, encoder=encoder, resume=True)
+    assert len(_ids(root, "gone", encoder)) == 420
+    assert verify("gone", root, sample=2, encoder=encoder).ok

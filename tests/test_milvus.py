@@ -18,16 +18,16 @@ from click.testing import CliRunner
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
 
-from retrieval.cli import main  # noqa: E402
-from retrieval.corpus import filters, synthetic  # noqa: E402
-from retrieval.index import lifecycle  # noqa: E402
-from retrieval.index.build import build  # noqa: E402
-from retrieval.index.config import BuildConfig  # noqa: E402
-from retrieval.index.milvus import collections as coll  # noqa: E402
-from retrieval.index.milvus.client import connect  # noqa: E402
-from retrieval.index.milvus.where import FIELD, expression, filter_doc  # noqa: E402
-from retrieval.index.verify import verify  # noqa: E402
-from retrieval.query.search import Query, QueryTerm, Searcher  # noqa: E402
+from retrieval.cli import main
+from retrieval.corpus import filters, synthetic
+from retrieval.index import lifecycle
+from retrieval.index.build import build
+from retrieval.index.config import BuildConfig
+from retrieval.index.milvus import collections as coll
+from retrieval.index.milvus.client import connect
+from retrieval.index.milvus.where import FIELD, expression, filter_doc
+from retrieval.index.verify import verify
+from retrieval.query.search import Query, QueryTerm, Searcher
 
 CONFIG = BuildConfig(progress=False, workers=0, shard_size=16, batch_size=16)
 MILVUS = replace(CONFIG, backend="milvus")
@@ -151,7 +151,7 @@ def _same_ranking(got: list[dict], want: list[dict], every: list[dict], query) -
 
 
 def test_dedup_and_unknown_fields_behave_as_on_faiss(pair, encoder):
-    corpus, root = pair
+    _, root = pair
     with (
         Searcher.open("f", root, encoder=encoder) as f,
         Searcher.open("m", root, encoder=encoder) as m,

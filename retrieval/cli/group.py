@@ -87,6 +87,9 @@ def main(verbose: int) -> None:
     """Search images by text and text by image: train, build, search, measure."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # pymilvus logs each failed call with its traceback; the engine reports it in one line
+    # (the traceback with -v).
+    logging.getLogger("pymilvus").setLevel(logging.CRITICAL if verbose < 2 else logging.DEBUG)
 
 
 for _group in (index.commands, search.commands, train.commands, demo.commands):

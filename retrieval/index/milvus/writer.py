@@ -122,6 +122,8 @@ def _alive(held: dict) -> bool:
     host, pid, _ = held["owner"].rsplit(":", 2)
     if host != socket.gethostname():
         return True
+    if pid == str(os.getpid()):  # an earlier change of this process that could not let go
+        return False
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:

@@ -20,12 +20,15 @@ pytest.importorskip("milvus_lite")
 
 from retrieval.cli import main
 from retrieval.corpus import filters, synthetic
+from retrieval.errors import RetrievalError
 from retrieval.index import lifecycle
 from retrieval.index.build import build
-from retrieval.index.config import BuildConfig
+from retrieval.index.config import BuildConfig, ExportConfig
+from retrieval.index.export import export
 from retrieval.index.milvus import collections as coll
 from retrieval.index.milvus.client import connect
 from retrieval.index.milvus.where import FIELD, expression, filter_doc
+from retrieval.index.repair import rollback
 from retrieval.index.verify import verify
 from retrieval.query.search import Query, QueryTerm, Searcher
 
@@ -224,6 +227,12 @@ def test_a_rebuild_switches_the_alias_and_keeps_one_previous_version(tmp_path, e
     assert coll.current(client, names) == names.items(3)
     assert coll.versions(client, names) == [names.items(2), names.items(3)]
     client.close()
+    # The way back is the version Milvus kept: the aliases move to it.
+    assert rollback("m", root) == f"Milvus collection {names.items(2)}"
+    with Searcher.open("m", root, encoder=encoder) as s:
+        assert s.space.refresh().items == names.items(2) and len(_ids(s)) == 20
+    with pytest.raises(RetrievalError, match="lives in Milvus"):
+        export("m", tmp_path / "out", ExportConfig(), root)
 
 
 # --- the command line -----------------------------------------------------------------------

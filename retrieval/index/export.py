@@ -54,6 +54,12 @@ def export(name: str, out: Path, config: ExportConfig, index_dir=None) -> int:
     out = Path(out)
     _check_out(out, config.format)
     folder, manifest = integrity.open_version(name, index_dir)
+    if manifest.milvus is not None:
+        raise RetrievalError(
+            f"index {name!r} lives in Milvus (collections {manifest.milvus.base}_items and "
+            f"_captions at {manifest.milvus.uri}): read them with pymilvus, or build a FAISS "
+            "copy (`retrieval build CORPUS --name NAME`) to export"
+        )
     writer = {"clip-retrieval": _clip_retrieval, "npz": _npz, "parquet": _parquet}[config.format]
     with Store.open(folder / layout.STORE) as store:
         counts = store.counts()

@@ -162,10 +162,15 @@ def _write_embeddings(current, folder, emb: Embeddings, indexes, manifest, bad: 
     save_embeddings(folder, fresh, bank=kept)
 
 
-def rollback(name: str, index_dir: str | Path | None = None, wait: float = 0.0) -> Path:
-    """Point ``name`` back at its previous version, which must verify; return that folder."""
+def rollback(name: str, index_dir: str | Path | None = None, wait: float = 0.0) -> str:
+    """Point ``name`` back at its previous version, which must verify; say which it is."""
     root = layout.index_root(index_dir)
     with layout.writer_lock(root, name, wait):
+        manifest = read_manifest(integrity.resolve(name, root))
+        if manifest.milvus is not None:  # the versions are Milvus collections
+            from .milvus.backend import rollback as milvus_rollback
+
+            return f"Milvus collection {milvus_rollback(manifest, root, wait)}"
         previous = _previous_sound(name, root)
         if previous is None:
             raise DamagedIndexError(
@@ -173,7 +178,7 @@ def rollback(name: str, index_dir: str | Path | None = None, wait: float = 0.0) 
                 f"`retrieval build CORPUS --name {name} --resume`"
             )
         layout.publish(previous, root, name)
-    return previous
+    return str(previous)
 
 
 def _previous_sound(name: str, root: Path) -> Path | None:

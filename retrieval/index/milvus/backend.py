@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from ...errors import IndexBuildError
+from ...errors import DamagedIndexError, IndexBuildError
 from ..config import BuildConfig
 from ..manifest import IndexEntry, Manifest, MilvusLocation
 from . import collections as coll
@@ -79,5 +79,26 @@ def changing(manifest: Manifest, root: Path, wait: float = 0.0) -> Iterator[writ
     try:
         with writer.lock(client, names, wait):
             yield writer.open_version(client, names, grace)
+    finally:
+        client.close()
+
+
+def rollback(manifest: Manifest, root: Path, wait: float = 0.0) -> str:
+    """Point the aliases back at the version before the current one (one is kept); the
+    collection they name now."""
+    assert manifest.milvus is not None
+    client = client_for(manifest.milvus, root)
+    names = coll.Names(manifest.milvus.base)
+    try:
+        with writer.lock(client, names, wait):
+            current = coll.current(client, names)
+            older = [v for v in coll.versions(client, names) if v != current]
+            if current is None or not older:
+                raise DamagedIndexError(
+                    f"index {manifest.name!r} has no previous version in Milvus; rebuild it: "
+                    f"`retrieval build CORPUS --name {manifest.name} --backend milvus`"
+                )
+            coll.switch(client, names, older[-1])
+            return older[-1]
     finally:
         client.close()

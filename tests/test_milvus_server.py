@@ -4,6 +4,7 @@ started here on a free port): HTTP URIs, HNSW, aliases, two `serve` processes re
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -200,3 +201,32 @@ def test_the_server_going_away_during_an_add_leaves_the_index_and_a_rerun_finish
     lifecycle.add(b, "gone", root, big, encoder=encoder, resume=True)
     assert len(_ids(root, "gone", encoder)) == 170
     assert verify("gone", root, sample=2, encoder=encoder).ok
+
+
+def test_torchrun_ranks_insert_their_own_shards_into_the_server(tmp_path, server, encoder):
+    uri, _ = server
+    corpus = synthetic.generate(tmp_path / "c", n=45, seed=8)  # 6 shards of 8: uneven shares
+    root = tmp_path / "ix"
+    options = ["--shard-size", "8", "--batch-size", "8", *TINY]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(_free_port()), "-m", "retrieval.cli", "build", str(corpus)]
+    cmd += ["--name", "two", "--backend", "milvus", "--milvus-uri", uri, "--index-dir", str(root)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*cmd, *options], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "encoded by 2 processes" in done.stdout
+    build(corpus, "one", replace(CONFIG, shard_size=8, batch_size=8), root, encoder=encoder)
+    client = connect(uri)
+    items = coll.current(client, coll.Names(coll.base_name("two")))
+    got = client.query(items, filter="row >= 0", output_fields=["row", "id", "qbnorm"], limit=1000)
+    client.close()
+    with Searcher.open("one", root, encoder=encoder) as one:
+        want = {
+            row: (item["id"], round(float(one.space.image_norm[row]), 4))
+            for item in one.store.iter_items()
+            for row in [item["row"]]
+        }
+    assert {
+        r["row"]: (r["id"], round(r["qbnorm"], 4)) for r in got
+    } == want  # the same rows, ids and normalisers as one process's FAISS index
+    assert verify("two", root, sample=3, encoder=encoder).ok

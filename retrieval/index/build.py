@@ -147,6 +147,9 @@ def build(
         skips.dropped(dropped)
         encoder = encoder or Encoder.load(config.model, device)
         spool_dir = layout.spool_dir(root, name)
+        if _ranks_insert(config, world):
+            job = _RankJob(corpus, name, root, config, world, start, resume)
+            return _milvus_ranks(job, records, skips, encoder, len(dropped))
         enc = _encode(records, encoder, spool_dir, config.spool_options(resume), world)
         if enc is None:  # a torchrun rank other than 0: its share is spooled
             return None
@@ -282,6 +285,72 @@ def _write(
     with Store.create(folder / layout.STORE) as store:
         store.put_items(entries)
     return described
+
+
+def _ranks_insert(config: BuildConfig, world: World) -> bool:
+    """Whether each torchrun rank writes its own rows: into a Milvus server, yes; milvus-lite
+    serves one process, so there rank 0 writes every row as for FAISS."""
+    if config.backend != "milvus" or world.size == 1:
+        return False
+    from .milvus.client import is_lite
+
+    return not is_lite(config.milvus_uri or ".db")
+
+
+@dataclass(frozen=True)
+class _RankJob:
+    corpus: Path
+    name: str
+    root: Path
+    config: BuildConfig
+    world: World
+    start: float
+    resume: bool
+
+
+def _milvus_ranks(job: _RankJob, records, skips: Skips, encoder, dropped: int):
+    """A distributed build into a Milvus server: rank 0 creates the version's collections,
+    every rank encodes its shards and inserts their rows, rank 0 then finishes the version
+    (flush, state, aliases) and publishes the manifest. The other ranks return None."""
+    from .milvus import backend
+
+    world, config = job.world, job.config
+    spool_dir = layout.spool_dir(job.root, job.name)
+    options = config.spool_options(job.resume)
+    with backend.rank_build(job.root, job.name, config, world.rank == 0) as target:
+        if world.rank == 0:
+            spool.prepare(spool_dir, encoder, options)
+            target.create(encoder.dim, (len(records), sum(len(r.captions) for r in records)))
+        target.share(from_rank0(world, target.created))
+        share = replace(options, progress=options.progress and world.rank == 0)
+        spool.encode(records, encoder, spool_dir, share, part=(world.rank, world.size))
+        barrier(world)  # every shard spooled: each rank reads them all for rows and the bank
+        enc = spool.encode(
+            records, encoder, spool_dir, replace(options, resume=True, progress=False)
+        )
+        kept = _usable(skips, records, enc, len(records) + dropped, job.corpus)
+        entries, texts = entries_for(kept, encoder, skips)
+        mine = spool.ranks_of(enc.positions, options, world.size) == world.rank
+        target.insert(entries, enc, mine, config.querybank)
+        barrier(world)
+        if world.rank != 0:
+            return None
+        target.finish(entries, len(texts))
+
+        def fill(folder: Path) -> Manifest:
+            skips.write(folder / layout.SKIPPED)
+            described = target.described(len(entries), len(texts))
+            manifest = _manifest(job.name, job.corpus, encoder, skips, described, config)
+            built = round(time.perf_counter() - job.start, 3)
+            return replace(manifest, build_seconds=built, milvus=target.where)
+
+        link = layout.commit(job.root, job.name, fill)
+    spool.discard(spool_dir)
+    factories = {kind: d.factory for kind, d in target.described(1, 1).items()}
+    return BuildReport(
+        job.name, link, len(entries), len(texts), skips.counts(), skips.truncated(),
+        time.perf_counter() - job.start, factories, 0, world.size,
+    )  # fmt: skip
 
 
 def _write_milvus(root: Path, name: str, entries, enc, config: BuildConfig):

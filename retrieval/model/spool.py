@@ -102,6 +102,11 @@ def encode(
     return _join(parts, encoder.dim, reused)
 
 
+def ranks_of(positions: np.ndarray, options: SpoolOptions, size: int) -> np.ndarray:
+    """(N,) the rank whose shard holds each record position (``part`` in `encode`)."""
+    return (np.asarray(positions) // _shard_size(options)) % size
+
+
 def _shard_size(options: SpoolOptions) -> int:
     """``shard_size`` rounded up to whole batches: the same batches, interrupted or not."""
     return -(-max(1, options.shard_size) // options.batch_size) * options.batch_size

@@ -47,16 +47,22 @@ def write_build(
     try:
         names = coll.Names(where.base)
         with writer.lock(client, names):
-            _, chosen = writer.build_version(client, names, new, norms, config.index)
+            chosen = writer.build_version(client, names, new, norms, config.index).index_types
     finally:
         client.close()
-    counts = {"image": len(new.images), "caption": len(new.captions)}
+    return where, described_indexes(where, chosen, (len(new.images), len(new.captions)))
+
+
+def described_indexes(
+    where: MilvusLocation, chosen: dict[str, str], sizes: tuple[int, int]
+) -> dict[str, IndexEntry]:
+    """The manifest's entries for the two collections' vector indexes."""
+    counts = {"image": sizes[0], "caption": sizes[1]}
     why = "milvus-lite, " if is_lite(where.uri) else ""
-    described = {
+    return {
         kind: IndexEntry("", chosen[kind], counts[kind], f"{why}Milvus {chosen[kind]} (IP)")
         for kind in counts
     }
-    return where, described
 
 
 def open_space(manifest: Manifest, root: Path) -> tuple[MilvusSpace, MilvusItems]:
@@ -102,3 +108,64 @@ def rollback(manifest: Manifest, root: Path, wait: float = 0.0) -> str:
             return older[-1]
     finally:
         client.close()
+
+
+class RankBuild:
+    """One torchrun rank's part in a distributed build into a Milvus server (see
+    `retrieval.index.build`): rank 0 holds the lock, creates and finishes the version; every
+    rank inserts its own rows."""
+
+    def __init__(self, root: Path, name: str, config: BuildConfig, leader: bool) -> None:
+        self.root, self.where, self.leader = root, location(name, config), leader
+        self.names = coll.Names(self.where.base)
+        self.index = config.index
+        self.client = None
+        self.created: writer.Build | None = None
+
+    def create(self, dim: int, counts: tuple[int, int]) -> None:
+        self.created = writer.create_version(self.client, self.names, dim, counts, self.index)
+
+    def share(self, build: writer.Build) -> None:
+        self.created = build
+        if self.client is None:
+            self.client = client_for(self.where, self.root)
+
+    def insert(self, entries, enc, mine, bank) -> None:
+        """This rank's rows (``mine``: a (N,) mask over ``entries``), normalised against every
+        row's vectors in ``enc`` (the whole corpus is the querybank)."""
+        from ..querybank import normalisers
+
+        assert self.created is not None
+        picked = [e for e, m in zip(entries, mine, strict=True) if m]
+        caption_rows = [c[1] for e in picked for c in e.captions]
+        images, captions = enc.image_emb[mine], enc.caption_emb[caption_rows]
+        norms = (
+            normalisers(images, enc.caption_emb, bank),
+            normalisers(captions, enc.image_emb, bank),
+        )
+        new = writer.Vectors(picked, images, captions)
+        writer.insert_share(self.client, self.names, self.created, new, norms)
+
+    def finish(self, entries, captions: int) -> None:
+        assert self.created is not None
+        writer.finish_version(self.client, self.names, self.created, entries, captions)
+
+    def described(self, items: int, captions: int) -> dict[str, IndexEntry]:
+        assert self.created is not None
+        return described_indexes(self.where, self.created.index_types, (items, captions))
+
+
+@contextlib.contextmanager
+def rank_build(root: Path, name: str, config: BuildConfig, leader: bool) -> Iterator[RankBuild]:
+    """A `RankBuild`; the leader (rank 0) holds the index's lock throughout."""
+    target = RankBuild(root, name, config, leader)
+    try:
+        if leader:
+            target.client = client_for(target.where, root)
+            with writer.lock(target.client, target.names):
+                yield target
+        else:
+            yield target
+    finally:
+        if target.client is not None:
+            target.client.close()

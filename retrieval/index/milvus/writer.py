@@ -178,23 +178,39 @@ def _insert(client, collection: str, rows: list[dict]) -> None:
 # --- a build --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Build:
+    """A version being built: its items collection and the index type of each kind."""
+
+    items: str
+    index_types: dict[str, str]
+
+
 def build_version(
     client, names: coll.Names, new: Vectors, norms: tuple[np.ndarray, np.ndarray], index: str
-) -> tuple[str, dict[str, str]]:
-    """Write a new version's collections, switch the aliases to it, drop the old ones.
+) -> Build:
+    """Write a new version's collections, switch the aliases to it, drop the old ones."""
+    counts = (len(new.images), len(new.captions))
+    target = create_version(client, names, new.images.shape[1], counts, index)
+    insert_share(client, names, target, new, norms)
+    finish_version(client, names, target, new.entries, len(new.captions))
+    return target
 
-    Returns its items collection and the Milvus index type of each kind.
-    """
-    dim = new.images.shape[1]
-    with _guard("writing the new collections"):
+
+def create_version(
+    client, names: coll.Names, dim: int, counts: tuple[int, int], index: str
+) -> Build:
+    """The empty collections of the next version (``counts``: items and captions, for the
+    index choice); nothing reads them before `finish_version`."""
+    with _guard("creating the new collections"):
         coll.create_meta(client, names)
         done = coll.versions(client, names)
         version = names.version_of(done[-1]) + 1 if done else 1
-        items, captions = names.items(version), names.captions_of(names.items(version))
+        items = names.items(version)
         chosen = {}
         for name, schema, count, kind in (
-            (items, coll.item_schema(client, dim), len(new.images), "image"),
-            (captions, coll.caption_schema(client, dim), len(new.captions), "caption"),
+            (items, coll.item_schema(client, dim), counts[0], "image"),
+            (names.captions_of(items), coll.caption_schema(client, dim), counts[1], "caption"),
         ):
             if client.has_collection(name):  # left by a build that died: not published
                 client.drop_collection(name)
@@ -202,24 +218,33 @@ def build_version(
             client.create_collection(
                 name, schema=schema, index_params=params, consistency_level="Strong"
             )
-        _insert(client, items, _item_rows(new, norms[0], 0))
-        _insert(client, captions, _caption_rows(new, norms[1], 0))
-        for name in (items, captions):
+    return Build(items, chosen)
+
+
+def insert_share(client, names: coll.Names, target: Build, new: Vectors, norms) -> None:
+    """Insert rows into a version being built (all of them, or one torchrun rank's share)."""
+    with _guard("writing the new collections"):
+        _insert(client, target.items, _item_rows(new, norms[0], 0))
+        _insert(client, names.captions_of(target.items), _caption_rows(new, norms[1], 0))
+
+
+def finish_version(client, names: coll.Names, target: Build, entries, captions: int) -> None:
+    """Flush, record the state (every ``entries`` item and ``captions`` captions), switch the
+    aliases to the new version, drop the versions before the one kept."""
+    with _guard("writing the new collections"):
+        for name in (target.items, names.captions_of(target.items)):
             client.flush(name)
-        keys = {k for e in new.entries for k in e.extra}
         state = coll.State(
-            next_row=len(new.entries), next_caption=len(new.captions),
-            items=len(new.entries), captions=len(new.captions),
-        ).with_fields(keys)  # fmt: skip
-        coll.write_state(client, names, items, state)
+            next_row=len(entries), next_caption=captions, items=len(entries), captions=captions
+        ).with_fields({k for e in entries for k in e.extra})
+        coll.write_state(client, names, target.items, state)
     with _guard("switching the aliases to the new version"):
-        coll.switch(client, names, items)
+        coll.switch(client, names, target.items)
     with _guard("dropping old versions"):
         for old in coll.versions(client, names)[:-KEEP_VERSIONS]:
             client.drop_collection(names.captions_of(old))
             client.drop_collection(old)
             coll.delete_row(client, names, f"state:{old}")
-    return items, chosen
 
 
 # --- changes --------------------------------------------------------------------------------

@@ -166,8 +166,8 @@ def rollback(name: str, index_dir: str | Path | None = None, wait: float = 0.0) 
     """Point ``name`` back at its previous version, which must verify; say which it is."""
     root = layout.index_root(index_dir)
     with layout.writer_lock(root, name, wait):
-        manifest = read_manifest(integrity.resolve(name, root))
-        if manifest.milvus is not None:  # the versions are Milvus collections
+        manifest = _readable(name, root)
+        if manifest is not None and manifest.milvus is not None:  # versions are collections
             from .milvus.backend import rollback as milvus_rollback
 
             return f"Milvus collection {milvus_rollback(manifest, root, wait)}"
@@ -179,6 +179,14 @@ def rollback(name: str, index_dir: str | Path | None = None, wait: float = 0.0) 
             )
         layout.publish(previous, root, name)
     return str(previous)
+
+
+def _readable(name: str, root: Path) -> Manifest | None:
+    """The published version's manifest, or None where it is damaged or gone."""
+    try:
+        return read_manifest(integrity.resolve(name, root))
+    except (DamagedIndexError, FileNotFoundError):
+        return None
 
 
 def _previous_sound(name: str, root: Path) -> Path | None:

@@ -336,6 +336,9 @@ class Searcher:
             kept = [(hit, []) for hit in ranking.run(self.space, vectors, options, allowed)]
         else:
             kept = self._distinct(vectors, options, allowed, dedup)
+        if self.manifest.milvus is not None:  # one query for every result, not two per result
+            rows = [h.item for h, folded in kept for h in (h, *folded)]
+            self.store.prefetch(rows, [h.caption for h, _ in kept if h.caption is not None])
         results = []
         for rank, (hit, folded) in enumerate(kept, 1):
             result = self._result(rank, hit)

@@ -46,7 +46,7 @@ def write_build(
     client = client_for(where, root)
     try:
         names = coll.Names(where.base)
-        with writer.lock(client, names):
+        with writer.lock(client, names, lite=is_lite(where.uri)):
             chosen = writer.build_version(client, names, new, norms, config.index).index_types
     finally:
         client.close()
@@ -83,7 +83,7 @@ def changing(manifest: Manifest, root: Path, wait: float = 0.0) -> Iterator[writ
     names = coll.Names(manifest.milvus.base)
     grace = 0.0 if is_lite(manifest.milvus.uri) else coll.BOUNDED_STALENESS_S
     try:
-        with writer.lock(client, names, wait):
+        with writer.lock(client, names, wait, lite=is_lite(manifest.milvus.uri)):
             yield writer.open_version(client, names, grace)
     finally:
         client.close()
@@ -96,7 +96,7 @@ def rollback(manifest: Manifest, root: Path, wait: float = 0.0) -> str:
     client = client_for(manifest.milvus, root)
     names = coll.Names(manifest.milvus.base)
     try:
-        with writer.lock(client, names, wait):
+        with writer.lock(client, names, wait, lite=is_lite(manifest.milvus.uri)):
             current = coll.current(client, names)
             older = [v for v in coll.versions(client, names) if v != current]
             if current is None or not older:

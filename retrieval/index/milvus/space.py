@@ -167,6 +167,18 @@ class MilvusItems:
 
     def __init__(self, space: MilvusSpace) -> None:
         self.space = space
+        self._items: dict[int, dict] = {}  # row -> record, of the last prefetch
+        self._captions: dict[int, dict] = {}
+
+    def prefetch(self, item_rows, caption_rows) -> None:
+        """Read these rows' records in one query each; lookups by them (and by their ids) then
+        need no round trip until the next prefetch."""
+        fields = ["row", "id", "path", "captions", "extra", "file"]
+        rows = sorted({int(r) for r in item_rows})
+        self._items = {int(r["row"]): r for r in self._query("items", f"row in {rows}", fields)}
+        caps = sorted({int(r) for r in caption_rows if r >= 0})
+        got = self._query("captions", f"row in {caps}", ["row", "item", "id", "text"])
+        self._captions = {int(r["row"]): r for r in got}
 
     def _query(self, which: str, filt: str, fields: list[str]) -> list[dict]:
         now = self.space._loaded()
@@ -181,6 +193,8 @@ class MilvusItems:
 
     def item_ids(self, rows) -> list[str | None]:
         rows = [int(r) for r in rows]
+        if all(r in self._items for r in rows):
+            return [self._items[r]["id"] for r in rows]
         found = {
             int(r["row"]): r["id"] for r in self._query("items", f"row in {rows}", ["row", "id"])
         }
@@ -188,13 +202,17 @@ class MilvusItems:
 
     def caption_ids(self, rows) -> list[str | None]:
         rows = [int(r) for r in rows]
+        if all(r in self._captions for r in rows):
+            return [self._captions[r]["id"] for r in rows]
         got = self._query("captions", f"row in {rows}", ["row", "id"])
         found = {int(r["row"]): r["id"] for r in got}
         return [found.get(r) for r in rows]
 
     def item(self, item_id: str) -> dict[str, Any] | None:
         fields = ["row", "id", "path", "captions", "extra", "file"]
-        got = self._query("items", f"id == {_literal(item_id)}", fields)
+        got = [r for r in self._items.values() if r["id"] == item_id] or self._query(
+            "items", f"id == {_literal(item_id)}", fields
+        )
         if not got or int(got[0]["row"]) in self.space._loaded().state.hiding:
             return None
         r = got[0]
@@ -202,7 +220,7 @@ class MilvusItems:
         return out | {"extra": r["extra"] or {}, "file": r["file"] or None}
 
     def caption(self, caption_id: str) -> dict[str, Any] | None:
-        got = self._query(
+        got = [r for r in self._captions.values() if r["id"] == caption_id] or self._query(
             "captions", f"id == {_literal(caption_id)}", ["row", "item", "id", "text"]
         )
         if not got:

@@ -26,6 +26,7 @@ from retrieval.index import lifecycle  # noqa: E402
 from retrieval.index.build import build  # noqa: E402
 from retrieval.index.config import BuildConfig  # noqa: E402
 from retrieval.index.milvus import collections as coll  # noqa: E402
+from retrieval.index.milvus import writer  # noqa: E402
 from retrieval.index.milvus.client import connect  # noqa: E402
 from retrieval.index.verify import verify  # noqa: E402
 from retrieval.query.search import Query, Searcher  # noqa: E402
@@ -86,24 +87,29 @@ def test_a_server_index_with_hnsw_ranks_as_the_exact_faiss_one(tmp_path, server,
     assert verify("hnsw", root, sample=3, encoder=encoder).ok
 
 
-def _serve(root: Path, name: str, log: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    cmd = [sys.executable, "-m", "retrieval.cli", "serve", name, "--index-dir", str(root)]
-    proc = subprocess.Popen(
-        [*cmd, "--port", str(port)], stdout=log.open("w"), stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
+def _serve(root: Path, name: str, logs: list[Path]) -> list[tuple[subprocess.Popen, str]]:
+    """`retrieval serve` processes, one per log file, started together; once all answer."""
+    started = []
+    for log in logs:
+        port = _free_port()
+        cmd = [sys.executable, "-m", "retrieval.cli", "serve", name, "--index-dir", str(root)]
+        out = log.open("w")
+        proc = subprocess.Popen([*cmd, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+        started.append((proc, f"http://127.0.0.1:{port}", log))
     deadline = time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the server did not start: {log.read_text()[-2000:]}")
-        time.sleep(0.3)
+    for proc, url, log in started:
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                for p, _, _ in started:
+                    p.kill()
+                pytest.fail(f"the server did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.3)
+    return [(proc, url) for proc, url, _ in started]
 
 
 def test_two_servers_read_while_an_add_writes(tmp_path, server, encoder):
@@ -113,7 +119,7 @@ def test_two_servers_read_while_an_add_writes(tmp_path, server, encoder):
     root = tmp_path / "ix"
     build(a, "shared", replace(CONFIG, backend="milvus", milvus_uri=uri), root, encoder=encoder)
     before = _ids(root, "shared", encoder)
-    servers = [_serve(root, "shared", tmp_path / f"serve{i}.log") for i in range(2)]
+    servers = _serve(root, "shared", [tmp_path / f"serve{i}.log" for i in range(2)])
     seen: list[frozenset] = []
     errors: list[str] = []
     stop = threading.Event()
@@ -151,25 +157,25 @@ def test_the_lock_holds_between_two_machines_folders(tmp_path, server, encoder):
     # their file locks are independent, so only Milvus's lock row keeps the writers apart.
     uri, _ = server
     a = synthetic.generate(tmp_path / "a", n=20, seed=4)
-    b = synthetic.generate(tmp_path / "b", n=120, seed=5)
-    c = synthetic.generate(tmp_path / "c", n=120, seed=6)
+    b = synthetic.generate(tmp_path / "b", n=30, seed=5)
     one, two = tmp_path / "machine1", tmp_path / "machine2"
     build(a, "team", replace(CONFIG, backend="milvus", milvus_uri=uri), one, encoder=encoder)
     shutil.copytree(one, two, symlinks=True)
-    cmd = [sys.executable, "-m", "retrieval.cli", "add", "team"]
-    procs = [
-        subprocess.Popen(
-            [*cmd, str(corpus), *TINY, "--index-dir", str(root)], stderr=subprocess.PIPE, text=True
+    add = [sys.executable, "-m", "retrieval.cli", "add", "team", str(b), *TINY, "--index-dir"]
+    client = connect(uri)
+    names = coll.Names(coll.base_name("team"))
+    with writer.lock(client, names):  # machine 1 is changing the index
+        refused = subprocess.run([*add, str(two)], capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 1, refused.stderr
+        assert "are being changed by" in refused.stderr and "Traceback" not in refused.stderr
+        waiting = subprocess.Popen(
+            [*add, str(two), "--wait", "120"], stderr=subprocess.PIPE, text=True
         )
-        for corpus, root in ((b, one), (c, two))
-    ]
-    done = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
-    codes = sorted(rc for rc, _ in done)
-    assert codes == [0, 1], done
-    refused = next(err for rc, err in done if rc == 1)
-    assert "are being changed by" in refused and "Traceback" not in refused
-    total = len(_ids(one, "team", encoder))
-    assert total == 20 + 120 and _ids(two, "team", encoder) == _ids(one, "team", encoder)
+        time.sleep(8)  # the second writer is waiting for the lock now
+        assert waiting.poll() is None
+    client.close()
+    assert waiting.wait(timeout=300) == 0, waiting.stderr.read()
+    assert len(_ids(one, "team", encoder)) == 20 + 30 == len(_ids(two, "team", encoder))
 
 
 def test_the_server_going_away_during_an_add_leaves_the_index_and_a_rerun_finishes(

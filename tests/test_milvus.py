@@ -386,3 +386,27 @@ def test_adds_killed_at_random_moments_end_as_the_uninterrupted_one(tmp_path, en
         assert verify("x", root, sample=2, encoder=encoder).ok
         shutil.rmtree(root)
     assert outcomes == {"added", "not yet"}, outcomes
+
+
+def test_the_http_api_and_page_serve_a_milvus_index_as_a_faiss_one(pair, encoder):
+    from fastapi.testclient import TestClient
+
+    from retrieval.serve.app import create_app
+
+    _, root = pair
+    hybrid = {"where": ["colours=red"], "strategy": "hybrid"}
+    bodies = [{"text": "a red circle", "k": 5}, {"text": "a square", "k": 5, **hybrid}]
+    answers = {}
+    for name in ("f", "m"):
+        with Searcher.open(name, root, encoder=encoder) as s, TestClient(create_app(s)) as c:
+            answers[name] = [c.post("/search", json=b).json()["results"] for b in bodies]
+            first = answers[name][0][0]["id"]
+            item = c.get(f"/items/{first}")
+            assert item.status_code == 200 and item.json()["id"] == first
+            assert c.get(f"/items/{first}/image?size=32").status_code == 200
+            assert c.get("/items/no-such-id").status_code == 404
+            stats = c.get("/stats").json()
+            assert stats["counts"]["items"] == 60 and c.get("/").status_code == 200
+    for got, want in zip(answers["m"], answers["f"], strict=True):
+        assert [r["id"] for r in got] == [r["id"] for r in want]
+        assert [r["image_url"] for r in got] == [r["image_url"] for r in want]

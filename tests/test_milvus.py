@@ -233,6 +233,21 @@ def test_a_rebuild_switches_the_alias_and_keeps_one_previous_version(tmp_path, e
         assert s.space.refresh().items == names.items(2) and len(_ids(s)) == 20
     with pytest.raises(RetrievalError, match="lives in Milvus"):
         export("m", tmp_path / "out", ExportConfig(), root)
+    with pytest.raises(RetrievalError, match="no earlier version"):  # v1 went with the 3rd build
+        rollback("m", root)
+    build(corpus, "m", MILVUS, root, encoder=encoder)  # keeps what readers used: v2, not v3
+    client = connect(str(root / ".milvus" / "m.db"))
+    assert coll.versions(client, names) == [names.items(2), names.items(4)]
+    client.close()
+
+
+def test_index_names_milvus_cannot_spell_apart_get_their_own_collections():
+    names = ["a-b", "a.b", "a_b", "a", "a_v2", "x" * 120, "x" * 121]
+    bases = [coll.base_name(n) for n in names]
+    assert len(set(bases)) == len(names)
+    assert coll.Names(coll.base_name("a")).items(2) not in {
+        coll.Names(b).items_alias for b in bases
+    }
 
 
 # --- the command line -----------------------------------------------------------------------
@@ -289,7 +304,7 @@ def test_the_command_line_builds_searches_changes_and_verifies_on_milvus(tmp_pat
     assert manifest["backend"] == {
         "kind": "milvus",
         "uri": ".milvus/cm.db",
-        "collections": "retrieval_cm",
+        "collections": coll.base_name("cm"),
     }
 
 

@@ -29,6 +29,8 @@ from retrieval.index.milvus import collections as coll  # noqa: E402
 from retrieval.index.milvus import writer  # noqa: E402
 from retrieval.index.milvus.client import connect  # noqa: E402
 from retrieval.index.verify import verify  # noqa: E402
+from retrieval.model.encoder import Encoder  # noqa: E402
+from retrieval.model.spec import ModelSpec  # noqa: E402
 from retrieval.query.search import Query, Searcher  # noqa: E402
 
 CONFIG = BuildConfig(progress=False, workers=0, shard_size=16, batch_size=16)
@@ -176,6 +178,23 @@ def test_the_lock_holds_between_two_machines_folders(tmp_path, server, encoder):
     client.close()
     assert waiting.wait(timeout=300) == 0, waiting.stderr.read()
     assert len(_ids(one, "team", encoder)) == 20 + 30 == len(_ids(two, "team", encoder))
+
+
+def test_a_machine_whose_manifest_names_another_model_is_told_so(tmp_path, server, encoder):
+    # Machine 1 rebuilds the shared index with another model; machine 2 still has the old
+    # manifest: its searches would encode with the wrong model, so they are refused in one line.
+    uri, _ = server
+    a = synthetic.generate(tmp_path / "a", n=12, seed=4)
+    one, two = tmp_path / "machine1", tmp_path / "machine2"
+    config = replace(CONFIG, backend="milvus", milvus_uri=uri)
+    build(a, "shared-model", config, one, encoder=encoder)
+    shutil.copytree(one, two, symlinks=True)
+    other = Encoder.load(ModelSpec("small-vit", random_init=True), "cpu")
+    build(a, "shared-model", replace(config, model=other.spec), one, encoder=other)
+    with pytest.raises(RetrievalError) as refused:
+        Searcher.open("shared-model", two, encoder=encoder).search(Query(text="a shape"))
+    line = str(refused.value)
+    assert "small-vit" in line and "tiny-vit" in line and "\n" not in line
 
 
 def test_the_server_going_away_during_an_add_leaves_the_index_and_a_rerun_finishes(

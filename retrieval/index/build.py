@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -148,7 +149,8 @@ def build(
         encoder = encoder or Encoder.load(config.model, device)
         spool_dir = layout.spool_dir(root, name)
         if _ranks_insert(config, world):
-            job = _RankJob(corpus, name, root, config, world, start, resume)
+            to = _destination(root, name, config, encoder, wait)
+            job = _RankJob(corpus, to, world, start, resume)
             return _milvus_ranks(job, records, skips, encoder, len(dropped))
         enc = _encode(records, encoder, spool_dir, config.spool_options(resume), world)
         if enc is None:  # a torchrun rank other than 0: its share is spooled
@@ -160,7 +162,9 @@ def build(
 
         def fill(folder: Path) -> Manifest:
             if config.backend == "milvus":
-                where, described = _write_milvus(root, name, entries, enc, config)
+                where, described = _write_milvus(
+                    _destination(root, name, config, encoder, wait), entries, enc
+                )
             else:
                 where = None
                 described = _write(folder, entries, enc.image_emb, enc.caption_emb, config, encoder)
@@ -300,9 +304,7 @@ def _ranks_insert(config: BuildConfig, world: World) -> bool:
 @dataclass(frozen=True)
 class _RankJob:
     corpus: Path
-    name: str
-    root: Path
-    config: BuildConfig
+    to: Any  # retrieval.index.milvus.backend.Destination (imported only with Milvus)
     world: World
     start: float
     resume: bool
@@ -314,10 +316,10 @@ def _milvus_ranks(job: _RankJob, records, skips: Skips, encoder, dropped: int):
     (flush, state, aliases) and publishes the manifest. The other ranks return None."""
     from .milvus import backend
 
-    world, config = job.world, job.config
-    spool_dir = layout.spool_dir(job.root, job.name)
+    world, config, root, name = job.world, job.to.config, job.to.root, job.to.name
+    spool_dir = layout.spool_dir(root, name)
     options = config.spool_options(job.resume)
-    with backend.rank_build(job.root, job.name, config, world.rank == 0) as target:
+    with backend.rank_build(job.to, world.rank == 0) as target:
         if world.rank == 0:
             spool.prepare(spool_dir, encoder, options)
             target.create(encoder.dim, (len(records), sum(len(r.captions) for r in records)))
@@ -340,30 +342,41 @@ def _milvus_ranks(job: _RankJob, records, skips: Skips, encoder, dropped: int):
         def fill(folder: Path) -> Manifest:
             skips.write(folder / layout.SKIPPED)
             described = target.described(len(entries), len(texts))
-            manifest = _manifest(job.name, job.corpus, encoder, skips, described, config)
+            manifest = _manifest(name, job.corpus, encoder, skips, described, config)
             built = round(time.perf_counter() - job.start, 3)
             return replace(manifest, build_seconds=built, milvus=target.where)
 
-        link = layout.commit(job.root, job.name, fill)
+        link = layout.commit(root, name, fill)
     spool.discard(spool_dir)
     factories = {kind: d.factory for kind, d in target.described(1, 1).items()}
     return BuildReport(
-        job.name, link, len(entries), len(texts), skips.counts(), skips.truncated(),
+        name, link, len(entries), len(texts), skips.counts(), skips.truncated(),
         time.perf_counter() - job.start, factories, 0, world.size,
     )  # fmt: skip
 
 
-def _write_milvus(root: Path, name: str, entries, enc, config: BuildConfig):
+def _destination(root: Path, name: str, config: BuildConfig, encoder, wait: float):
+    from .milvus.backend import Destination
+    from .milvus.collections import model_key
+
+    identity = encoder.spec.identity()
+    model = model_key(
+        identity.model, identity.pretrained, identity.checkpoint_sha256, identity.random_init
+    )
+    return Destination(root, name, config, model, wait)
+
+
+def _write_milvus(to, entries, enc):
     """The Milvus backend's build: normalisers as the FAISS backend's, rows into Milvus."""
     from .milvus.backend import write_build
     from .milvus.writer import Vectors
 
-    bank = config.querybank
+    bank = to.config.querybank
     norms = (
         querybank.normalisers(enc.image_emb, enc.caption_emb, bank),
         querybank.normalisers(enc.caption_emb, enc.image_emb, bank),
     )
-    return write_build(root, name, Vectors(entries, enc.image_emb, enc.caption_emb), norms, config)
+    return write_build(to, Vectors(entries, enc.image_emb, enc.caption_emb), norms)
 
 
 def _manifest(

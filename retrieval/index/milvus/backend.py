@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import DamagedIndexError, IndexBuildError
@@ -38,19 +39,39 @@ def check_config(config: BuildConfig) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Destination:
+    """Where a build goes: index ``name`` under ``root``, built as ``config`` says, with the
+    vectors of ``model`` (`collections.model_key`); ``wait``: seconds for another writer."""
+
+    root: Path
+    name: str
+    config: BuildConfig
+    model: str
+    wait: float = 0.0
+
+    @property
+    def where(self) -> MilvusLocation:
+        return location(self.name, self.config)
+
+    def publish(self) -> writer.Publish:
+        lite = is_lite(self.where.uri)
+        return writer.Publish(self.model, 0.0 if lite else coll.BOUNDED_STALENESS_S)
+
+
 def write_build(
-    root: Path, name: str, new: writer.Vectors, norms, config: BuildConfig
+    to: Destination, new: writer.Vectors, norms
 ) -> tuple[MilvusLocation, dict[str, IndexEntry]]:
-    """Write a new version of index ``name`` into Milvus and switch readers to it."""
-    where = location(name, config)
-    client = client_for(where, root)
+    """Write a new version of the index into Milvus and switch readers to it."""
+    client = client_for(to.where, to.root)
     try:
-        names = coll.Names(where.base)
-        with writer.lock(client, names, lite=is_lite(where.uri)):
-            chosen = writer.build_version(client, names, new, norms, config.index).index_types
+        names = coll.Names(to.where.base)
+        with writer.lock(client, names, to.wait, lite=is_lite(to.where.uri)):
+            how = (to.config.index, to.publish())
+            chosen = writer.build_version(client, names, new, norms, how).index_types
     finally:
         client.close()
-    return where, described_indexes(where, chosen, (len(new.images), len(new.captions)))
+    return to.where, described_indexes(to.where, chosen, (len(new.images), len(new.captions)))
 
 
 def described_indexes(
@@ -69,10 +90,18 @@ def open_space(manifest: Manifest, root: Path) -> tuple[MilvusSpace, MilvusItems
     """The query layer's view of a Milvus-backed index."""
     assert manifest.milvus is not None
     client = client_for(manifest.milvus, root)
+    names = coll.Names(manifest.milvus.base)
     space = MilvusSpace(
-        client, coll.Names(manifest.milvus.base), manifest.querybank.beta, manifest.dim
-    )
+        client, names, manifest.querybank.beta, model_of(manifest), manifest.dim,
+        current=is_lite(manifest.milvus.uri),
+    )  # fmt: skip
     return space, MilvusItems(space)
+
+
+def model_of(manifest: Manifest) -> str:
+    return coll.model_key(
+        manifest.model, manifest.pretrained, manifest.checkpoint_sha256, manifest.random_init
+    )
 
 
 @contextlib.contextmanager
@@ -90,24 +119,31 @@ def changing(manifest: Manifest, root: Path, wait: float = 0.0) -> Iterator[writ
 
 
 def rollback(manifest: Manifest, root: Path, wait: float = 0.0) -> str:
-    """Point the aliases back at the version before the current one (one is kept); the
-    collection they name now."""
+    """Point the aliases back at the newest earlier version that is whole (a state row, no
+    change left half-done) and holds this manifest's model; the collection they name now."""
     assert manifest.milvus is not None
     client = client_for(manifest.milvus, root)
     names = coll.Names(manifest.milvus.base)
     try:
-        with writer.lock(client, names, wait, lite=is_lite(manifest.milvus.uri)):
+        lite = is_lite(manifest.milvus.uri)
+        with writer.lock(client, names, wait, lite=lite), writer.guard("rolling back"):
             current = coll.current(client, names)
-            older = [v for v in coll.versions(client, names) if v != current]
-            if current is None or not older:
-                raise DamagedIndexError(
-                    f"index {manifest.name!r} has no previous version in Milvus; rebuild it: "
-                    f"`retrieval build CORPUS --name {manifest.name} --backend milvus`"
-                )
-            coll.switch(client, names, older[-1])
-            return older[-1]
+            earlier = [
+                    v for v in coll.versions(client, names)
+                    if current is not None and names.version_of(v) < names.version_of(current)
+                ]  # fmt: skip
+            for version in reversed(earlier):
+                state = coll.read_row(client, names, f"state:{version}")
+                whole = state is not None and not state.get("pending")
+                if whole and state.get("model", "") in ("", model_of(manifest)):
+                    coll.switch(client, names, version)
+                    return version
     finally:
         client.close()
+    raise DamagedIndexError(
+        f"index {manifest.name!r} has no earlier version in Milvus with its model; rebuild "
+        f"it: `retrieval build CORPUS --name {manifest.name} --backend milvus`"
+    )
 
 
 class RankBuild:
@@ -115,10 +151,10 @@ class RankBuild:
     `retrieval.index.build`): rank 0 holds the lock, creates and finishes the version; every
     rank inserts its own rows."""
 
-    def __init__(self, root: Path, name: str, config: BuildConfig, leader: bool) -> None:
-        self.root, self.where, self.leader = root, location(name, config), leader
+    def __init__(self, to: Destination, leader: bool) -> None:
+        self.to, self.root, self.where, self.leader = to, to.root, to.where, leader
         self.names = coll.Names(self.where.base)
-        self.index = config.index
+        self.index = to.config.index
         self.client = None
         self.created: writer.Build | None = None
 
@@ -148,7 +184,8 @@ class RankBuild:
 
     def finish(self, entries, captions: int) -> None:
         assert self.created is not None
-        writer.finish_version(self.client, self.names, self.created, entries, captions)
+        rows = (entries, captions)
+        writer.finish_version(self.client, self.names, self.created, rows, self.to.publish())
 
     def described(self, items: int, captions: int) -> dict[str, IndexEntry]:
         assert self.created is not None
@@ -156,13 +193,13 @@ class RankBuild:
 
 
 @contextlib.contextmanager
-def rank_build(root: Path, name: str, config: BuildConfig, leader: bool) -> Iterator[RankBuild]:
+def rank_build(to: Destination, leader: bool) -> Iterator[RankBuild]:
     """A `RankBuild`; the leader (rank 0) holds the index's lock throughout."""
-    target = RankBuild(root, name, config, leader)
+    target = RankBuild(to, leader)
     try:
         if leader:
-            target.client = client_for(target.where, root)
-            with writer.lock(target.client, target.names):
+            target.client = client_for(target.where, to.root)
+            with writer.lock(target.client, target.names, to.wait):
                 yield target
         else:
             yield target

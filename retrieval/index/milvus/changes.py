@@ -94,12 +94,15 @@ class Status:
 def status(manifest: Manifest, root: Path) -> Status:
     from . import collections as coll
     from .backend import open_space
+    from .writer import guard
 
     space, items = open_space(manifest, root)
     try:
-        now = space.refresh()
-        history = coll.read_row(space.client, space.names, f"history:{now.items}") or []
-        skipped = coll.read_row(space.client, space.names, f"skipped:{now.items}") or []
+        with guard("reading the index's history"):
+            now = space.refresh()
+            history = coll.rows_with_prefix(space.client, space.names, f"history:{now.items}:")
+        skips = coll.rows_with_prefix(space.client, space.names, f"skipped:{now.items}:")
+        skipped = [row for part in skips for row in part]
         assert manifest.milvus is not None
         return Status(
             manifest.milvus.uri, now.items, now.state.items, now.state.captions,

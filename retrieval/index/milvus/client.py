@@ -6,6 +6,7 @@ written to a manifest, a log line or an error message.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -62,10 +63,14 @@ def connect(uri: str) -> Any:
         if not any(isinstance(f, _LiteNoise) for f in grpc_log.filters):
             grpc_log.addFilter(_LiteNoise())
     token = os.environ.get(TOKEN_ENV, "")
+    client = None
     try:
         client = MilvusClient(uri=uri, token=token, timeout=CONNECT_TIMEOUT_S)
         client.list_collections()  # a wrong token is refused here, not at the first write
-    except Exception as e:  # pymilvus raises its own and grpc's errors, and ConnectionError
+    except Exception as e:
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()  # pymilvus raises its own and grpc's errors, and ConnectionError
         hint = (
             " (milvus-lite serves one process at a time: stop the other one using it, or put "
             "the index on a Milvus server with --milvus-uri)"

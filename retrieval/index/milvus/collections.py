@@ -17,6 +17,7 @@ next writer can roll it back (see `retrieval.index.milvus.writer`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field, replace
@@ -65,9 +66,18 @@ class Names:
 
 
 def base_name(name: str) -> str:
-    """A Milvus collection-name base for index ``name`` (letters, digits and underscores)."""
+    """A Milvus collection-name base for index ``name``: letters, digits and underscores, and a
+    hash of the name itself, so that names Milvus cannot spell apart (``a-b``, ``a.b``) and
+    names ending like a version (``a_v2``) never share collections."""
     clean = re.sub(r"[^A-Za-z0-9_]", "_", name)[:100]
-    return f"retrieval_{clean}"
+    return f"retrieval_{clean}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def model_key(model: str, pretrained: str | None, sha256: str | None, random_init: bool) -> str:
+    """The model whose vectors a version holds, as the state row records it (a checkpoint by
+    its hash: the same weights at another path are the same model)."""
+    weights = sha256 or pretrained or ("random" if random_init else "none")
+    return f"{model}:{weights}"
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,7 @@ class State:
     items: int = 0
     captions: int = 0
     pending: dict[str, Any] | None = None  # the add under way: {"op": "add", "batch": b}
+    model: str = ""  # whose vectors these are (`model_key`); readers check it
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "hiding": list(self.hiding), "fields": list(self.fields)}
@@ -95,6 +106,15 @@ class State:
         """The filter that shows only published rows (``row_field``: the item row's name)."""
         out = f"batch <= {self.committed}"
         return out + (f" and {row_field} not in {list(self.hiding)}" if self.hiding else "")
+
+    def reader_filter(self, row_field: str, current: bool) -> str:
+        """`visible` for a reader, or "" where nothing needs hiding: no change under way, none
+        hidden, and reads that are ``current`` (milvus-lite's are; a server reader's view may
+        lag the state row, so there every read keeps the filter). Milvus-lite filters every
+        row of a collection, which costs a search ~160 ms at 100k items."""
+        if current and self.pending is None and not self.hiding:
+            return ""
+        return self.visible(row_field)
 
     def with_fields(self, keys) -> State:
         return replace(self, fields=tuple(sorted(set(self.fields) | set(keys))))
@@ -147,7 +167,7 @@ def index_params(client, index_type: str, count: int):
 def search_params(index_type: str, fetch: int) -> dict[str, Any]:
     """The search knob per index type, generous enough for ``fetch`` results."""
     return {
-        "HNSW": {"ef": max(64, fetch)},
+        "HNSW": {"ef": max(128, 2 * fetch)},
         "IVF_FLAT": {"nprobe": 32},
         "IVF_SQ8": {"nprobe": 32},
         "IVF_PQ": {"nprobe": 32},
@@ -199,6 +219,27 @@ def write_row(client, names: Names, key: str, value: Any) -> None:
 
 def delete_row(client, names: Names, key: str) -> None:
     client.delete(names.meta, filter=f"key == {json.dumps(key)}")
+
+
+def keys_of(client, names: Names, items: str) -> list[str]:
+    """The meta rows of version ``items``: its state, and its changes' history and skips."""
+    found = []
+    for prefix in (f"state:{items}", f"history:{items}:", f"skipped:{items}:"):
+        rows = client.query(
+            names.meta, filter=f"key like {json.dumps(prefix + '%')}", output_fields=["key"],
+            consistency_level="Strong",
+        )  # fmt: skip
+        found += [r["key"] for r in rows]
+    return found
+
+
+def rows_with_prefix(client, names: Names, prefix: str) -> list[Any]:
+    """The values of every meta row whose key starts with ``prefix``, in key order."""
+    rows = client.query(
+        names.meta, filter=f"key like {json.dumps(prefix + '%')}", output_fields=["key", "value"],
+        consistency_level="Strong",
+    )  # fmt: skip
+    return [r["value"]["v"] for r in sorted(rows, key=lambda r: r["key"])]
 
 
 def read_state(client, names: Names, items: str, strong: bool = False) -> State:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
+import threading
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,6 @@ from .where import expression
 # make that safe (`retrieval.index.milvus.writer`): rows are committed, and deleted, only
 # once no bounded view can miss them or still need them.
 READS = "Bounded"
-STALE_S = 1.0  # a state read this long ago is read again before use
 MAX_LIMIT = 16_384  # Milvus's largest top-k (and query window)
 _CHUNK = 1_000  # rows fetched per query by primary key
 
@@ -46,23 +45,40 @@ def _fp16(vectors: list) -> np.ndarray:
 class MilvusSpace:
     """One Milvus-backed index, as the query layer scores it (rows are Milvus primary keys)."""
 
-    def __init__(self, client, names: coll.Names, beta: float, dim: int) -> None:
+    def __init__(
+        self, client, names: coll.Names, beta: float, model: str, dim: int, current: bool = False
+    ) -> None:
         self.client, self.names, self.beta, self.dim = client, names, beta, dim
-        self.now: coll.Loaded | None = None
-        self._at = 0.0  # monotonic time of the last refresh
+        self.current = current  # reads see every write so far (milvus-lite)
+        self.model = model  # the manifest's model identity: the collections must hold its vectors
+        # One snapshot per thread (a server answers a search and an item lookup at once), taken
+        # at the start of each query and never re-read within it: a rebuild or a commit in the
+        # middle of a query must not mix two versions' rows.
+        self._local = threading.local()
+        self._types: dict[str, dict[str, str]] = {}  # items collection -> index type per kind
+
+    @property
+    def now(self) -> coll.Loaded | None:
+        return getattr(self._local, "now", None)
 
     def refresh(self) -> coll.Loaded:
-        """Follow the alias and read the state: once per query."""
+        """Follow the alias and read the state: once per query, for this thread."""
         try:
             items = coll.current(self.client, self.names)
             if items is None:
                 raise SearchError(f"Milvus has no collection {self.names.items_alias}: rebuild it")
-            if self.now is None or self.now.items != items:  # a new version: load it once
+            if items not in self._types:  # a new version: load it once
                 coll.ensure_loaded(
                     self.client, self.names.meta, items, self.names.captions_of(items)
                 )
             state = coll.read_state(self.client, self.names, items)
-            types = self.now.index_types if self.now and self.now.items == items else {}
+            if state.model and state.model != self.model:
+                raise SearchError(
+                    f"Milvus collection {items} holds vectors of model {state.model}, not of "
+                    f"this index's {self.model}: it was rebuilt elsewhere; copy that machine's "
+                    "index folder here (its manifest), or rebuild"
+                )
+            types = dict(self._types.get(items, {}))
             for kind, name in (("image", items), ("caption", self.names.captions_of(items))):
                 if kind not in types:
                     described = self.client.describe_index(name, "vector")
@@ -71,16 +87,13 @@ class MilvusSpace:
             raise SearchError(str(e)) from None
         except Exception as e:  # pymilvus's own errors (the server went away)
             raise SearchError(f"Milvus failed: {describe(e)}") from None
-        self.now = coll.Loaded(items, self.names.captions_of(items), state, types)
-        self._at = time.monotonic()
-        return self.now
+        self._types[items] = types
+        self._local.now = coll.Loaded(items, self.names.captions_of(items), state, types)
+        return self._local.now
 
     def _loaded(self) -> coll.Loaded:
-        """What the last refresh read; read again when it is older than `STALE_S` (a lookup
-        by id between searches must see another process's change too)."""
-        if self.now is None or time.monotonic() - self._at > STALE_S:
-            return self.refresh()
-        return self.now
+        """This thread's snapshot (taken now if it has none)."""
+        return self.now or self.refresh()
 
     def allowed(self, conditions: tuple[Condition, ...]) -> str:
         """The filter expression of ``conditions``; a one-line error for an unknown field."""
@@ -107,8 +120,8 @@ class MilvusSpace:
             raise SearchError(f"Milvus search failed: {describe(e)}") from None
 
     def _filter(self, allowed: str | None, item_field: str) -> str:
-        visible = self._loaded().state.visible(item_field)
-        return visible if not allowed else f"{visible} and ({allowed})"
+        visible = self._loaded().state.reader_filter(item_field, self.current)
+        return " and ".join(f"({f})" for f in (visible, allowed) if f)
 
     def nearest_items(self, vec: np.ndarray, fetch: int, allowed: Any) -> np.ndarray:
         hits = self._search(self._loaded().items, vec, fetch, self._filter(allowed, "row"), "image")
@@ -167,26 +180,39 @@ class MilvusItems:
 
     def __init__(self, space: MilvusSpace) -> None:
         self.space = space
-        self._items: dict[int, dict] = {}  # row -> record, of the last prefetch
-        self._captions: dict[int, dict] = {}
+        self._local = threading.local()  # this thread's prefetched records, of its snapshot
+
+    @property
+    def _items(self) -> dict[int, dict]:
+        return getattr(self._local, "items", {})
+
+    @property
+    def _captions(self) -> dict[int, dict]:
+        return getattr(self._local, "captions", {})
 
     def prefetch(self, item_rows, caption_rows) -> None:
         """Read these rows' records in one query each; lookups by them (and by their ids) then
-        need no round trip until the next prefetch."""
+        need no round trip until the next prefetch, in this thread."""
         fields = ["row", "id", "path", "captions", "extra", "file"]
         rows = sorted({int(r) for r in item_rows})
-        self._items = {int(r["row"]): r for r in self._query("items", f"row in {rows}", fields)}
+        self._local.items = {
+            int(r["row"]): r for r in self._query("items", f"row in {rows}", fields)
+        }
         caps = sorted({int(r) for r in caption_rows if r >= 0})
-        got = self._query("captions", f"row in {caps}", ["row", "item", "id", "text"])
-        self._captions = {int(r["row"]): r for r in got}
+        got = (
+            self._query("captions", f"row in {caps}", ["row", "item", "id", "text"]) if caps else []
+        )
+        self._local.captions = {int(r["row"]): r for r in got}
 
     def _query(self, which: str, filt: str, fields: list[str]) -> list[dict]:
         now = self.space._loaded()
         name = now.items if which == "items" else now.captions
+        visible = now.state.reader_filter("row" if which == "items" else "item", self.space.current)
         try:
             return self.space.client.query(
-                name, filter=f"({filt}) and batch <= {now.state.committed}",
-                output_fields=fields, consistency_level=READS,
+                name, filter=" and ".join(f"({f})" for f in (filt, visible) if f),
+                output_fields=fields,
+                consistency_level=READS,
             )  # fmt: skip
         except Exception as e:
             raise SearchError(f"Milvus query failed: {describe(e)}") from None
@@ -210,13 +236,16 @@ class MilvusItems:
 
     def item(self, item_id: str) -> dict[str, Any] | None:
         fields = ["row", "id", "path", "captions", "extra", "file"]
-        got = [r for r in self._items.values() if r["id"] == item_id] or self._query(
-            "items", f"id == {_literal(item_id)}", fields
-        )
-        if not got or int(got[0]["row"]) in self.space._loaded().state.hiding:
+        got = [r for r in self._items.values() if r["id"] == item_id]
+        if not got:  # a lookup of its own (an HTTP request): the index as it is now
+            self._local.items = {}
+            self.space.refresh()
+            got = self._query("items", f"id == {_literal(item_id)}", fields)
+        if not got:
             return None
         r = got[0]
-        out = {"row": int(r["row"]), "path": r["path"], "captions": r["captions"]["all"]}
+        captions = [{"id": c["id"], "text": c["text"]} for c in r["captions"]["all"]]
+        out = {"row": int(r["row"]), "path": r["path"], "captions": captions}
         return out | {"extra": r["extra"] or {}, "file": r["file"] or None}
 
     def caption(self, caption_id: str) -> dict[str, Any] | None:
@@ -255,7 +284,9 @@ class RowIndex:
     def search(self, queries: np.ndarray, k: int) -> list[Neighbors]:
         now = self.space._loaded()
         name = now.items if self.kind == "image" else now.captions
-        filt = now.state.visible("row" if self.kind == "image" else "item")
+        filt = now.state.reader_filter(
+            "row" if self.kind == "image" else "item", self.space.current
+        )
         out = []
         for start in range(0, len(queries), _CHUNK):
             for q in self.space._search_many(

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import IndexBusyError
+from ...errors import IndexBusyError, RetrievalError
 from ...scoring.fusion import bank_normalisers
 from ..config import BankConfig
 from ..store import ItemEntry
@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 INSERT_ROWS = 1_000  # rows per insert call (a gRPC message stays far below its size limit)
 HEARTBEAT_S = 10.0
 STALE_S = 60.0
-KEEP_VERSIONS = 2  # the current version and the one before it (for a manual way back)
+HIDE_AT_ONCE = 4_000  # rows one change may hide: the state row stays under Milvus's 64 KiB JSON
+LOCK_SETTLE_S = 1.0  # a lock written is read back after this (longer than a Strong read)
 
 
 @dataclass(frozen=True)
@@ -57,22 +58,30 @@ class Vectors:
     captions: np.ndarray
 
 
-def _guard(what: str):
+def guard(what: str):
     """Turn pymilvus's errors into one line naming ``what`` was being done."""
 
     @contextlib.contextmanager
     def run():
         try:
             yield
-        except (MilvusError, IndexBusyError):
+        except RetrievalError:
             raise
         except Exception as e:
+            if not _from_milvus(e):  # a bug of ours: not the server's to answer for
+                raise
             raise MilvusError(
                 f"Milvus failed while {what}: {describe(e)}; nothing half-done is visible, and "
                 "re-running the command finishes it"
             ) from None
 
     return run()
+
+
+def _from_milvus(e: Exception) -> bool:
+    """Whether ``e`` came from pymilvus, gRPC or the connection under them."""
+    module = type(e).__module__ or ""
+    return module.startswith(("pymilvus", "grpc")) or isinstance(e, (ConnectionError, TimeoutError))
 
 
 # --- the lock -------------------------------------------------------------------------------
@@ -84,15 +93,18 @@ def lock(client, names: coll.Names, wait: float = 0.0, lite: bool = False) -> It
 
     ``lite``: milvus-lite lets one process open its file at a time, which is the lock.
     """
-    coll.create_meta(client, names)
+    with guard("taking the index's lock"):
+        coll.create_meta(client, names)
     if lite:
-        yield
+        with guard("changing the index"):
+            yield
         return
     me = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     deadline = time.monotonic() + wait
-    while not _try_lock(client, names, me):
+    while not _locked(client, names, me):
         if time.monotonic() >= deadline:
-            held = coll.read_row(client, names, "lock") or {}
+            with guard("reading the index's lock"):
+                held = coll.read_row(client, names, "lock") or {}
             raise IndexBusyError(
                 f"index collections {names.base} are being changed by {held.get('owner', '?')}; "
                 "wait for it, or retry with --wait SECONDS"
@@ -102,13 +114,19 @@ def lock(client, names: coll.Names, wait: float = 0.0, lite: bool = False) -> It
     beat = threading.Thread(target=_heartbeat, args=(client, names, me, stop), daemon=True)
     beat.start()
     try:
-        yield
+        with guard("holding the lock"):
+            yield
     finally:
         stop.set()
         beat.join()
         with contextlib.suppress(Exception):  # the server gone: the lock goes stale
             if (coll.read_row(client, names, "lock") or {}).get("owner") == me:
                 coll.delete_row(client, names, "lock")
+
+
+def _locked(client, names: coll.Names, me: str) -> bool:
+    with guard("taking the index's lock"):
+        return _try_lock(client, names, me)
 
 
 def _try_lock(client, names: coll.Names, me: str) -> bool:
@@ -118,7 +136,7 @@ def _try_lock(client, names: coll.Names, me: str) -> bool:
     if held and held["owner"] != me:
         log.warning("taking over the lock of %s, left by %s", names.base, held["owner"])
     coll.write_row(client, names, "lock", {"owner": me, "at": time.time()})
-    time.sleep(0.2)  # no compare-and-set in Milvus: the last of two racing writers wins...
+    time.sleep(LOCK_SETTLE_S)  # no compare-and-set in Milvus: the last of racing writers wins...
     return (coll.read_row(client, names, "lock") or {}).get("owner") == me  # ...and knows it
 
 
@@ -140,8 +158,13 @@ def _alive(held: dict) -> bool:
 
 
 def _heartbeat(client, names: coll.Names, me: str, stop: threading.Event) -> None:
+    """Keep the lock fresh while it is still ours (a writer that lost it stops beating; its
+    commit then finds the state moved, see `_commit`)."""
     while not stop.wait(HEARTBEAT_S):
         with contextlib.suppress(Exception):
+            if (coll.read_row(client, names, "lock") or {}).get("owner") != me:
+                log.error("lost the lock of %s to another writer", names.base)
+                return
             coll.write_row(client, names, "lock", {"owner": me, "at": time.time()})
 
 
@@ -152,7 +175,7 @@ def _item_rows(new: Vectors, image_norm, batch: int) -> list[dict[str, Any]]:
     return [
         {
             "row": e.row, "id": e.id, "path": e.path,
-            "captions": {"all": [{"id": c[0], "text": c[2]} for c in e.captions]},
+            "captions": {"all": [{"id": c[0], "text": c[2], "row": c[1]} for c in e.captions]},
             "extra": e.extra, "filters": filter_doc(e.extra), "file": e.file or {},
             "batch": batch, "qbnorm": float(image_norm[i]), "vector": new.images[i].tolist(),
         }
@@ -192,14 +215,25 @@ class Build:
     index_types: dict[str, str]
 
 
+@dataclass(frozen=True)
+class Publish:
+    """How a finished version is published: whose vectors (`collections.model_key`) and how
+    long readers' views may lag (0 on milvus-lite)."""
+
+    model: str
+    grace_s: float = 0.0
+
+
 def build_version(
-    client, names: coll.Names, new: Vectors, norms: tuple[np.ndarray, np.ndarray], index: str
+    client, names: coll.Names, new: Vectors, norms: tuple[np.ndarray, np.ndarray], how: tuple
 ) -> Build:
-    """Write a new version's collections, switch the aliases to it, drop the old ones."""
+    """Write a new version's collections, switch the aliases to it, drop the old ones.
+    ``how``: (the Milvus index type asked for, a `Publish`)."""
+    index, publish = how
     counts = (len(new.images), len(new.captions))
     target = create_version(client, names, new.images.shape[1], counts, index)
     insert_share(client, names, target, new, norms)
-    finish_version(client, names, target, new.entries, len(new.captions))
+    finish_version(client, names, target, (new.entries, len(new.captions)), publish)
     return target
 
 
@@ -208,7 +242,7 @@ def create_version(
 ) -> Build:
     """The empty collections of the next version (``counts``: items and captions, for the
     index choice); nothing reads them before `finish_version`."""
-    with _guard("creating the new collections"):
+    with guard("creating the new collections"):
         coll.create_meta(client, names)
         done = coll.versions(client, names)
         version = names.version_of(done[-1]) + 1 if done else 1
@@ -229,28 +263,37 @@ def create_version(
 
 def insert_share(client, names: coll.Names, target: Build, new: Vectors, norms) -> None:
     """Insert rows into a version being built (all of them, or one torchrun rank's share)."""
-    with _guard("writing the new collections"):
+    with guard("writing the new collections"):
         _insert(client, target.items, _item_rows(new, norms[0], 0))
         _insert(client, names.captions_of(target.items), _caption_rows(new, norms[1], 0))
 
 
-def finish_version(client, names: coll.Names, target: Build, entries, captions: int) -> None:
-    """Flush, record the state (every ``entries`` item and ``captions`` captions), switch the
-    aliases to the new version, drop the versions before the one kept."""
-    with _guard("writing the new collections"):
+def finish_version(
+    client, names: coll.Names, target: Build, rows: tuple[Sequence, int], publish: Publish
+) -> None:
+    """Flush, record the state (``rows``: every item entry, and the caption count), wait
+    until no reader's view can miss a row, switch the aliases to the new version, and drop
+    every version but it and the one readers used until now (the way back)."""
+    entries, captions = rows
+    with guard("writing the new collections"):
         for name in (target.items, names.captions_of(target.items)):
             client.flush(name)
         state = coll.State(
-            next_row=len(entries), next_caption=captions, items=len(entries), captions=captions
-        ).with_fields({k for e in entries for k in e.extra})
+            next_row=len(entries), next_caption=captions, items=len(entries), captions=captions,
+            model=publish.model,
+        ).with_fields({k for e in entries for k in e.extra})  # fmt: skip
         coll.write_state(client, names, target.items, state)
-    with _guard("switching the aliases to the new version"):
+        time.sleep(publish.grace_s)
+    with guard("switching the aliases to the new version"):
+        before = coll.current(client, names)
         coll.switch(client, names, target.items)
-    with _guard("dropping old versions"):
-        for old in coll.versions(client, names)[:-KEEP_VERSIONS]:
-            client.drop_collection(names.captions_of(old))
-            client.drop_collection(old)
-            coll.delete_row(client, names, f"state:{old}")
+    with guard("dropping old versions"):
+        for old in coll.versions(client, names):
+            if old not in (target.items, before):
+                client.drop_collection(names.captions_of(old))
+                client.drop_collection(old)
+                for key in coll.keys_of(client, names, old):
+                    coll.delete_row(client, names, key)
 
 
 # --- changes --------------------------------------------------------------------------------
@@ -279,7 +322,7 @@ class Version:
 def open_version(client, names: coll.Names, grace_s: float) -> Version:
     """The current version, with any change a dead writer left rolled back, and the rows
     hidden long enough ago deleted."""
-    with _guard("reading the index state"):
+    with guard("reading the index state"):
         items = coll.current(client, names)
         if items is None:
             raise MilvusError(f"Milvus has no index {names.items_alias}: build it first")
@@ -289,6 +332,19 @@ def open_version(client, names: coll.Names, grace_s: float) -> Version:
         _recover(version)
         purge(version)
     return version
+
+
+def _check_unchanged(v: Version) -> None:
+    """Refuse to commit over another writer's change (a lock lost to a stalled heartbeat, or
+    taken by two writers at once): the state must be as this change found it."""
+    now = coll.read_state(v.client, v.names, v.items, strong=True)
+    if (now.committed, now.next_row, now.hiding) != (
+        v.state.committed, v.state.next_row, v.state.hiding,
+    ):  # fmt: skip
+        raise MilvusError(
+            f"another writer changed {v.items} during this change; nothing of this change is "
+            "visible: run it again"
+        )
 
 
 def _recover(v: Version) -> None:
@@ -305,10 +361,11 @@ def item_rows(v: Version, ids: Sequence[str]) -> dict[str, int]:
     """The visible rows of ``ids`` that are in the index: id -> row."""
     found: dict[str, int] = {}
     ids = list(dict.fromkeys(ids))
+    visible = v.state.reader_filter("row", current=v.grace_s == 0)  # milvus-lite: current
     for start in range(0, len(ids), 1_000):
         part = json.dumps(ids[start : start + 1_000], ensure_ascii=False)
         rows = v.client.query(
-            v.items, filter=f"id in {part} and {v.state.visible()}",
+            v.items, filter=" and ".join(f for f in (f"id in {part}", visible) if f),
             output_fields=["row", "id"], consistency_level="Strong",
         )  # fmt: skip
         found |= {r["id"]: int(r["row"]) for r in rows}
@@ -321,13 +378,21 @@ def add(v: Version, new: Vectors, replaces: Sequence[int], bank: BankConfig) -> 
     Readers read with bounded staleness, so the rows are committed only once they are older
     than ``grace_s``: a reader that sees the commit sees every row of it.
     """
+    if len(replaces) > HIDE_AT_ONCE:
+        raise MilvusError(
+            f"one add replaces at most {HIDE_AT_ONCE:,} items on Milvus (this one "
+            f"{len(replaces):,}): give the corpus in parts"
+        )
+    if len(v.state.hiding) + len(replaces) > HIDE_AT_ONCE:
+        purge(v, wait=True)
     batch = v.state.committed + 1
-    with _guard("adding items"):
+    with guard("adding items"):
         v.save(replace(v.state, pending={"op": "add", "batch": batch}))
         norms = _normalisers(v, new, replaces, bank)
         _insert(v.client, v.items, _item_rows(new, norms[0], batch))
         _insert(v.client, v.captions, _caption_rows(new, norms[1], batch))
         time.sleep(v.grace_s)
+        _check_unchanged(v)
         state = _hidden(v, v.state.with_fields({k for e in new.entries for k in e.extra}), replaces)
         v.save(
             replace(
@@ -345,10 +410,16 @@ def add(v: Version, new: Vectors, replaces: Sequence[int], bank: BankConfig) -> 
 
 def remove(v: Version, rows: Sequence[int]) -> None:
     """Remove items at ``rows`` with their captions: hidden in one state write (the moment
-    they disappear), deleted once no reader's view can predate that (see `purge`)."""
-    with _guard("removing items"):
-        v.save(_hidden(v, v.state, rows))
-        purge(v)
+    they disappear), deleted once no reader's view can predate that (see `purge`). More than
+    `HIDE_AT_ONCE` rows go in parts, each all or nothing."""
+    for start in range(0, len(rows), HIDE_AT_ONCE):
+        part = rows[start : start + HIDE_AT_ONCE]
+        with guard("removing items"):
+            if len(v.state.hiding) + len(part) > HIDE_AT_ONCE:
+                purge(v, wait=True)
+            _check_unchanged(v)
+            v.save(_hidden(v, v.state, part))
+            purge(v)
 
 
 def _hidden(v: Version, state: coll.State, rows: Sequence[int]) -> coll.State:
@@ -383,10 +454,13 @@ def purge(v: Version, wait: bool = False) -> None:
         return
     time.sleep(max(due, 0.0))
     rows = list(v.state.hiding)
-    with _guard("deleting removed rows"):
+    with guard("deleting removed rows"):
         for start in range(0, len(rows), 1_000):
             part = rows[start : start + 1_000]
-            v.client.delete(v.captions, filter=f"item in {part}")
+            got = v.client.query(v.items, filter=f"row in {part}", output_fields=["captions"])
+            captions = [c["row"] for r in got for c in r["captions"]["all"]]
+            if captions:  # by primary key: no scan of the captions collection
+                v.client.delete(v.captions, filter=f"row in {captions}")
             v.client.delete(v.items, filter=f"row in {part}")
         v.save(replace(v.state, hiding=()))
 
@@ -395,7 +469,7 @@ def compact(v: Version) -> None:
     """Delete every hidden row (waiting out the staleness window), then Milvus's own
     compaction: deleted rows' space reclaimed, segments merged."""
     purge(v, wait=True)
-    with _guard("compacting"):
+    with guard("compacting"):
         for name in (v.items, v.captions):
             v.client.compact(name)
 
@@ -432,20 +506,23 @@ def _against(v: Version, bank_name: str, queries, new_bank, bank: BankConfig, hi
     return bank_normalisers(sims[:, :live], bank.beta).astype(np.float32)
 
 
+SKIPS_PER_ROW = 200  # skip records per meta row: well under Milvus's 64 KiB JSON limit
+
+
 def record_skips(v: Version, rows: list[dict]) -> None:
     """A change's skipped records, kept in Milvus beside the version (the FAISS backend
-    appends them to the new version's ``skipped.jsonl``)."""
-    with _guard("recording skipped records"):
-        key = f"skipped:{v.items}"
-        kept = coll.read_row(v.client, v.names, key) or []
-        coll.write_row(v.client, v.names, key, [*kept, *rows])
+    appends them to the new version's ``skipped.jsonl``), a few hundred per meta row."""
+    stamp = time.time_ns()
+    with guard("recording skipped records"):
+        for n, start in enumerate(range(0, len(rows), SKIPS_PER_ROW)):
+            key = f"skipped:{v.items}:{stamp:020d}:{n:06d}"
+            coll.write_row(v.client, v.names, key, rows[start : start + SKIPS_PER_ROW])
 
 
 def record_change(v: Version, op: str, detail: dict[str, Any]) -> None:
     """The change in the version's history row (what `info` lists; the FAISS backend keeps
     it in the manifest, which a Milvus change does not rewrite)."""
-    with _guard("recording the change"):
-        key = f"history:{v.items}"
+    with guard("recording the change"):
+        key = f"history:{v.items}:{time.time_ns():020d}"
         at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        kept = coll.read_row(v.client, v.names, key) or []
-        coll.write_row(v.client, v.names, key, [*kept, {"op": op, "at": at, **detail}])
+        coll.write_row(v.client, v.names, key, {"op": op, "at": at, **detail})

@@ -56,7 +56,7 @@ VALUES = [
 CONDITIONS = [
     "colour=red", "colour=3", "colour!=red", "colour!=3", "size>3", "size>=3", "size<7.5",
     "size<=12", "size=3..8", "size=-1..3", "colour=True", 'colour=say "hi"', "colour=x y",
-    "size!=blue", "colour>2", "size=inf",
+    "size!=blue", "colour>2", "size=inf", 'odd"key"][\\=red', 'odd"key"][\\>2',
 ]  # fmt: skip
 
 
@@ -65,7 +65,7 @@ def test_where_expressions_select_what_the_faiss_backend_selects(tmp_path):
     extras = []
     for _ in range(300):
         extra = {}
-        for key in ("colour", "size"):
+        for key in ("colour", "size", 'odd"key"][\\'):
             if rng.random() < 0.8:  # some items lack the field
                 extra[key] = VALUES[rng.integers(len(VALUES))]
         extras.append(extra)

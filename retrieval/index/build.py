@@ -134,10 +134,7 @@ def build(
     config = config or BuildConfig()
     start = time.perf_counter()
     root = layout.index_root(index_dir)
-    if config.backend == "milvus":
-        from .milvus.backend import check_config
-
-        check_config(config)  # before any encoding
+    _check_backend(config)  # before any encoding
     world, device = join_world(config.device)
     with (
         _rank0_lock(root, name, wait, world),
@@ -148,8 +145,8 @@ def build(
         skips.dropped(dropped)
         encoder = encoder or Encoder.load(config.model, device)
         spool_dir = layout.spool_dir(root, name)
+        to = _destination(root, name, config, encoder, wait) if config.backend == "milvus" else None
         if _ranks_insert(config, world):
-            to = _destination(root, name, config, encoder, wait)
             job = _RankJob(corpus, to, world, start, resume)
             return _milvus_ranks(job, records, skips, encoder, len(dropped))
         enc = _encode(records, encoder, spool_dir, config.spool_options(resume), world)
@@ -161,13 +158,7 @@ def build(
         factories: dict[str, str] = {}
 
         def fill(folder: Path) -> Manifest:
-            if config.backend == "milvus":
-                where, described = _write_milvus(
-                    _destination(root, name, config, encoder, wait), entries, enc
-                )
-            else:
-                where = None
-                described = _write(folder, entries, enc.image_emb, enc.caption_emb, config, encoder)
+            where, described = _write_version(folder, entries, enc, encoder, (config, to))
             factories.update({kind: d.factory for kind, d in described.items()})
             skips.write(folder / layout.SKIPPED)
             manifest = _manifest(name, corpus, encoder, skips, described, config)
@@ -177,17 +168,25 @@ def build(
         link = layout.commit(root, name, fill)
         spool.discard(spool_dir)
     return BuildReport(
-        name,
-        link,
-        len(entries),
-        len(texts),
-        skips.counts(),
-        skips.truncated(),
-        time.perf_counter() - start,
-        factories,
-        enc.reused if world.size == 1 else 0,
-        world.size,
-    )
+        name, link, len(entries), len(texts), skips.counts(), skips.truncated(),
+        time.perf_counter() - start, factories, enc.reused if world.size == 1 else 0, world.size,
+    )  # fmt: skip
+
+
+def _check_backend(config: BuildConfig) -> None:
+    if config.backend == "milvus":
+        from .milvus.backend import check_config
+
+        check_config(config)
+
+
+def _write_version(folder: Path, entries, enc, encoder, how: tuple) -> tuple:
+    """Write the version's index (``how``: the build's config, and its Milvus destination or
+    None); (the Milvus location or None, the manifest's index entries)."""
+    config, to = how
+    if to is not None:
+        return _write_milvus(to, entries, enc)
+    return None, _write(folder, entries, enc.image_emb, enc.caption_emb, config, encoder)
 
 
 @contextlib.contextmanager

@@ -64,8 +64,12 @@ def connect(uri: str) -> Any:
             grpc_log.addFilter(_LiteNoise())
     token = os.environ.get(TOKEN_ENV, "")
     client = None
+    # milvus-lite's in-process gRPC server keeps gRPC's default ping policy (a ping at most
+    # every 5 minutes), which pymilvus's 10 s keepalive breaks: the server answers GOAWAY
+    # "too_many_pings" and the connection, idle between two commands, is lost.
+    options = {"grpc_options": {"grpc.keepalive_time_ms": 600_000}} if is_lite(uri) else {}
     try:
-        client = MilvusClient(uri=uri, token=token, timeout=CONNECT_TIMEOUT_S)
+        client = MilvusClient(uri=uri, token=token, timeout=CONNECT_TIMEOUT_S, **options)
         client.list_collections()  # a wrong token is refused here, not at the first write
     except Exception as e:
         if client is not None:

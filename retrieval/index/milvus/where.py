@@ -3,8 +3,8 @@
 `retrieval.corpus.filters` compares equality as text (any element of a list field) and
 comparisons as numbers (a value that is not a number never matches). Milvus cannot convert
 JSON values, so each item carries a ``filter_doc`` of its metadata, already converted:
-``{"t": {key: [text, ...]}, "n": {key: number}, "k": [key, ...]}``; the expressions read
-that (with functions Milvus 2.3 servers have too).
+``{"t": {key: [text, ...]}, "n": {key: number}, "k": [key, ...]}`` (keys hex-encoded); the
+expressions read that (with functions Milvus 2.3 servers have too).
 """
 
 from __future__ import annotations
@@ -24,15 +24,24 @@ _LARGEST = (
 
 def filter_doc(extra: dict[str, Any]) -> dict[str, Any]:
     """The filter document of an item's metadata ``extra``."""
-    texts = {k: [str(x) for x in (v if isinstance(v, list) else [v])] for k, v in extra.items()}
+    texts = {
+        _hex(k): [str(x) for x in (v if isinstance(v, list) else [v])] for k, v in extra.items()
+    }
     # JSON has no infinity: the largest double compares with every finite bound as it does;
     # NaN compares false with everything, so it is left out (never matches, as on FAISS).
     numbers = {
-        k: max(-_LARGEST, min(_LARGEST, n))
+        _hex(k): max(-_LARGEST, min(_LARGEST, n))
         for k, v in extra.items()
         if (n := _number(v)) is not None and not math.isnan(n)
     }
-    return {"t": texts, "n": numbers, "k": sorted(extra)}
+    return {"t": texts, "n": numbers, "k": sorted(_hex(k) for k in extra)}
+
+
+def _hex(key: str) -> str:
+    """A metadata key as Milvus can name it in a JSON path: its UTF-8 bytes in hex (Milvus
+    splits a path on quotes and brackets without unescaping, so a key holding them would
+    match nothing)."""
+    return "h" + key.encode().hex()
 
 
 def expression(conditions: tuple[Condition, ...]) -> str:
@@ -50,7 +59,7 @@ def _one(c: Condition) -> str:
     if c.op == "=":
         return f"json_contains({texts}, {_string(c.value)})"
     if c.op == "!=":
-        has = f'json_contains({FIELD}["k"], {_string(c.key)})'  # `exists` is Milvus 2.4+
+        has = f'json_contains({FIELD}["k"], {_string(_hex(c.key))})'  # `exists` is 2.4+
         return f"{has} and not json_contains({texts}, {_string(c.value)})"
     if c.op == "range":
         return f"{number} >= {float(c.value)!r} and {number} <= {float(c.high)!r}"
@@ -58,7 +67,7 @@ def _one(c: Condition) -> str:
 
 
 def _path(part: str, key: str) -> str:
-    return f"{FIELD}[{_string(part)}][{_string(key)}]"
+    return f"{FIELD}[{_string(part)}][{_string(_hex(key))}]"
 
 
 def _string(text: str) -> str:

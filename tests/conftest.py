@@ -54,3 +54,23 @@ def micro_config(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("cfg") / "micro-vit.json"
     path.write_text(json.dumps(MICRO))
     return path
+
+
+def wait_until_serving(proc, url: str, log: Path, deadline: float) -> None:
+    """Wait for a `retrieval serve` process to answer /health (fail the test, with its log,
+    if it exits or ``deadline`` (time.monotonic) passes first)."""
+    import time
+
+    import httpx
+
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"the server did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.3)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import wait_until_serving
 
 milvus = pytest.importorskip("milvus")
 pytest.importorskip("pymilvus")
@@ -26,8 +27,8 @@ from retrieval.index import lifecycle  # noqa: E402
 from retrieval.index.build import build  # noqa: E402
 from retrieval.index.config import BuildConfig  # noqa: E402
 from retrieval.index.milvus import collections as coll  # noqa: E402
-from retrieval.index.milvus import writer  # noqa: E402
 from retrieval.index.milvus.client import connect  # noqa: E402
+from retrieval.index.milvus.lock import lock  # noqa: E402
 from retrieval.index.verify import verify  # noqa: E402
 from retrieval.model.encoder import Encoder  # noqa: E402
 from retrieval.model.spec import ModelSpec  # noqa: E402
@@ -99,18 +100,13 @@ def _serve(root: Path, name: str, logs: list[Path]) -> list[tuple[subprocess.Pop
         proc = subprocess.Popen([*cmd, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
         started.append((proc, f"http://127.0.0.1:{port}", log))
     deadline = time.monotonic() + 90
-    for proc, url, log in started:
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                for p, _, _ in started:
-                    p.kill()
-                pytest.fail(f"the server did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.3)
+    try:
+        for proc, url, log in started:
+            wait_until_serving(proc, url, log, deadline)
+    except BaseException:
+        for proc, _, _ in started:
+            proc.kill()
+        raise
     return [(proc, url) for proc, url, _ in started]
 
 
@@ -166,7 +162,7 @@ def test_the_lock_holds_between_two_machines_folders(tmp_path, server, encoder):
     add = [sys.executable, "-m", "retrieval.cli", "add", "team", str(b), *TINY, "--index-dir"]
     client = connect(uri)
     names = coll.Names(coll.base_name("team"))
-    with writer.lock(client, names):  # machine 1 is changing the index
+    with lock(client, names):  # machine 1 is changing the index
         refused = subprocess.run([*add, str(two)], capture_output=True, text=True, timeout=300)
         assert refused.returncode == 1, refused.stderr
         assert "are being changed by" in refused.stderr and "Traceback" not in refused.stderr

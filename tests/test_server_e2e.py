@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import wait_until_serving
 
 from retrieval.corpus import synthetic
 from retrieval.index.build import build
@@ -51,18 +52,11 @@ def server(tmp_path_factory, corpus):
     cmd = [sys.executable, "-m", "retrieval.cli", "serve", "shapes", "--index-dir", str(root)]
     proc = subprocess.Popen([*cmd, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
+    try:
+        wait_until_serving(proc, url, Path(log.name), time.monotonic() + 90)
+    finally:
+        if proc.poll() is not None:
             log.close()
-            pytest.fail(f"the server did not start; see {log.name}")
-        time.sleep(0.3)
     yield url
     proc.terminate()
     proc.wait(timeout=30)

@@ -13,7 +13,8 @@ from ..config import BuildConfig
 from ..manifest import IndexEntry, Manifest, MilvusLocation
 from . import collections as coll
 from . import writer
-from .client import connect, default_uri, is_lite, resolve_uri
+from .client import connect, default_uri, guard, is_lite, resolve_uri
+from .lock import lock
 from .space import MilvusItems, MilvusSpace
 
 
@@ -66,7 +67,7 @@ def write_build(
     client = client_for(to.where, to.root)
     try:
         names = coll.Names(to.where.base)
-        with writer.lock(client, names, to.wait, lite=is_lite(to.where.uri)):
+        with lock(client, names, to.wait, lite=is_lite(to.where.uri)):
             how = (to.config.index, to.publish())
             chosen = writer.build_version(client, names, new, norms, how).index_types
     finally:
@@ -112,7 +113,7 @@ def changing(manifest: Manifest, root: Path, wait: float = 0.0) -> Iterator[writ
     names = coll.Names(manifest.milvus.base)
     grace = 0.0 if is_lite(manifest.milvus.uri) else coll.BOUNDED_STALENESS_S
     try:
-        with writer.lock(client, names, wait, lite=is_lite(manifest.milvus.uri)):
+        with lock(client, names, wait, lite=is_lite(manifest.milvus.uri)):
             yield writer.open_version(client, names, grace)
     finally:
         client.close()
@@ -126,7 +127,7 @@ def rollback(manifest: Manifest, root: Path, wait: float = 0.0) -> str:
     names = coll.Names(manifest.milvus.base)
     try:
         lite = is_lite(manifest.milvus.uri)
-        with writer.lock(client, names, wait, lite=lite), writer.guard("rolling back"):
+        with lock(client, names, wait, lite=lite), guard("rolling back"):
             current = coll.current(client, names)
             earlier = [
                     v for v in coll.versions(client, names)
@@ -199,7 +200,7 @@ def rank_build(to: Destination, leader: bool) -> Iterator[RankBuild]:
     try:
         if leader:
             target.client = client_for(target.where, to.root)
-            with writer.lock(target.client, target.names, to.wait):
+            with lock(target.client, target.names, to.wait):
                 yield target
         else:
             yield target

@@ -94,7 +94,7 @@ class Status:
 def status(manifest: Manifest, root: Path) -> Status:
     from . import collections as coll
     from .backend import open_space
-    from .writer import guard
+    from .client import guard
 
     space, items = open_space(manifest, root)
     try:

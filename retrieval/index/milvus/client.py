@@ -95,3 +95,29 @@ def describe(e: Exception) -> str:
     if "auth" in line.lower() or "credential" in line.lower():
         line += f" (check ${TOKEN_ENV})"
     return line[:300]
+
+
+def guard(what: str):
+    """Turn pymilvus's errors into one line naming ``what`` was being done."""
+
+    @contextlib.contextmanager
+    def run():
+        try:
+            yield
+        except RetrievalError:
+            raise
+        except Exception as e:
+            if not _from_milvus(e):  # a bug of ours: not the server's to answer for
+                raise
+            raise MilvusError(
+                f"Milvus failed while {what}: {describe(e)}; nothing half-done is visible, and "
+                "re-running the command finishes it"
+            ) from None
+
+    return run()
+
+
+def _from_milvus(e: Exception) -> bool:
+    """Whether ``e`` came from pymilvus, gRPC or the connection under them."""
+    module = type(e).__module__ or ""
+    return module.startswith(("pymilvus", "grpc")) or isinstance(e, (ConnectionError, TimeoutError))

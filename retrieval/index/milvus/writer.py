@@ -8,45 +8,34 @@ half of one, because each change goes through the version's state row (`collecti
   ``batch <= committed``); one state write then commits ``b``. A crash before it leaves rows
   that the next writer deletes (rolled back), so a re-run inserts the same rows again.
 - **remove** (and an upsert's old rows): one state write hides the rows (``hiding``), which
-  is the moment they disappear for readers, then they are deleted; a crash in between is
-  rolled forward by the next writer.
+  is the moment they disappear for readers; they are deleted two staleness windows later
+  (`purge`), by this change or the next.
 
-One writer at a time, across machines: the ``lock`` row (owner, heartbeat), taken by writing
-it and reading it back; a lock whose heartbeat is older than `STALE_S` was left by a writer
-that died and is taken over.
+Every change runs under the index's lock (`retrieval.index.milvus.lock`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import socket
-import threading
 import time
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from ...errors import IndexBusyError, RetrievalError
 from ...scoring.fusion import bank_normalisers
 from ..config import BankConfig
 from ..store import ItemEntry
 from . import collections as coll
-from .client import MilvusError, describe
+from .client import MilvusError, guard
 from .where import filter_doc
 
 log = logging.getLogger(__name__)
 
 INSERT_ROWS = 1_000  # rows per insert call (a gRPC message stays far below its size limit)
-HEARTBEAT_S = 10.0
-STALE_S = 60.0
 HIDE_AT_ONCE = 4_000  # rows one change may hide: the state row stays under Milvus's 64 KiB JSON
-LOCK_SETTLE_S = 1.0  # a lock written is read back after this (longer than a Strong read)
 
 
 @dataclass(frozen=True)
@@ -56,116 +45,6 @@ class Vectors:
     entries: Sequence[ItemEntry]
     images: np.ndarray
     captions: np.ndarray
-
-
-def guard(what: str):
-    """Turn pymilvus's errors into one line naming ``what`` was being done."""
-
-    @contextlib.contextmanager
-    def run():
-        try:
-            yield
-        except RetrievalError:
-            raise
-        except Exception as e:
-            if not _from_milvus(e):  # a bug of ours: not the server's to answer for
-                raise
-            raise MilvusError(
-                f"Milvus failed while {what}: {describe(e)}; nothing half-done is visible, and "
-                "re-running the command finishes it"
-            ) from None
-
-    return run()
-
-
-def _from_milvus(e: Exception) -> bool:
-    """Whether ``e`` came from pymilvus, gRPC or the connection under them."""
-    module = type(e).__module__ or ""
-    return module.startswith(("pymilvus", "grpc")) or isinstance(e, (ConnectionError, TimeoutError))
-
-
-# --- the lock -------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def lock(client, names: coll.Names, wait: float = 0.0, lite: bool = False) -> Iterator[None]:
-    """The one-writer lock of index ``names``, held across machines while the body runs.
-
-    ``lite``: milvus-lite lets one process open its file at a time, which is the lock.
-    """
-    with guard("taking the index's lock"):
-        coll.create_meta(client, names)
-    if lite:
-        with guard("changing the index"):
-            yield
-        return
-    me = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    deadline = time.monotonic() + wait
-    while not _locked(client, names, me):
-        if time.monotonic() >= deadline:
-            with guard("reading the index's lock"):
-                held = coll.read_row(client, names, "lock") or {}
-            raise IndexBusyError(
-                f"index collections {names.base} are being changed by {held.get('owner', '?')}; "
-                "wait for it, or retry with --wait SECONDS"
-            )
-        time.sleep(0.5)
-    stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(client, names, me, stop), daemon=True)
-    beat.start()
-    try:
-        with guard("holding the lock"):
-            yield
-    finally:
-        stop.set()
-        beat.join()
-        with contextlib.suppress(Exception):  # the server gone: the lock goes stale
-            if (coll.read_row(client, names, "lock") or {}).get("owner") == me:
-                coll.delete_row(client, names, "lock")
-
-
-def _locked(client, names: coll.Names, me: str) -> bool:
-    with guard("taking the index's lock"):
-        return _try_lock(client, names, me)
-
-
-def _try_lock(client, names: coll.Names, me: str) -> bool:
-    held = coll.read_row(client, names, "lock")
-    if held and held["owner"] != me and time.time() - held["at"] < STALE_S and _alive(held):
-        return False
-    if held and held["owner"] != me:
-        log.warning("taking over the lock of %s, left by %s", names.base, held["owner"])
-    coll.write_row(client, names, "lock", {"owner": me, "at": time.time()})
-    time.sleep(LOCK_SETTLE_S)  # no compare-and-set in Milvus: the last of racing writers wins...
-    return (coll.read_row(client, names, "lock") or {}).get("owner") == me  # ...and knows it
-
-
-def _alive(held: dict) -> bool:
-    """Whether the lock's owner may still run: a process on this host is asked directly; on
-    another host, only its heartbeat tells (a lock older than STALE_S is taken over)."""
-    host, pid, _ = held["owner"].rsplit(":", 2)
-    if host != socket.gethostname():
-        return True
-    if pid == str(os.getpid()):  # an earlier change of this process that could not let go
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError):  # another user's process, or not ours to judge
-        return True
-    return True
-
-
-def _heartbeat(client, names: coll.Names, me: str, stop: threading.Event) -> None:
-    """Keep the lock fresh while it is still ours (a writer that lost it stops beating; its
-    commit then finds the state moved, see `_commit`)."""
-    while not stop.wait(HEARTBEAT_S):
-        with contextlib.suppress(Exception):
-            if (coll.read_row(client, names, "lock") or {}).get("owner") != me:
-                log.error("lost the lock of %s to another writer", names.base)
-                return
-            coll.write_row(client, names, "lock", {"owner": me, "at": time.time()})
 
 
 # --- rows -----------------------------------------------------------------------------------

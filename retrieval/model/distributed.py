@@ -13,6 +13,7 @@ every rank stops its process within a second of another rank's failure, with tha
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -64,7 +65,12 @@ def join(device: str = "auto") -> tuple[World, str]:
         backend = "nccl" if cuda else "gloo"
         group_store = dist.PrefixStore("group", world.store)
         dist.init_process_group(backend, store=group_store, rank=rank, world_size=size)
-        threading.Thread(target=_watch, args=(world,), name="peer-watch", daemon=True).start()
+        stop = threading.Event()
+        watch = threading.Thread(target=_watch, args=(world, stop), name="peer-watch", daemon=True)
+        watch.start()
+        # Stopped before the interpreter tears down: a thread still inside the store's C++
+        # client at exit aborts the process ("terminate called without an active exception").
+        atexit.register(_stop_watching, stop, watch)
     return world, (f"cuda:{local}" if cuda else "cpu")
 
 
@@ -130,15 +136,19 @@ def _arrive(world: World) -> None:
         time.sleep(0.1)
 
 
-def _watch(world: World) -> None:
+def _stop_watching(stop: threading.Event, watch: threading.Thread) -> None:
+    stop.set()
+    watch.join(timeout=5)
+
+
+def _watch(world: World, stop: threading.Event) -> None:
     """Stop this process within a second of another rank's failure, with that rank's line.
 
     A rank stuck in a collective cannot be interrupted from Python, so this exits the process;
     whatever it was writing stays unpublished (builds and training resume with --resume).
     """
     failed = _key("failed")
-    while True:
-        time.sleep(WATCH_EVERY_S)
+    while not stop.wait(WATCH_EVERY_S):
         try:
             if not world.store.check([failed]):
                 continue

@@ -1,11 +1,13 @@
 """Run under torchrun by tests/test_train.py: one contrastive step of a DDP-wrapped model.
 
 Each of the N processes takes its slice of a fixed global batch; rank 0 writes the mean of the
-local losses and the (DDP-averaged) gradients to OUT, for comparison with one process.
+local losses and the (DDP-averaged) gradients to OUT, for comparison with one process. With
+chunk -1, the step is an ``--itm`` step (contrastive + image-text matching with its re-ranker).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -13,8 +15,20 @@ import torch.distributed as dist
 
 from retrieval.model.distributed import World
 from retrieval.model.encoder import Encoder
-from retrieval.model.spec import ModelSpec
+from retrieval.model.spec import ModelSpec, RerankerConfig
 from retrieval.train.gradcache import contrastive_step
+from retrieval.train.itm import ItmModel, itm_step, new_reranker
+
+ITM = -1  # the chunk argument that asks for an --itm step
+ITM_DRAW = 1234  # the negatives' seed
+
+
+def itm_model(config: str, world: World) -> ItmModel:
+    """The micro model with a re-ranker, both from fixed seeds (the same in every process)."""
+    encoder = Encoder.load(ModelSpec(config, random_init=True), device="cpu")
+    torch.manual_seed(5)
+    reranker = new_reranker(encoder.model, encoder.tokenizer, RerankerConfig(32, 1, 2))
+    return ItmModel(encoder.model.train(), reranker.train(), world)
 
 
 def global_batch(encoder: Encoder, n: int):
@@ -30,14 +44,21 @@ def global_batch(encoder: Encoder, n: int):
 def main(config: str, out: str, chunk: int) -> None:
     dist.init_process_group("gloo")
     world = World(dist.get_rank(), dist.get_world_size())
-    model = Encoder.load(ModelSpec(config, random_init=True), device="cpu").model.train()
+    if chunk == ITM:
+        model = itm_model(config, world)
+    else:
+        model = Encoder.load(ModelSpec(config, random_init=True), device="cpu").model.train()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     images, tokens, ids = global_batch(
         Encoder.load(ModelSpec(config, random_init=True), device="cpu"), 12
     )
     per = 12 // world.size
     s = slice(world.rank * per, (world.rank + 1) * per)
-    loss = contrastive_step(ddp, images[s], tokens[s], ids[s], chunk or None, world)
+    if chunk == ITM:
+        batch = images[s], tokens[s], ids[s]
+        loss = itm_step(ddp, batch, world, (contextlib.nullcontext, lambda x: x), 1.0, ITM_DRAW)
+    else:
+        loss = contrastive_step(ddp, images[s], tokens[s], ids[s], chunk or None, world)
     losses = [None] * world.size
     dist.all_gather_object(losses, loss)
     if world.rank == 0:

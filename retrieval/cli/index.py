@@ -213,6 +213,12 @@ def verify(name, sample, repair, rollback, model, pretrained, random_init, devic
     help="With --backend milvus: a Milvus server or cluster (http://host:19530) or a "
     "milvus-lite .db file [indexes/.milvus/NAME.db]; the token comes from $MILVUS_TOKEN.",
 )
+@click.option(
+    "--patch-tokens",
+    is_flag=True,
+    help="Store each image's patch tokens (fp16) for the re-ranker, so that `search --rerank` "
+    "decodes no image.",
+)
 @encoding_options
 @read_options
 @index_dir_option
@@ -243,7 +249,7 @@ def _check_backend_options(ctx: click.Context, backend: str) -> None:
     if backend != "milvus" and given(ctx, "milvus_uri"):
         raise click.UsageError("--milvus-uri needs --backend milvus")
     if backend == "milvus":
-        for option in ("max_memory", "target_recall", "bank"):
+        for option in ("max_memory", "target_recall", "bank", "patch_tokens"):
             if given(ctx, option):
                 flag = "--" + option.replace("_", "-")
                 raise click.UsageError(f"{flag} is for --backend faiss, not --backend milvus")

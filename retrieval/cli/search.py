@@ -14,6 +14,7 @@ from ..query.ranking import (
     DEFAULT_MIX,
     DEFAULT_OVERFETCH,
     DEFAULT_STRATEGY,
+    MAX_RERANK,
     STRATEGIES,
 )
 from ..serve.config import DEFAULT_HOST, DEFAULT_PORT, ServeConfig
@@ -85,6 +86,20 @@ def commands() -> None:
     default=None,
     help=f"Fold results whose images are this close (cosine) to a better one's into it "
     f"[off; alone: {DEFAULT_DEDUP}].",
+)
+@click.option(
+    "--rerank",
+    type=click.IntRange(1, MAX_RERANK),
+    default=None,
+    metavar="N",
+    help="Re-order the top N with the cross-attention re-ranker (a text searching images, an "
+    "image searching captions); its score shows as 'itm'.",
+)
+@click.option(
+    "--reranker",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Checkpoint holding the re-ranker (`train --itm`) [the index model's own].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option(
@@ -165,17 +180,28 @@ def _refuse_meaningless(ctx: click.Context, query, strategy: str | None) -> None
     is_flag=True,
     help="Show each image's full path on this machine [paths relative to the corpus folder].",
 )
+@click.option(
+    "--reranker",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Checkpoint holding the re-ranker (`train --itm`) for requests with rerank [the index "
+    "model's own].",
+)
 @model_options(None)
 @index_dir_option
 def serve(
-    name, host, port, max_upload_mb, show_paths, model, pretrained, random_init, device, index_dir
-):
+    name, host, port, max_upload_mb, show_paths, reranker, model, pretrained, random_init, device,
+    index_dir,
+):  # fmt: skip
     """Serve index NAME over HTTP: a search page at / and a JSON API (docs at /docs)."""
     from ..serve.app import serve as run_server
 
     config = ServeConfig(max_upload_bytes=int(max_upload_mb * 2**20), show_paths=show_paths)
     spec = model_spec(model, pretrained, random_init, index=True)
-    run_server(name, index_dir, host=host, port=port, device=device, config=config, model=spec)
+    run_server(
+        name, index_dir, host=host, port=port, device=device, config=config, model=spec,
+        reranker=reranker,
+    )  # fmt: skip
 
 
 def _parse_term(text: str):

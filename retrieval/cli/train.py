@@ -11,7 +11,7 @@ import click
 from ..eval.config import BenchConfig
 from ..index.config import DEFAULT_BETA, DEFAULT_M
 from ..model.spec import DEFAULT_MODEL
-from ..query.ranking import DEFAULT_MIX
+from ..query.ranking import DEFAULT_MIX, MAX_RERANK
 from ..train.config import DEFAULT_LR, TrainConfig
 from .options import index_dir_option, model_options, model_spec, read_options
 
@@ -112,6 +112,19 @@ def commands() -> None:
     default=None,
     metavar="N",
     help="Stop after N epochs without a better validation recall (best.pt keeps the best).",
+)
+@click.option(
+    "--itm",
+    is_flag=True,
+    help="Also train a cross-attention re-ranker (image-text matching, negatives mined from the "
+    "batch's contrastive scores), saved in the checkpoints; with --lock-image 0 --lock-text 0 "
+    "only the re-ranker learns. Search uses it with --rerank N.",
+)
+@click.option(
+    "--itm-weight",
+    default=TrainConfig.itm_weight,
+    show_default=True,
+    help="Weight of the re-ranker's loss against the contrastive one.",
 )
 @click.option(
     "--full-checkpoints",
@@ -216,6 +229,19 @@ def train(corpus, out, model, pretrained, random_init, no_progress, read, **opti
     default=DEFAULT_MIX,
     show_default=True,
     help="Hybrid rows: caption weight.",
+)
+@click.option(
+    "--rerank",
+    type=click.IntRange(1, MAX_RERANK),
+    default=None,
+    metavar="N",
+    help="Also each strategy with its top N re-ordered by the re-ranker ('+ rerank@N' rows).",
+)
+@click.option(
+    "--reranker",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Checkpoint holding the re-ranker (`train --itm`) [the model's own].",
 )
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 @click.option("--markdown", type=click.Path(path_type=Path), default=None)

@@ -9,7 +9,7 @@ Metric keys follow CLIP_benchmark (``image_retrieval_recall@5`` = text->image,
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +20,12 @@ from ..corpus.records import unique_records
 from ..errors import RetrievalError
 from ..index import querybank
 from ..index.vector_index import VectorIndex
+from ..model import reranker as reranker_module
 from ..model.encoder import Encoder
 from ..model.spec import ModelSpec
 from ..query.search import Searcher
 from ..scoring import metrics
-from . import strategies
+from . import rerank, strategies
 from .config import BenchConfig
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ class Embedded:
     text_to_image: np.ndarray
     item_ids: list[str]
     groups: np.ndarray | None = None
+    paths: list[Path] = field(default_factory=list)  # each image's file (re-ranking)
+    texts: list[str] = field(default_factory=list)  # each caption (re-ranking)
 
 
 @dataclass
@@ -90,7 +93,8 @@ def _with_captions(kept, img: np.ndarray, encoder: Encoder, config: BenchConfig)
     owner = np.array([i for i, r in enumerate(kept) for c in r.captions if c], dtype=np.int64)
     text = encoder.encode_texts(texts, progress=config.progress)
     groups = group_codes(kept, config.group_key) if config.group_key else None
-    return Embedded(img, text, owner, [r.id for r in kept], groups)
+    paths = [r.image for r in kept]
+    return Embedded(img, text, owner, [r.id for r in kept], groups, paths, texts)
 
 
 def embed_from_index(records, searcher: Searcher, config: BenchConfig) -> Embedded:
@@ -247,6 +251,61 @@ def strategy_rows(emb: Embedded, config: BenchConfig, encoder: Encoder, ks, max_
     return rows
 
 
+def _inputs(emb: Embedded, searcher, encoder: Encoder, config: BenchConfig) -> rerank.Inputs:
+    """The re-ranker (the index's, or the model's own, or ``config.reranker``'s) and its
+    inputs for every image and caption of the dataset."""
+    if searcher is not None:
+        model = searcher.reranking().reranker
+    else:
+        source = config.reranker or encoder.spec.checkpoint
+        model = reranker_module.load(source, encoder.model) if source else None
+        if model is None:
+            raise RetrievalError(
+                f"{'no re-ranker in ' + str(source) if source else 'the model has no re-ranker'}"
+                ": train one with `retrieval train ... --itm`, or give --reranker"
+            )
+    return rerank.Inputs.of(model, encoder, emb.paths, emb.texts, config)
+
+
+def reranked_rows(rows: list[Row], emb: Embedded, inputs: rerank.Inputs, config) -> list[Row]:
+    """``rows`` with a "+ rerank@N" row after each first stage the re-ranker can follow."""
+    n, ks, max_k = config.rerank, tuple(sorted(set(config.ks))), max(max(config.ks), 10)
+    owner = emb.text_to_image
+    items = np.arange(len(emb.image))
+
+    def own(rows_):
+        return owner[rows_, None] == items[None, :]
+
+    def exact(rows_):
+        return emb.text[rows_] @ emb.image.T
+
+    stages = {
+        "exact": (exact, own, True),
+        f"hybrid (mix {config.mix:g})": (_hybrid(emb, config.mix, False), own, False),
+        "hybrid-rrf": (_hybrid(emb, config.mix, True), own, False),
+    }
+    if config.group_key:
+        groups = emb.groups
+        same = lambda rows_: groups[owner[rows_], None] == groups[None, :]  # noqa: E731
+        stages[f"exact, any image of the same {config.group_key}"] = (exact, same, False)
+    out = []
+    for row in rows:
+        out.append(row)
+        if row.strategy not in stages:
+            continue
+        scores, correct, both = stages[row.strategy]
+        t2i = rerank.text_to_image(inputs, n, scores, correct)
+        i2t = rerank.image_to_text(inputs, n, emb.image, emb.text, owner) if both else None
+        out.append(_row_from_ranks(f"{row.strategy} + rerank@{n}", t2i, i2t, ks, max_k))
+    return out
+
+
+def _hybrid(emb: Embedded, mix: float, rrf: bool):
+    return lambda rows: strategies.hybrid_scores(
+        emb.image, emb.text, emb.text_to_image, (mix, rrf), rows
+    )
+
+
 def run_bench(
     dataset: str | Path, config: BenchConfig, save_embeddings: Path | None = None
 ) -> BenchResult:
@@ -259,7 +318,11 @@ def run_bench(
     searcher = None
     if config.index:
         searcher = Searcher.open(
-            config.index, config.index_dir, model=config.model, device=config.device
+            config.index,
+            config.index_dir,
+            model=config.model,
+            device=config.device,
+            reranker=config.reranker,
         )
         emb, model_info = embed_from_index(records, searcher, config), searcher.encoder.spec
         encoder = searcher.encoder
@@ -274,6 +337,8 @@ def run_bench(
         rows += strategy_rows(emb, config, searcher.encoder if searcher else encoder, ks, max_k)
         if config.group_key:
             rows.append(grouped_row(emb, ks, max_k, config.group_key))
+        if config.rerank:
+            rows = reranked_rows(rows, emb, _inputs(emb, searcher, encoder, config), config)
     finally:
         if searcher is not None:
             searcher.close()

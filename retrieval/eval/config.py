@@ -31,3 +31,5 @@ class BenchConfig:
     workers: int | None = None
     device: str = "auto"
     progress: bool = True
+    rerank: int | None = None  # also each strategy with its top N re-ordered by the re-ranker
+    reranker: Path | None = None  # the checkpoint holding it (None: the model's own)

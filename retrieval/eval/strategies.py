@@ -67,20 +67,28 @@ def hybrid_ranks(
     image of the same synthetic scene), as `retrieval.scoring.metrics.grouped_text_to_image_ranks`.
     """
     ranks = []
-    n_items = len(image)
-    groups = np.arange(n_items) if item_groups is None else np.asarray(item_groups)
+    groups = np.arange(len(image)) if item_groups is None else np.asarray(item_groups)
     for s in range(0, len(text), _CHUNK):
         rows = np.arange(s, min(s + _CHUNK, len(text)))
-        t2i = (text[rows] @ image.T).astype(np.float64)  # (chunk, I)
-        t2t = _item_max_leave_one_out(text[rows] @ text.T, rows, text_to_image, n_items)
-        t2t = np.where(np.isfinite(t2t), t2t, np.nan)
-        weights = {"t2i": 1 - mix, "t2t": mix}
-        fused = np.array(
-            [
-                fusion.fuse_signals({"t2i": a, "t2t": b}, weights, rrf)
-                for a, b in zip(t2i, t2t, strict=True)
-            ]
-        )
+        fused = hybrid_scores(image, text, text_to_image, (mix, rrf), rows)
         correct = groups[text_to_image[rows], None] == groups[None, :]
         ranks.append(metrics.first_hit_ranks(fused, correct))
     return np.concatenate(ranks)
+
+
+def hybrid_scores(
+    image: np.ndarray, text: np.ndarray, text_to_image: np.ndarray, how, rows: np.ndarray
+) -> np.ndarray:
+    """(len(rows), I) fused text->image scores of captions ``rows`` (``how``: (mix, rrf)),
+    each item's captions scored without the query caption itself."""
+    mix, rrf = how
+    t2i = (text[rows] @ image.T).astype(np.float64)  # (chunk, I)
+    t2t = _item_max_leave_one_out(text[rows] @ text.T, rows, text_to_image, len(image))
+    t2t = np.where(np.isfinite(t2t), t2t, np.nan)
+    weights = {"t2i": 1 - mix, "t2t": mix}
+    return np.array(
+        [
+            fusion.fuse_signals({"t2i": a, "t2t": b}, weights, rrf)
+            for a, b in zip(t2i, t2t, strict=True)
+        ]
+    )

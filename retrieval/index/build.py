@@ -27,7 +27,7 @@ from ..model.distributed import join as join_world
 from ..model.encoder import Encoder
 from . import autoindex, layout, querybank
 from .config import BuildConfig
-from .embeddings import Embeddings, save_embeddings
+from .embeddings import Embeddings, save_embeddings, save_patches
 from .manifest import Counts, IndexEntry, Manifest, QuerybankSettings
 from .store import ItemEntry, Store
 
@@ -186,7 +186,10 @@ def _write_version(folder: Path, entries, enc, encoder, how: tuple) -> tuple:
     config, to = how
     if to is not None:
         return _write_milvus(to, entries, enc)
-    return None, _write(folder, entries, enc.image_emb, enc.caption_emb, config, encoder)
+    described = _write(folder, entries, enc.image_emb, enc.caption_emb, config, encoder)
+    if enc.patches is not None:
+        save_patches(folder, [enc.patches], len(enc.patches))
+    return None, described
 
 
 @contextlib.contextmanager

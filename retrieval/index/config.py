@@ -44,6 +44,7 @@ class BuildConfig:
     querybank: BankConfig = field(default_factory=BankConfig)
     backend: str = "faiss"  # or "milvus": vectors and metadata in Milvus collections
     milvus_uri: str | None = None  # None: a milvus-lite file under the index root
+    patch_tokens: bool = False  # store each image's patch tokens for the re-ranker (--rerank)
 
     def spool_options(self, resume: bool = False) -> SpoolOptions:
         return SpoolOptions(
@@ -53,6 +54,7 @@ class BuildConfig:
             shard_size=self.shard_size,
             resume=resume,
             progress=self.progress,
+            patches=self.patch_tokens,
         )
 
 

@@ -3,11 +3,13 @@
 fp16 copies of every image and caption vector (rows are FAISS ids, removed rows included), the
 caption -> item map and the querybank normalisers. The query layer re-scores candidates from
 them exactly; `verify` checks FAISS against them; `compact` and `add` rebuild without
-re-encoding.
+re-encoding. With ``build --patch-tokens`` also ``patches.npy``: each image's patch tokens
+(I, P, W) fp16, what the re-ranker (`retrieval.query.rerank`) reads instead of decoding images.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,10 @@ class Embeddings:
     caption_owner: np.ndarray  # (C,) int64 item row of each caption row
     image_norm: np.ndarray  # (I,) float32 querybank normalisers, text->image
     caption_norm: np.ndarray  # (C,) float32 querybank normalisers, image->text
+    patches: np.ndarray | None = None  # (I, P, W) fp16 patch tokens (build --patch-tokens)
+
+
+PATCHES = "patches.npy"  # in embeddings/
 
 
 def save_embeddings(folder: Path, emb: Embeddings, bank=None) -> None:
@@ -42,13 +48,39 @@ def save_embeddings(folder: Path, emb: Embeddings, bank=None) -> None:
         np.save(out / "bank.caption.npy", np.asarray(bank[1], dtype=np.float16))
 
 
+def save_patches(folder: Path, pieces: Iterable[np.ndarray], rows: int) -> None:
+    """Write ``embeddings/patches.npy`` (``rows``, P, W) fp16 from consecutive ``pieces``, one
+    at a time (the whole array may not fit in memory)."""
+    out = None
+    at = 0
+    for piece in pieces:
+        if out is None:
+            path = folder / layout.EMBEDDINGS / PATCHES
+            shape = (rows, *piece.shape[1:])
+            out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
+        out[at : at + len(piece)] = piece
+        at += len(piece)
+    if out is not None:
+        out.flush()
+        del out
+
+
+def chunks(patches: np.ndarray, rows: np.ndarray | None = None, size: int = 4096):
+    """``patches[rows]`` (all rows: None) a few thousand rows at a time."""
+    n = len(patches) if rows is None else len(rows)
+    for s in range(0, n, size):
+        yield patches[s : s + size] if rows is None else patches[rows[s : s + size]]
+
+
 def load_embeddings(folder: Path, mmap: bool = True) -> Embeddings:
     src = folder / layout.EMBEDDINGS
     mode = "r" if mmap else None
+    patches = src / PATCHES
     return Embeddings(
         image=np.load(src / "image.npy", mmap_mode=mode),
         caption=np.load(src / "caption.npy", mmap_mode=mode),
         caption_owner=np.load(src / "caption_owner.npy"),
         image_norm=np.load(src / "image.qbnorm.npy"),
         caption_norm=np.load(src / "caption.qbnorm.npy"),
+        patches=np.load(patches, mmap_mode="r") if patches.is_file() else None,
     )

@@ -30,7 +30,14 @@ from ..model.spec import ModelSpec
 from . import autoindex, integrity, layout, querybank
 from .build import Skips, entries_for
 from .config import TARGET_RECALL, BuildConfig
-from .embeddings import Embeddings, load_embeddings, save_embeddings
+from .embeddings import (
+    PATCHES,
+    Embeddings,
+    chunks,
+    load_embeddings,
+    save_embeddings,
+    save_patches,
+)
 from .manifest import INDEX_FILES, MANIFEST, Change, IndexEntry, Manifest, now, read_manifest
 from .manifest import KINDS as _KINDS
 from .milvus.changes import AddJob
@@ -121,7 +128,10 @@ def add(
         if not (upsert or sync):
             records = skips.skip_known(records, present)
         spool_dir = layout.spool_dir(root, name)
-        enc = spool.encode(records, encoder, spool_dir, config.spool_options(resume))
+        # A version with stored patch tokens keeps them for every item it adds.
+        stored = (current / layout.EMBEDDINGS / PATCHES).is_file()
+        options = replace(config.spool_options(resume), patches=stored)
+        enc = spool.encode(records, encoder, spool_dir, options)
         kept = skips.failed(records, enc)
         replaced = [r.id for r in kept if r.id in present]
         op, added = "sync" if sync else "add", len(kept) - len(replaced)
@@ -204,6 +214,9 @@ class _Addition:
             emb, indexes, current, self.config.querybank, len(old.image), len(old.caption)
         )
         save_embeddings(folder, emb, bank=_bank(current))
+        if old.patches is not None:
+            new = [self.enc.patches] if self.enc.patches is not None else []
+            save_patches(folder, [*chunks(old.patches), *new], len(emb.image))
         self.skips.write(folder / layout.SKIPPED, previous=current / layout.SKIPPED)
         history = {
             "corpus": self.corpus,
@@ -378,6 +391,8 @@ def _rebuild(current: Path, folder: Path, live, entries, old: Embeddings) -> Man
         caption_norm=old.caption_norm[live["caption"]],
     )
     save_embeddings(folder, emb, bank=_bank(current))
+    if old.patches is not None:
+        save_patches(folder, chunks(old.patches, live["image"]), len(live["image"]))
     with Store.create(folder / layout.STORE) as store:
         store.put_items(sorted(entries, key=lambda e: e.row))
     link_files(current, folder, layout.SKIPPED)

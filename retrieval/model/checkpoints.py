@@ -53,6 +53,14 @@ def export_checkpoint(src: Path, dst: Path, half: bool = True) -> Path:
     """
     ckpt = read_checkpoint(src)
     extra = {PARTIAL: ckpt[PARTIAL]} if PARTIAL in ckpt else {}  # keeps a partial one loadable
+    if RERANKER in ckpt:  # the re-ranker travels with the dual encoder it belongs to
+        saved = ckpt[RERANKER]
+        extra[RERANKER] = saved | {
+            "state_dict": {
+                k: v.half() if half and v.is_floating_point() else v
+                for k, v in saved["state_dict"].items()
+            }
+        }
     state = {
         k.removeprefix("module."): (v.half() if half and v.is_floating_point() else v)
         for k, v in ckpt["state_dict"].items()
@@ -64,6 +72,7 @@ def export_checkpoint(src: Path, dst: Path, half: bool = True) -> Path:
     return dst
 
 
+RERANKER = "reranker"  # a re-ranker trained with the weights (`retrieval.model.reranker`)
 PARTIAL = "partial"  # the key that marks a partial checkpoint: {"base_sha256", "base_keys"}
 
 

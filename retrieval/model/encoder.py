@@ -27,6 +27,7 @@ from ..errors import EncoderError
 from . import towers
 from .checkpoints import load_partial, peek_partial, read_checkpoint
 from .spec import CONFIG_DIR, OFFLINE_MODEL, TEST_MODEL, ModelSpec
+from .tokens import image_tokens, text_tokens
 
 log = logging.getLogger(__name__)
 
@@ -296,6 +297,22 @@ class Encoder:
             return self._finish(self.model.encode_image(pixels))
 
     @torch.inference_mode()
+    def text_states(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Texts -> the text tower's token states (N, L, W) float32 and mask (N, L) bool, for
+        the re-ranker (`retrieval.model.reranker`)."""
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        with self._autocast():
+            _, states, mask = text_tokens(self.model, tokens)
+        return states.float(), mask
+
+    @torch.inference_mode()
+    def image_patches(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Decoded RGB images -> the image tower's patch tokens (N, P, W) float32."""
+        pixels = torch.stack([self.preprocess(im) for im in images]).to(self.device)
+        with self._autocast():
+            return image_tokens(self.model, pixels)[1].float()
+
+    @torch.inference_mode()
     def encode_image_files(
         self,
         paths: Sequence[Path],
@@ -304,12 +321,15 @@ class Encoder:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         progress: bool = False,
         bar: tqdm | None = None,
+        patches: list[np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
         """Decode and encode image files in batches, decoding in DataLoader workers.
 
         Returns ``(embeddings (M, D), positions (M,), failures)``: row j of ``embeddings`` is
         ``paths[positions[j]]``, in input order; ``failures`` maps the positions that could not
         be decoded to their reason. ``bar``: a caller's progress bar to advance (else its own).
+        ``patches``: a list to append each batch's patch tokens to, (b, P, W) fp16, from the
+        same forward pass (the re-ranker's stored input).
         """
         workers = default_workers() if workers is None else workers
         loader = DataLoader(
@@ -326,8 +346,13 @@ class Encoder:
         for idx, pixels, bad in loader:
             failures.update(bad)
             if pixels is not None:
+                pixels = pixels.to(self.device, non_blocking=True)
                 with self._autocast():
-                    feats = self.model.encode_image(pixels.to(self.device, non_blocking=True))
+                    if patches is None:
+                        feats = self.model.encode_image(pixels)
+                    else:
+                        feats, tokens = image_tokens(self.model, pixels)
+                        patches.append(tokens.to("cpu", torch.float16).numpy())
                 chunks.append(self._finish(feats))
                 positions.extend(idx)
             bar.update(len(idx) + len(bad))

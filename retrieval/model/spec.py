@@ -91,6 +91,16 @@ class ModelIdentity:
         return ModelSpec(self.model, self.pretrained, self.random_init)
 
 
+@dataclass(frozen=True)
+class RerankerConfig:
+    """The re-ranker's size (`retrieval.model.reranker`): ``layers`` of (text self-attention,
+    cross-attention to the image's patches, MLP) at ``width`` with ``heads`` heads."""
+
+    width: int = 256
+    layers: int = 2
+    heads: int = 4
+
+
 def demo_model() -> ModelSpec:
     """The demo's model: tiny-vit trained on the shapes, shipped in the package."""
     return ModelSpec(TEST_MODEL, PACKAGE + SHIPPED_MODEL.name)

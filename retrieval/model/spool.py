@@ -40,6 +40,7 @@ class SpoolOptions:
     shard_size: int = 2048  # records per shard; rounded up to a multiple of batch_size
     resume: bool = False
     progress: bool = True
+    patches: bool = False  # also the image tower's patch tokens (build --patch-tokens)
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Encoded:
     failures: dict[int, str]  # record position -> why it was skipped
     caption_emb: np.ndarray  # (C, D) float32: `caption_texts` of the kept records, in order
     reused: int = 0  # shards read back from an interrupted run
+    patches: np.ndarray | None = None  # (M, P, W) fp16 patch tokens, rows as image_emb's
 
 
 def caption_texts(records: Sequence[Record]) -> list[str]:
@@ -119,6 +121,7 @@ def prepare(folder: Path, encoder, options: SpoolOptions) -> None:
         "max_pixels": options.max_pixels,
         "batch_size": options.batch_size,
         "shard_size": _shard_size(options),
+        "patches": options.patches,
     }
     _prepare(folder, key, options.resume)
 
@@ -161,20 +164,25 @@ def _fingerprint(chunk: Sequence[Record]) -> str:
 
 
 def _encode(chunk: Sequence[Record], encoder, options: SpoolOptions, bar) -> dict:
+    patches: list[np.ndarray] | None = [] if options.patches else None
     emb, positions, failures = encoder.encode_image_files(
         [r.image for r in chunk],
         options.batch_size,
         options.workers,
         options.max_pixels,
         bar=bar,
+        patches=patches,
     )
     kept = [chunk[p] for p in positions]
-    return {
+    out = {
         "image_emb": emb,
         "positions": positions,
         "failures": failures,
         "caption_emb": encoder.encode_texts(caption_texts(kept)),
     }
+    if patches is not None:
+        out["patches"] = np.concatenate(patches) if patches else np.zeros((0, 0, 0), np.float16)
+    return out
 
 
 def _write(path: Path, shard: dict, fingerprint: str) -> None:
@@ -186,6 +194,7 @@ def _write(path: Path, shard: dict, fingerprint: str) -> None:
             caption_emb=shard["caption_emb"],
             failures=np.array(json.dumps({str(k): v for k, v in shard["failures"].items()})),
             fingerprint=np.array(fingerprint),
+            **({"patches": shard["patches"]} if "patches" in shard else {}),
         )
 
 
@@ -201,7 +210,7 @@ def _read(path: Path, fingerprint: str) -> dict | None:
                 "positions": z["positions"],
                 "caption_emb": z["caption_emb"],
                 "failures": {int(k): v for k, v in json.loads(str(z["failures"])).items()},
-            }
+            } | ({"patches": z["patches"]} if "patches" in z.files else {})
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         log.warning("re-encoding %s: the spooled shard is unreadable (%s)", path.name, e)
         return None
@@ -211,6 +220,7 @@ def _join(parts: list[tuple[int, dict]], dim: int, reused: int) -> Encoded:
     empty = np.zeros((0, dim), np.float32)
     images = [s["image_emb"] for _, s in parts]
     captions = [s["caption_emb"] for _, s in parts]
+    patches = [s["patches"] for _, s in parts if "patches" in s and len(s["patches"])]
     return Encoded(
         image_emb=np.ascontiguousarray(np.concatenate(images) if images else empty),
         positions=np.concatenate(
@@ -219,4 +229,5 @@ def _join(parts: list[tuple[int, dict]], dim: int, reused: int) -> Encoded:
         failures={start + p: why for start, s in parts for p, why in s["failures"].items()},
         caption_emb=np.ascontiguousarray(np.concatenate(captions) if captions else empty),
         reused=reused,
+        patches=np.concatenate(patches) if patches else None,
     )

@@ -38,6 +38,7 @@ DEFAULT_IMAGE_WEIGHT = 0.5  # a text and an image together: the image's weight
 # --dedup without a value: the lowest cosine above every pair of distinct coco-mini photos
 # under effnet-minilm; folds 85-99% of re-saves, resizes and crops (benchmarks/README.md).
 DEFAULT_DEDUP = 0.85
+MAX_RERANK = 1000  # --rerank: candidates one query may re-score, each a pass through the re-ranker
 
 
 @dataclass(frozen=True)

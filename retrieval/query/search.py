@@ -27,14 +27,16 @@ from ..corpus import filters
 from ..corpus.images import BadImage, load_image
 from ..errors import DamagedIndexError, EncoderError, SearchError
 from ..index import autoindex, integrity, layout
-from ..index.embeddings import load_embeddings
+from ..index.embeddings import PATCHES, load_embeddings
 from ..index.manifest import MANIFEST, read_manifest
 from ..index.store import Store
 from ..index.vector_index import VectorIndex
+from ..model import reranker as reranker_module
 from ..model.encoder import Encoder
 from ..model.spec import ModelSpec
 from ..scoring.dedup import fold as fold_duplicates
 from . import ranking
+from . import rerank as rerank_module
 from .ranking import (
     DEFAULT_IMAGE_WEIGHT,
     DEFAULT_K,
@@ -134,11 +136,15 @@ class Searcher:
         encoder: Encoder | None = None,
         device: str = "auto",
         link: Path | None = None,
+        reranker: Path | None = None,
     ) -> None:
         self.folder, self.link = folder, link  # link: the name's symlink, to follow updates
         self.manifest = read_manifest(folder)
         self.encoder = encoder or Encoder.load(self.manifest.model_spec(), device)
         self._allowed: dict[tuple, np.ndarray | str] = {}  # filter -> item rows, or the error
+        # --rerank: the checkpoint holding the re-ranker (None: the index model's own), loaded
+        # on first use.
+        self.reranker_path, self._reranking = reranker, None
         if self.manifest.milvus is not None:  # everything lives in Milvus: nothing mapped here
             from ..index.milvus.backend import open_space
             from ..index.milvus.space import RowIndex
@@ -177,11 +183,14 @@ class Searcher:
         model: ModelSpec | None = None,
         device: str = "auto",
         encoder: Encoder | None = None,
+        reranker: Path | None = None,
     ) -> Searcher:
         """Open index ``name``; ``model``, when given, must be the one the index was built with.
 
         ``model`` with an empty name: the index's own model, weights from ``model.pretrained``
-        (its checkpoint moved: the sha256 must match).
+        (its checkpoint moved: the sha256 must match). ``reranker``: a checkpoint whose
+        re-ranker ``--rerank`` uses (default: the one saved with the index's model); its dual
+        encoder must be the index's.
         """
         link = layout.index_root(index_dir) / name
         for attempt in range(3):
@@ -200,7 +209,7 @@ class Searcher:
             model = manifest.spec_for(model) if model is not None else None
             encoder = encoder or (Encoder.load(model, device) if model else None)
             try:
-                return cls(folder, encoder=encoder, device=device, link=link)
+                return cls(folder, encoder, device, link, reranker)
             except EncoderError:
                 raise
             except (FileNotFoundError, RuntimeError) as e:
@@ -234,7 +243,7 @@ class Searcher:
             log.warning("index %s: the new version is damaged (%s)", self.link.name, problems[0])
             return self
         try:
-            newer = Searcher(folder, encoder=self.encoder, link=self.link)
+            newer = Searcher(folder, self.encoder, link=self.link, reranker=self.reranker_path)
         except (FileNotFoundError, RuntimeError):  # already replaced again: next time
             return self
         log.info("index %s: switched to the newly published version %s", self.link.name, folder)
@@ -264,13 +273,7 @@ class Searcher:
             if not term.text.strip():
                 raise SearchError("the text query is empty")
             return self.encoder.encode_texts([term.text])
-        image = term.image
-        if not isinstance(image, Image.Image):
-            try:
-                image = load_image(image)
-            except BadImage as e:
-                raise SearchError(f"cannot use the query image: {e}") from None
-        return self.encoder.encode_pil([image])
+        return self.encoder.encode_pil([self._image(term.image)])
 
     def _query_vector(self, vector) -> np.ndarray:
         """A vector computed elsewhere as a (1, D) unit query, once checked to fit the index."""
@@ -305,12 +308,14 @@ class Searcher:
         overfetch: int = DEFAULT_OVERFETCH,
         mix: float = DEFAULT_MIX,
         dedup: float | None = None,
+        rerank: int | None = None,
     ) -> dict[str, Any]:
         """``{"query", "target", "strategy", "where", "results"}`` with the ``k`` best items.
 
         ``dedup``: a cosine similarity; an item whose image is at least that close to a better
         ranked result's is folded into it (listed in its ``"duplicates"``), and k distinct
-        results still come back when the index has them.
+        results still come back when the index has them. ``rerank``: the re-ranker re-orders
+        the strategy's top ``rerank`` (`retrieval.query.rerank`; ``itm`` in the scores).
         """
         terms = query.all_terms()
         if not terms:
@@ -325,17 +330,21 @@ class Searcher:
         strategy = strategy or DEFAULT_STRATEGY
         if strategy == "arith" and len(terms) < 2:
             strategy = "cosine"  # arithmetic on one term is plain cosine
+        pairing = rerank_module.check(rerank, terms, target) if rerank is not None else None
         vectors = [ranking.Term(_kind(t), self.embed(t), t.weight) for t in terms]
         if self.manifest.milvus is not None:
             self.space.refresh()  # the version and state this query sees, read once
         options = ranking.Options(
-            k=k, target=target, strategy=strategy, overfetch=overfetch, mix=mix
+            k=max(k, rerank or 0), target=target, strategy=strategy, overfetch=overfetch, mix=mix
         )
         allowed = self._filter(tuple(where))
         if dedup is None:
             kept = [(hit, []) for hit in ranking.run(self.space, vectors, options, allowed)]
         else:
             kept = self._distinct(vectors, options, allowed, dedup)
+        if pairing is not None:
+            kept = self._reranked(pairing, terms[0], kept, rerank)
+        kept = kept[:k]
         if self.manifest.milvus is not None:  # one query for every result, not two per result
             rows = [h.item for h, folded in kept for h in (h, *folded)]
             self.store.prefetch(rows, [h.caption for h, _ in kept if h.caption is not None])
@@ -352,6 +361,81 @@ class Searcher:
             "where": list(where),
             "results": results,
         }
+
+    def _reranked(self, pairing: str, term: QueryTerm, kept: list, n: int) -> list:
+        """``kept`` (hit, folded) with its first ``n`` re-ordered by the re-ranker."""
+        head, folded = [h for h, _ in kept[:n]], {h.item: f for h, f in kept[:n]}
+        if pairing == "text":
+            head = self.reranking().text_against_images(term.text, head)
+        else:
+            texts = [
+                (self.store.caption(self.store.caption_ids([h.caption])[0]) or {}).get("text", "")
+                for h in head
+            ]
+            head = self.reranking().image_against_captions(self._image(term.image), head, texts)
+        return [(h, folded[h.item]) for h in head] + kept[n:]
+
+    def reranking(self) -> rerank_module.Reranking:
+        """The re-ranker and the index's stored patch tokens (loaded once); a one-line
+        SearchError when the index's model was trained without one."""
+        if isinstance(self._reranking, Exception):  # asked before: the same one line
+            raise self._reranking
+        if self._reranking is not None:
+            return self._reranking
+        try:
+            model = self._load_reranker()
+        except (SearchError, EncoderError) as e:
+            self._reranking = e
+            raise
+        stored = self.folder / layout.EMBEDDINGS / PATCHES
+        patches = np.load(stored, mmap_mode="r") if stored.is_file() else None
+        if patches is None:
+            log.warning(
+                "index %s stores no patch tokens: each --rerank query decodes and encodes its "
+                "candidates' images; `retrieval build ... --patch-tokens` stores them",
+                self.manifest.name,
+            )
+        self._reranking = rerank_module.Reranking(self.encoder, model, patches, self._row_image)
+        return self._reranking
+
+    def _load_reranker(self):
+        source = self.reranker_path or self.encoder.spec.checkpoint
+        model = reranker_module.load(Path(source), self.encoder.model) if source else None
+        if model is None:
+            where = f"no re-ranker in {source}" if source else "the index model has no re-ranker"
+            raise SearchError(
+                f"{where}: train one with `retrieval train ... --itm` (--lock-image 0 "
+                "--lock-text 0 keeps the dual encoder as it is) and pass its checkpoint with "
+                "--reranker"
+            )
+        return model
+
+    def can_rerank(self) -> bool:
+        """Whether ``rerank`` works on this index (its model, or ``--reranker``, has one)."""
+        try:
+            self.reranking()
+        except (SearchError, EncoderError):
+            return False
+        return True
+
+    def _row_image(self, row: int) -> Image.Image:
+        """The image of item ``row``, decoded again from its file (re-ranking without stored
+        patch tokens)."""
+        item = self.store.item(self.store.item_ids([row])[0]) or {}
+        try:
+            return load_image(item.get("path"))
+        except (BadImage, TypeError) as e:
+            raise SearchError(
+                f"cannot re-rank: the image of item {item.get('id', row)} is unreadable ({e})"
+            ) from None
+
+    def _image(self, image) -> Image.Image:
+        if isinstance(image, Image.Image):
+            return image
+        try:
+            return load_image(image)
+        except BadImage as e:
+            raise SearchError(f"cannot use the query image: {e}") from None
 
     def _distinct(self, vectors, options: ranking.Options, allowed, threshold: float):
         """The ``options.k`` best hits that are no near-copy of a better one, each with the hits
@@ -417,8 +501,9 @@ def search(
     index_dir: str | Path | None = None,
     model: ModelSpec | None = None,
     device: str = "auto",
+    reranker: Path | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """One-shot search: open index ``name``, run one query (see `Searcher.search`), close it."""
-    with Searcher.open(name, index_dir, model=model, device=device) as s:
+    with Searcher.open(name, index_dir, model=model, device=device, reranker=reranker) as s:
         return s.search(query, **options)

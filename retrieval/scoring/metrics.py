@@ -130,3 +130,30 @@ def recall_curve(ranks: np.ndarray, max_k: int) -> np.ndarray:
         return np.zeros(max_k)
     counts = np.bincount(np.minimum(ranks, max_k + 1), minlength=max_k + 2)[1 : max_k + 1]
     return np.cumsum(counts) / len(ranks)
+
+
+def top_candidates(scores: np.ndarray, correct: np.ndarray, n: int) -> np.ndarray:
+    """(Q, min(n, C)) columns of each row of ``scores`` (Q, C) a second stage re-orders: the
+    best first; among equal scores the incorrect (``correct`` (Q, C) False) first, then the
+    lower column: pessimistic, as `first_hit_ranks` counts ties."""
+    q, c = scores.shape
+    order = np.lexsort((np.broadcast_to(np.arange(c), (q, c)), correct, -scores), axis=1)
+    return order[:, : min(n, c)]
+
+
+def reranked_ranks(
+    scores: np.ndarray, correct: np.ndarray, cand: np.ndarray, logits: np.ndarray
+) -> np.ndarray:
+    """(Q,) 1-based rank of the best correct candidate once a second stage re-orders each
+    row's candidates ``cand`` (Q, N) (`top_candidates`) by ``logits`` (Q, N).
+
+    Ties count against the correct one, as in `first_hit_ranks`: rank = 1 + the incorrect
+    candidates whose logit is >= the best correct candidate's. A row whose correct columns all
+    lie outside ``cand`` keeps its first-stage rank, never better than N + 1.
+    """
+    hit = np.take_along_axis(correct, cand, axis=1)
+    found = hit.any(axis=1)
+    best = np.where(hit, logits, -np.inf).max(axis=1, keepdims=True)
+    inside = ((logits >= best - TIE_TOLERANCE) & ~hit).sum(axis=1) + 1
+    base = np.maximum(first_hit_ranks(scores, correct), cand.shape[1] + 1)
+    return np.where(found, inside, base)

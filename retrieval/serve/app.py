@@ -49,6 +49,7 @@ from ..query.ranking import (
     DEFAULT_MIX,
     DEFAULT_OVERFETCH,
     DEFAULT_STRATEGY,
+    MAX_RERANK,
     STRATEGIES,
 )
 from ..query.search import Query, Searcher
@@ -86,6 +87,9 @@ class SearchRequest(BaseModel):
     mix: float = Field(DEFAULT_MIX, ge=0, le=1)
     dedup: float | None = Field(
         None, gt=0, le=1, description="Fold results whose images are this close (cosine)."
+    )
+    rerank: int | None = Field(
+        None, ge=1, le=MAX_RERANK, description="Re-order the top N with the re-ranker."
     )
 
 
@@ -190,7 +194,7 @@ def _run_search(
     searcher: Searcher, lock: threading.Lock, req: SearchRequest, raw: bytes | None, config
 ) -> dict[str, Any]:
     options = {"k": req.k, "target": req.target, "strategy": req.strategy, "mix": req.mix}
-    options["dedup"] = req.dedup
+    options["dedup"], options["rerank"] = req.dedup, req.rerank
     try:
         query = _query(searcher, req, raw, config.max_pixels)
         with lock:
@@ -404,6 +408,7 @@ def _stats(searcher: Searcher) -> dict[str, Any]:
         "strategies": list(STRATEGIES),
         "default_strategy": DEFAULT_STRATEGY,
         "default_dedup": DEFAULT_DEDUP,
+        "rerank": searcher.can_rerank(),
         "version": __version__,
     }
 
@@ -416,11 +421,13 @@ def serve(
     device: str = "auto",
     config: ServeConfig | None = None,
     model: ModelSpec | None = None,
+    reranker: Path | None = None,
 ) -> None:
-    """Open index ``name`` once and serve it until interrupted (``model``: see `Searcher.open`)."""
+    """Open index ``name`` once and serve it until interrupted (``model``, ``reranker``: see
+    `Searcher.open`)."""
     import uvicorn
 
-    searcher = Searcher.open(name, index_dir, model=model, device=device)
+    searcher = Searcher.open(name, index_dir, model=model, device=device, reranker=reranker)
     log.info("serving index %s on http://%s:%d", name, host, port)
     try:
         uvicorn.run(create_app(searcher, config), host=host, port=port, log_level="info")

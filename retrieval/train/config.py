@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..corpus.records import ReadOptions
-from ..model.spec import ModelSpec
+from ..model.spec import ModelSpec, RerankerConfig
 
 DEFAULT_LR = 5e-4
 
@@ -44,3 +44,7 @@ class TrainConfig:
     all_captions: bool = False  # every (image, caption) pair each epoch, not one caption drawn
     augment_views: int = 1  # views per image: itself and random resized crops (1: none)
     early_stop: int | None = None  # stop after this many epochs without a better validation
+    # The re-ranker (#23): image-text matching trained beside the contrastive loss.
+    itm: bool = False
+    itm_weight: float = 1.0  # the ITM loss's weight against the contrastive one
+    reranker: RerankerConfig = field(default_factory=RerankerConfig)

@@ -42,16 +42,19 @@ from ..corpus.filters import check_field
 from ..corpus.readers import read_corpus
 from ..corpus.records import unique_records
 from ..errors import TrainError
+from ..model import reranker as reranker_module
 from ..model import towers
 from ..model.checkpoints import peek_partial
 from ..model.distributed import World
 from ..model.distributed import join as join_world
 from ..model.encoder import Encoder, default_workers
+from ..model.reranker import Reranker
 from ..model.spec import ModelSpec
 from . import sampling
 from .config import DEFAULT_LR, TrainConfig
 from .feature_cache import CachedTowers, Encoding, features_for, fits
 from .gradcache import contrastive_step
+from .itm import ItmModel, itm_recall, itm_step, new_reranker
 from .locking import lock_towers, trained_keys
 from .loss import clamp_logit_scale
 from .run import (
@@ -117,13 +120,19 @@ def train(corpus: str | Path, out: str | Path, config: TrainConfig | None = None
     torch.manual_seed(config.seed)
     encoder, keep = _model(config, out, device)
     model = encoder.model
+    reranker = _reranker(encoder, config) if config.itm else None
     train_set, val_set = _datasets(corpus, out, config, encoder, world)
-    step_model, feats = _features(model, (train_set, val_set), out, config, world)
+    if reranker is None:
+        step_model, feats = _features(model, (train_set, val_set), out, config, world)
+    else:  # the re-ranker reads the towers' tokens: no cached pooled features
+        step_model, feats = ItmModel(model, reranker, world), [None, None]
     total = _schedule(train_set, config, world)
-    optimizer = _adamw(model, config)
+    optimizer = _adamw(model if reranker is None else step_model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, config.warmup))
-    state = _start(out, config, (model, optimizer, scheduler), total)
-    run = _Run(model, step_model, _wrap(step_model, world, device), optimizer, scheduler, keep)
+    state = _start(out, config, (model, optimizer, scheduler, reranker), total)
+    run = _Run(
+        model, step_model, _wrap(step_model, world, device), optimizer, scheduler, keep, reranker
+    )
     state, speed = _epochs(run, state, (train_set, val_set), feats, out, config, world, total)
     ckpt = out / "checkpoints"
     best = ckpt / "best.pt" if (ckpt / "best.pt").exists() else None
@@ -143,6 +152,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     keep: list[str] | None
+    reranker: Reranker | None = None  # with --itm
 
 
 def _epochs(run: _Run, state: RunState, sets, feats, out: Path, config, world, total: int):
@@ -159,10 +169,10 @@ def _epochs(run: _Run, state: RunState, sets, feats, out: Path, config, world, t
         if world.rank == 0:  # the only one that validates and writes
             row = {"epoch": epoch, "step": step, "samples_per_s": round(rate, 1)}
             if val_set is not None:
-                row |= val_set.evaluate(run.step_model, device, features=val_feats)
+                row |= _validate(run, val_set, val_feats, device)
             stop = stalled(state.after(row).history, config.early_stop)
             last = step >= total or epoch == epochs or stop
-            parts = run.model, run.optimizer, run.scheduler
+            parts = run.model, run.optimizer, run.scheduler, run.reranker
             state = end_epoch(out, parts, state.after(row), config, last, run.keep)
         else:
             state = replace(state, epoch=epoch, step=step)
@@ -177,6 +187,29 @@ def _epochs(run: _Run, state: RunState, sets, feats, out: Path, config, world, t
                 )
             break
     return state, speed
+
+
+def _validate(run: _Run, val_set: TrainSet, features, device) -> dict[str, float]:
+    """Recall@K of the dual encoder on the validation set, and of the re-ranker (``--itm``)."""
+    if run.reranker is None:
+        return val_set.evaluate(run.step_model, device, features=features)
+    return val_set.evaluate(run.model, device) | itm_recall(
+        run.model, run.reranker, val_set, device
+    )
+
+
+def _reranker(encoder: Encoder, config: TrainConfig) -> Reranker:
+    """The re-ranker that ``--itm`` trains: the one saved with the starting weights, else new."""
+    if config.chunk_size or config.accum_steps > 1:
+        raise TrainError(
+            "--itm trains on whole batches: leave out --chunk-size and --accum-steps (gradient "
+            "caching would re-embed every negative's tokens)"
+        )
+    saved = reranker_module.load(encoder.spec.checkpoint, encoder.model)
+    if saved is not None:
+        log.info("--itm: training on the re-ranker saved with %s", encoder.spec.checkpoint)
+        return saved.train()
+    return new_reranker(encoder.model, encoder.tokenizer, config.reranker)
 
 
 def stalled(history, patience: int | None) -> bool:
@@ -419,7 +452,11 @@ def _train_step(run: _Run, batch, chunk, world: World, amp, config: TrainConfig,
     images, tokens, cap_ids = batch
     run.optimizer.zero_grad(set_to_none=True)
     scale = scaler.scale if scaler else (lambda x: x)
-    loss = contrastive_step(run.ddp, images, tokens, cap_ids, chunk, world, autocast, scale)
+    if run.reranker is None:
+        loss = contrastive_step(run.ddp, images, tokens, cap_ids, chunk, world, autocast, scale)
+    else:  # the same negatives on every process: drawn from (seed, step)
+        draw = config.seed * 1_000_003 + at[0]
+        loss = itm_step(run.ddp, batch, world, (autocast, scale), config.itm_weight, draw)
     if scaler is None:  # with fp16, GradScaler itself skips a non-finite step
         _check_finite(loss, *at)
     _optimizer_step(run.model, run.optimizer, scaler, config.grad_clip)

@@ -68,3 +68,41 @@ def clamp_logit_scale(log_scale: torch.nn.Parameter, max_scale: float = 100.0) -
     """Keep exp(log_scale) <= ``max_scale`` (CLIP's clamp, applied after every step)."""
     with torch.no_grad():
         log_scale.clamp_(0, torch.log(torch.tensor(max_scale)).item())
+
+
+def itm_negatives(
+    logits: torch.Tensor, positives: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard negatives for image-text matching, drawn as ALBEF and BLIP draw them.
+
+    ``logits`` (N, N): image i against text j (the contrastive logits of the whole batch);
+    ``positives`` (N, N) bool: pairs that must never be negatives (the same caption text, the
+    same image). Returns ``(text_for_image, image_for_text)``, each (N,) int64: for image i a
+    text j drawn with probability softmax over its non-positive j of ``logits[i]`` (the ones the
+    dual encoder finds most alike are drawn most), for text j an image likewise from column j;
+    -1 where a row has no candidate at all. Drawn on the CPU from ``generator``.
+    """
+    masked = logits.detach().double().cpu().masked_fill(positives.cpu(), float("-inf"))
+    return _draw(masked, generator), _draw(masked.T.contiguous(), generator)
+
+
+def _draw(masked: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    out = torch.full((masked.shape[0],), -1, dtype=torch.int64)
+    has = torch.isfinite(masked).any(dim=1)
+    if has.any():
+        weights = torch.softmax(masked[has], dim=1)
+        out[has] = torch.multinomial(weights, 1, generator=generator)[:, 0]
+    return out
+
+
+def itm_loss(positive: torch.Tensor, negative: torch.Tensor, total: int) -> torch.Tensor:
+    """Binary cross-entropy of match logits, summed and divided by ``total`` (the number of
+    pairs in the whole batch, so that processes' parts add up to the one-process mean):
+    ``positive`` logits should say "match", ``negative`` logits "no match"."""
+    pos = F.binary_cross_entropy_with_logits(
+        positive.float(), torch.ones_like(positive, dtype=torch.float32), reduction="sum"
+    )
+    neg = F.binary_cross_entropy_with_logits(
+        negative.float(), torch.zeros_like(negative, dtype=torch.float32), reduction="sum"
+    )
+    return (pos + neg) / max(total, 1)

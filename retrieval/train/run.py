@@ -23,7 +23,14 @@ import torch
 
 from ..errors import TrainError
 from ..files import atomic_path, atomic_write
-from ..model.checkpoints import is_partial, load_partial, partial_checkpoint, save_checkpoint
+from ..model.checkpoints import (
+    RERANKER,
+    is_partial,
+    load_partial,
+    partial_checkpoint,
+    save_checkpoint,
+)
+from ..model.reranker import payload
 from .config import DEFAULT_LR
 
 if TYPE_CHECKING:
@@ -100,6 +107,7 @@ _SAME_ON_RESUME = (
     "lock_text",
     "all_captions",
     "augment_views",
+    "itm",
     "wd",  # the saved optimizer's, which a resume restores: a new value would be ignored
 )
 
@@ -134,8 +142,9 @@ def fresh(out: Path, config: TrainConfig) -> RunState:
     return RunState()
 
 
-def resume(out: Path, model, optimizer, scheduler, lr: float | None) -> RunState:
-    """Load ``latest`` into the model, optimizer and scheduler; return the saved state.
+def resume(out: Path, model, optimizer, scheduler, reranker, lr: float | None) -> RunState:
+    """Load ``latest`` into the model, optimizer, scheduler and re-ranker (None: the run has
+    none); return the saved state.
 
     The saved schedule wins, so that a resumed run ends where an uninterrupted one would;
     a different ``lr`` asked for now (None: none asked for) is reported, not applied.
@@ -149,6 +158,8 @@ def resume(out: Path, model, optimizer, scheduler, lr: float | None) -> RunState
         load_partial(model, ckpt, latest)
     else:
         model.load_state_dict(ckpt["state_dict"])
+    if reranker is not None:
+        reranker.load_state_dict(ckpt[RERANKER]["state_dict"])
     state = torch.load(latest.with_suffix(".state.pt"), map_location="cpu", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -163,11 +174,14 @@ def resume(out: Path, model, optimizer, scheduler, lr: float | None) -> RunState
     return RunState.from_dict(state)
 
 
-def save(out: Path, model, optimizer, scheduler, state: RunState, config, keep=None) -> RunState:
+def save(
+    out: Path, model, optimizer, scheduler, reranker, state: RunState, config, keep=None
+) -> RunState:
     """Write epoch N's checkpoint pair, point latest at it, and keep best; return the state
     with its best score, as saved (a resume compares the next epochs with it).
 
-    ``keep``: the state-dict keys to write (a partial checkpoint), or None for all.
+    ``reranker``: saved with the weights it belongs to (None: none); ``keep``: the state-dict
+    keys to write (a partial checkpoint), or None for all.
     """
     ckpt = out / "checkpoints"
     name = ckpt / f"epoch_{state.epoch}.pt"
@@ -179,6 +193,8 @@ def save(out: Path, model, optimizer, scheduler, state: RunState, config, keep=N
         weights = fields | {"state_dict": model.state_dict()}
     else:
         weights = partial_checkpoint(model, keep, **fields)
+    if reranker is not None:
+        weights[RERANKER] = payload(reranker, model)
     save_checkpoint(weights, name)
     save_checkpoint(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
@@ -197,7 +213,8 @@ def end_epoch(
     out: Path, parts, state: RunState, config: TrainConfig, last: bool, keep=None
 ) -> RunState:
     """Save the epoch just finished (``state.history[-1]``) when it is the last, a new best or
-    due (``save_every``), else only log its row. ``parts``: (model, optimizer, scheduler);
+    due (``save_every``), else only log its row. ``parts``: (model, optimizer, scheduler,
+    reranker or None);
     ``keep``: as `save`'s."""
     row = state.history[-1]
     validated = any("recall@" in k for k in row)

@@ -84,6 +84,14 @@ class TrainSet:
         places = augment.boxes(self.rows[items], shown, pixels.shape[1])
         return augment.crops(pixels, places, self.mean, self.std)
 
+    def caption_owner(self) -> np.ndarray:
+        """(C,) int64: the item of each caption row of ``tokens``."""
+        owner = np.concatenate([np.full(len(r), i) for i, r in enumerate(self.caption_rows)])
+        order = np.concatenate(self.caption_rows)
+        out = np.empty(len(order), dtype=np.int64)
+        out[order] = owner
+        return out
+
     def _inputs(self, kind: str, span: slice, features: Features | None) -> torch.Tensor:
         cached = getattr(features, kind, None)
         if cached is not None:
@@ -119,11 +127,7 @@ class TrainSet:
             for s in range(0, len(self.tokens), batch)
         ]
         model.train(was_training)
-        owner = np.concatenate([np.full(len(r), i) for i, r in enumerate(self.caption_rows)])
-        order = np.concatenate(self.caption_rows)
-        text_to_image = np.empty(len(order), dtype=np.int64)
-        text_to_image[order] = owner
-        m = retrieval_metrics(torch.cat(img).numpy(), torch.cat(txt).numpy(), text_to_image)
+        m = retrieval_metrics(torch.cat(img).numpy(), torch.cat(txt).numpy(), self.caption_owner())
         return {f"val_{k}": round(v, 4) for k, v in m.items() if "recall@" in k}
 
 

@@ -33,6 +33,11 @@ def check_config(config: BuildConfig) -> None:
             "--bank is not available with --backend milvus yet: build without it (the "
             "corpus's own captions and images are the querybank)"
         )
+    if config.patch_tokens:
+        raise IndexBuildError(
+            "--patch-tokens is not available with --backend milvus yet: --rerank on a Milvus "
+            "index decodes and encodes its candidates' images at query time"
+        )
     if config.index != "auto" and config.index not in coll.INDEX_TYPES:
         raise IndexBuildError(
             f"--index {config.index!r} is a FAISS index; with --backend milvus give auto or "

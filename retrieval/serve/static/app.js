@@ -40,6 +40,7 @@ async function search() {
   form.append("image_weight", $("image-weight").value || "0.5");
   if ($("strategy").value) form.append("strategy", $("strategy").value);
   if ($("dedup").checked && state.dedup) form.append("dedup", String(state.dedup));
+  if (!$("rerank-box").hidden && $("rerank").value) form.append("rerank", $("rerank").value);
   for (const cond of $("where").value.split(",")) if (cond.trim()) form.append("where", cond.trim());
   setStatus("Searching…");
   const started = performance.now();
@@ -47,7 +48,8 @@ async function search() {
     const out = await api("/search", { method: "POST", body: form });
     render(out);
     const ms = Math.round(performance.now() - started);
-    setStatus(`${out.results.length} results · ${out.strategy} · ${out.target} · ${ms} ms`);
+    const reranked = form.has("rerank") ? ` · re-ranked top ${form.get("rerank")}` : "";
+    setStatus(`${out.results.length} results · ${out.strategy}${reranked} · ${out.target} · ${ms} ms`);
   } catch (err) {
     setStatus(err.message, true);
   }
@@ -109,6 +111,7 @@ async function init() {
     const stats = await api("/stats");
     $("index-name").textContent = stats.name;
     state.dedup = stats.default_dedup;
+    $("rerank-box").hidden = !stats.rerank;
     $("stats").textContent = `${stats.counts.items} items · ${stats.counts.captions} captions · ${stats.model}`;
     for (const s of stats.strategies) {
       const opt = document.createElement("option");

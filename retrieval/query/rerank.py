@@ -1,0 +1,91 @@
+"""The second stage: the cross-attention re-ranker re-orders a strategy's top N (``--rerank N``).
+
+The first stage (any strategy of `retrieval.query.ranking`) picks the candidates; the re-ranker
+(`retrieval.model.reranker`) reads the query against each of them and only re-orders them: the
+candidate set never changes. It scores a text against an image, so it applies to a text query
+searching images (the query's token states against each candidate's patch tokens) and to an
+image query searching captions (each candidate's best caption against the query's patches).
+
+Where the candidates' patch tokens come from: ``embeddings/patches.npy`` in the index version
+when it was built with ``--patch-tokens`` (fp16, memory-mapped: a query decodes no image), else each
+candidate's image file is decoded and encoded again at query time (benchmarks/README.md,
+"Re-ranker", measures both).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import SearchError
+from ..model.encoder import Encoder
+from ..model.reranker import Reranker
+from .ranking import MAX_RERANK, Hit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Reranking:
+    """A loaded re-ranker and where its candidates' patch tokens come from: ``patches``
+    (I, P, W) fp16 by item row, or None to decode ``image_of(row)`` and encode it again."""
+
+    encoder: Encoder
+    reranker: Reranker
+    patches: np.ndarray | None
+    image_of: Callable[[int], Image.Image]
+
+    def text_against_images(self, text: str, hits: Sequence[Hit]) -> list[Hit]:
+        """``hits`` (items) re-ordered by how well ``text`` describes each one's image."""
+        states, mask = self.encoder.text_states([text])
+        patches = self._patches([h.item for h in hits])
+        n = len(hits)
+        return _ordered(hits, self._logits(states.expand(n, -1, -1), mask.expand(n, -1), patches))
+
+    def image_against_captions(self, image: Image.Image, hits: Sequence[Hit], texts) -> list[Hit]:
+        """``hits`` re-ordered by how well each one's caption (``texts``) describes ``image``."""
+        states, mask = self.encoder.text_states(list(texts))
+        patches = self.encoder.image_patches([image]).expand(len(hits), -1, -1)
+        return _ordered(hits, self._logits(states, mask, patches))
+
+    def _patches(self, rows: list[int]) -> torch.Tensor:
+        if self.patches is not None:
+            return torch.from_numpy(np.asarray(self.patches[rows], dtype=np.float32))
+        return self.encoder.image_patches([self.image_of(r) for r in rows])
+
+    @torch.inference_mode()
+    def _logits(self, states, mask, patches) -> np.ndarray:
+        device = self.encoder.device
+        out = self.reranker(states.to(device), mask.to(device), patches.to(device))
+        return out.float().cpu().numpy().astype(np.float64)
+
+
+def _ordered(hits: Sequence[Hit], logits: np.ndarray) -> list[Hit]:
+    """Hits sorted by re-ranker logit (ties keep the first stage's order); each hit's score
+    becomes the match probability, also shown as ``itm`` beside the first stage's signals."""
+    prob = 1 / (1 + np.exp(-logits))
+    out = []
+    for j in np.argsort(-logits, kind="stable"):
+        h = hits[j]
+        out.append(replace(h, score=float(prob[j]), scores=h.scores | {"itm": round(prob[j], 6)}))
+    return out
+
+
+def check(rerank: int, terms: Sequence, target: str) -> str:
+    """Which pairing a re-ranked query uses ("text" or "image"); a one-line SearchError when
+    the query cannot be re-ranked."""
+    if not 1 <= rerank <= MAX_RERANK:
+        raise SearchError(f"rerank must be between 1 and {MAX_RERANK}, not {rerank}")
+    if len(terms) == 1 and terms[0].text is not None and target == "images":
+        return "text"
+    if len(terms) == 1 and terms[0].image is not None and target == "captions":
+        return "image"
+    raise SearchError(
+        "--rerank scores a text against an image: it re-ranks a text query searching images or "
+        "an image query searching captions, not this query"
+    )

@@ -395,3 +395,41 @@ def test_a_state_file_from_before_runstate_resumes_with_its_own_epoch_as_best():
     assert RunState.from_dict(old).best == pytest.approx(0.6)
     new = RunState(2, 4, 0.6, tuple(rows))
     assert RunState.from_dict(new.to_dict()) == new
+
+
+def test_neighbourhoods_take_the_nearest_unplaced_by_hand():
+    from retrieval.train.hard_negatives import neighbourhoods, refresh_epoch
+
+    near = np.array([[1, 2, 3], [0, 2, 3], [1, 0, 4], [4, 0, 1], [3, 2, 0], [4, 3, 2]])
+    groups = neighbourhoods(near, 3, seed=0)
+    order = np.random.default_rng(0).permutation(6)
+    # By hand: walk `order`; each unplaced item starts a group with its nearest unplaced ones.
+    want, code = np.full(6, -1), 0
+    for i in order:
+        if want[i] >= 0:
+            continue
+        members = [i, *[j for j in near[i] if want[j] < 0][:2]]
+        want[members] = code
+        code += 1
+    np.testing.assert_array_equal(groups, want)
+    assert np.bincount(groups).max() <= 3
+    assert [refresh_epoch(e, 3) for e in range(1, 8)] == [1, 1, 1, 4, 4, 4, 7]
+
+
+def test_hard_negative_batches_resume_exactly(small_corpus, micro_config, tmp_path):
+    # 3 steps an epoch; the warm-up outlasts the run, so a shorter first leg has the same rates.
+    kw = dict(epochs=4, hard_negatives=2, warmup=100)
+    straight = run_train(small_corpus, tmp_path / "a", micro_config, **kw)
+    run_train(small_corpus, tmp_path / "b", micro_config, **kw, steps=3)  # epoch 1 only
+    resumed = run_train(small_corpus, tmp_path / "b", micro_config, **kw, resume=True)
+    assert straight.steps == resumed.steps == 12
+    a = torch.load(straight.latest, weights_only=True)["state_dict"]
+    b = torch.load(resumed.latest, weights_only=True)["state_dict"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=0, rtol=0, msg=name)
+    for run in "ab":
+        mined = sorted(p.name for p in (tmp_path / run / "hard_negatives").iterdir())
+        assert mined == ["epoch_1.npy", "epoch_3.npy"]
+    with pytest.raises(TrainError, match="not both"):
+        kw = dict(hard_negatives=1, batch_group="relation")
+        run_train(small_corpus, tmp_path / "c", micro_config, **kw)

@@ -73,5 +73,8 @@ def demo(workdir, n, model, pretrained, random_init, device, index_dir):
     else:
         click.echo(f"model: {config.model.name}, trained weights {config.model.pretrained}")
     for out in result.searches:
-        click.echo(f"\nquery {json.dumps(out['query'])} -> {out['target']}")
+        reranked = (
+            " (re-ranked: --rerank 20)" if any("itm" in r["scores"] for r in out["results"]) else ""
+        )
+        click.echo(f"\nquery {json.dumps(out['query'])} -> {out['target']}{reranked}")
         click.echo(results_table(out))

@@ -162,6 +162,14 @@ def commands() -> None:
     metavar="FIELD",
     help="Keep items with equal values of metadata FIELD in one batch (hard negatives).",
 )
+@click.option(
+    "--hard-negatives",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Every N epochs, embed the training images with the current model and fill batches "
+    "with neighbourhoods of look-alikes (FAISS) instead of random pairs.",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @read_options
 def train(corpus, out, model, pretrained, random_init, no_progress, read, **options):

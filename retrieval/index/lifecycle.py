@@ -128,10 +128,7 @@ def add(
         if not (upsert or sync):
             records = skips.skip_known(records, present)
         spool_dir = layout.spool_dir(root, name)
-        # A version with stored patch tokens keeps them for every item it adds.
-        stored = (current / layout.EMBEDDINGS / PATCHES).is_file()
-        options = replace(config.spool_options(resume), patches=stored)
-        enc = spool.encode(records, encoder, spool_dir, options)
+        enc = spool.encode(records, encoder, spool_dir, _spool_options(config, resume, current))
         kept = skips.failed(records, enc)
         replaced = [r.id for r in kept if r.id in present]
         op, added = "sync" if sync else "add", len(kept) - len(replaced)
@@ -144,6 +141,12 @@ def add(
         report.skipped = skips.counts()
         spool.discard(spool_dir)
     return _finish(report, start)
+
+
+def _spool_options(config: BuildConfig, resume: bool, current: Path) -> spool.SpoolOptions:
+    """A version with stored patch tokens keeps them for every item it adds."""
+    stored = (current / layout.EMBEDDINGS / PATCHES).is_file()
+    return replace(config.spool_options(resume), patches=stored)
 
 
 def _milvus_add(records, manifest: Manifest, root: Path, encoder, job, sync: bool):

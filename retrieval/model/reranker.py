@@ -67,6 +67,9 @@ class Reranker(nn.Module):
     def forward(
         self, text: torch.Tensor, mask: torch.Tensor, patches: torch.Tensor
     ) -> torch.Tensor:
+        # Padding after the longest text is masked anyway: cut, so it costs nothing.
+        length = max(int(mask.sum(dim=1).max()), 1) if mask.numel() else mask.shape[1]
+        text, mask = text[:, :length], mask[:, :length]
         dtype = self.text_in.weight.dtype
         t = self.text_in(text.to(dtype))
         t = torch.cat([self.cls.expand(len(t), -1, -1), t], dim=1)

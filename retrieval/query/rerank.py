@@ -17,12 +17,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
 from ..errors import SearchError
+from ..index import layout
+from ..index.embeddings import PATCHES
+from ..model import reranker as reranker_module
 from ..model.encoder import Encoder
 from ..model.reranker import Reranker
 from .ranking import MAX_RERANK, Hit
@@ -74,6 +78,30 @@ def _ordered(hits: Sequence[Hit], logits: np.ndarray) -> list[Hit]:
         h = hits[j]
         out.append(replace(h, score=float(prob[j]), scores=h.scores | {"itm": round(prob[j], 6)}))
     return out
+
+
+def load(folder: Path, encoder: Encoder, source: Path | None, image_of) -> Reranking:
+    """The re-ranker for index version ``folder`` searched with ``encoder``: the one in
+    checkpoint ``source`` (None: the one saved with the encoder's weights), with the version's
+    stored patch tokens if any (else ``image_of(row)`` decodes a candidate's image); a
+    one-line SearchError when there is no re-ranker."""
+    source = source or encoder.spec.checkpoint
+    model = reranker_module.load(Path(source), encoder.model) if source else None
+    if model is None:
+        where = f"no re-ranker in {source}" if source else "the index model has no re-ranker"
+        raise SearchError(
+            f"{where}: train one with `retrieval train ... --itm` (--lock-image 0 --lock-text "
+            "0 keeps the dual encoder as it is) and pass its checkpoint with --reranker"
+        )
+    stored = folder / layout.EMBEDDINGS / PATCHES
+    patches = np.load(stored, mmap_mode="r") if stored.is_file() else None
+    if patches is None:
+        log.warning(
+            "index %s stores no patch tokens: each --rerank query decodes and encodes its "
+            "candidates' images; `retrieval build ... --patch-tokens` stores them",
+            folder.parent.name,
+        )
+    return Reranking(encoder, model, patches, image_of)
 
 
 def check(rerank: int, terms: Sequence, target: str) -> str:

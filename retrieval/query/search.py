@@ -27,11 +27,10 @@ from ..corpus import filters
 from ..corpus.images import BadImage, load_image
 from ..errors import DamagedIndexError, EncoderError, SearchError
 from ..index import autoindex, integrity, layout
-from ..index.embeddings import PATCHES, load_embeddings
+from ..index.embeddings import load_embeddings
 from ..index.manifest import MANIFEST, read_manifest
 from ..index.store import Store
 from ..index.vector_index import VectorIndex
-from ..model import reranker as reranker_module
 from ..model.encoder import Encoder
 from ..model.spec import ModelSpec
 from ..scoring.dedup import fold as fold_duplicates
@@ -115,6 +114,18 @@ def _describe(t: QueryTerm) -> dict[str, Any]:
 def _kind(t: QueryTerm) -> str:
     """The term's letter in signal names: t2i, i2t, v2i (a vector computed elsewhere)."""
     return "t" if t.text is not None else "i" if t.image is not None else "v"
+
+
+def _resolve(terms, target: str | None, strategy: str | None) -> tuple[str, str]:
+    """The target and strategy a query runs with: each default filled in, each checked."""
+    solo_image = len(terms) == 1 and terms[0].image is not None  # a vector: images
+    target = target or ("captions" if solo_image else "images")
+    if target not in TARGETS:
+        raise SearchError(f"target must be one of {', '.join(TARGETS)}, not {target!r}")
+    strategy = strategy or DEFAULT_STRATEGY
+    if strategy == "arith" and len(terms) < 2:
+        strategy = "cosine"  # arithmetic on one term is plain cosine
+    return target, strategy
 
 
 def _check_numbers(k: int, overfetch: int, mix: float) -> None:
@@ -323,13 +334,7 @@ class Searcher:
         _check_numbers(k, overfetch, mix)
         if dedup is not None and not 0 < dedup <= 1:
             raise SearchError(f"dedup must be a cosine similarity in (0, 1], not {dedup}")
-        solo_image = len(terms) == 1 and terms[0].image is not None  # a vector: images
-        target = target or ("captions" if solo_image else "images")
-        if target not in TARGETS:
-            raise SearchError(f"target must be one of {', '.join(TARGETS)}, not {target!r}")
-        strategy = strategy or DEFAULT_STRATEGY
-        if strategy == "arith" and len(terms) < 2:
-            strategy = "cosine"  # arithmetic on one term is plain cosine
+        target, strategy = _resolve(terms, target, strategy)
         pairing = rerank_module.check(rerank, terms, target) if rerank is not None else None
         vectors = [ranking.Term(_kind(t), self.embed(t), t.weight) for t in terms]
         if self.manifest.milvus is not None:
@@ -344,23 +349,26 @@ class Searcher:
             kept = self._distinct(vectors, options, allowed, dedup)
         if pairing is not None:
             kept = self._reranked(pairing, terms[0], kept, rerank)
-        kept = kept[:k]
+        return {
+            "query": query.describe(),
+            "target": target,
+            "strategy": strategy,
+            "where": list(where),
+            "results": self._results(kept[:k], dedup is not None),
+        }
+
+    def _results(self, kept: list, folding: bool) -> list[dict[str, Any]]:
+        """The result dicts of ``kept`` (hit, folded hits), in order."""
         if self.manifest.milvus is not None:  # one query for every result, not two per result
             rows = [h.item for h, folded in kept for h in (h, *folded)]
             self.store.prefetch(rows, [h.caption for h, _ in kept if h.caption is not None])
         results = []
         for rank, (hit, folded) in enumerate(kept, 1):
             result = self._result(rank, hit)
-            if dedup is not None:
+            if folding:
                 result["duplicates"] = self.store.item_ids([h.item for h in folded])
             results.append(result)
-        return {
-            "query": query.describe(),
-            "target": target,
-            "strategy": strategy,
-            "where": list(where),
-            "results": results,
-        }
+        return results
 
     def _reranked(self, pairing: str, term: QueryTerm, kept: list, n: int) -> list:
         """``kept`` (hit, folded) with its first ``n`` re-ordered by the re-ranker."""
@@ -376,39 +384,19 @@ class Searcher:
         return [(h, folded[h.item]) for h in head] + kept[n:]
 
     def reranking(self) -> rerank_module.Reranking:
-        """The re-ranker and the index's stored patch tokens (loaded once); a one-line
-        SearchError when the index's model was trained without one."""
-        if isinstance(self._reranking, Exception):  # asked before: the same one line
+        """The re-ranker and the index's stored patch tokens, loaded once; the same one-line
+        error each time when there is none (`retrieval.query.rerank.load`)."""
+        if isinstance(self._reranking, Exception):
             raise self._reranking
-        if self._reranking is not None:
-            return self._reranking
-        try:
-            model = self._load_reranker()
-        except (SearchError, EncoderError) as e:
-            self._reranking = e
-            raise
-        stored = self.folder / layout.EMBEDDINGS / PATCHES
-        patches = np.load(stored, mmap_mode="r") if stored.is_file() else None
-        if patches is None:
-            log.warning(
-                "index %s stores no patch tokens: each --rerank query decodes and encodes its "
-                "candidates' images; `retrieval build ... --patch-tokens` stores them",
-                self.manifest.name,
-            )
-        self._reranking = rerank_module.Reranking(self.encoder, model, patches, self._row_image)
+        if self._reranking is None:
+            try:
+                self._reranking = rerank_module.load(
+                    self.folder, self.encoder, self.reranker_path, self._row_image
+                )
+            except (SearchError, EncoderError) as e:
+                self._reranking = e
+                raise
         return self._reranking
-
-    def _load_reranker(self):
-        source = self.reranker_path or self.encoder.spec.checkpoint
-        model = reranker_module.load(Path(source), self.encoder.model) if source else None
-        if model is None:
-            where = f"no re-ranker in {source}" if source else "the index model has no re-ranker"
-            raise SearchError(
-                f"{where}: train one with `retrieval train ... --itm` (--lock-image 0 "
-                "--lock-text 0 keeps the dual encoder as it is) and pass its checkpoint with "
-                "--reranker"
-            )
-        return model
 
     def can_rerank(self) -> bool:
         """Whether ``rerank`` works on this index (its model, or ``--reranker``, has one)."""

@@ -37,6 +37,7 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     batch_group: str | None = None  # metadata field: items sharing its value share a batch
+    hard_negatives: int | None = None  # every N epochs, batches from mined neighbourhoods
     save_every: int = 1  # epochs between checkpoints (the last epoch and a new best always save)
     cache_features: bool = True  # encode a fully locked tower once, train over its features
     full_checkpoints: bool = False  # a locked tower model's checkpoints hold its towers too

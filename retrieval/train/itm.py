@@ -17,16 +17,21 @@ processes of batch B train like one of batch N*B. With both towers locked only t
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import TrainError
 from ..model import reranker as rr
 from ..model.distributed import World
 from ..model.spec import RerankerConfig
 from ..model.tokens import image_tokens, text_tokens
 from .gradcache import _gather, _gather_with_grad, batch_loss
 from .loss import itm_loss, itm_negatives, positive_mask
+
+log = logging.getLogger(__name__)
 
 
 class ItmModel(nn.Module):
@@ -87,6 +92,21 @@ def itm_step(ddp: nn.Module, batch, world: World, amp, weight: float, draw: int)
     loss = batch_loss(img, txt, scale, ids, world) + weight * itm
     scale_loss(loss).backward()
     return loss.item()
+
+
+def reranker_for(encoder, config) -> rr.Reranker:
+    """The re-ranker ``--itm`` trains (``config``: a TrainConfig): the one saved with the
+    starting weights, else a new one."""
+    if config.chunk_size or config.accum_steps > 1:
+        raise TrainError(
+            "--itm trains on whole batches: leave out --chunk-size and --accum-steps (gradient "
+            "caching would re-embed every negative's tokens)"
+        )
+    saved = rr.load(encoder.spec.checkpoint, encoder.model)
+    if saved is not None:
+        log.info("--itm: training on the re-ranker saved with %s", encoder.spec.checkpoint)
+        return saved.train()
+    return new_reranker(encoder.model, encoder.tokenizer, config.reranker)
 
 
 def new_reranker(model: nn.Module, tokenizer, config: RerankerConfig) -> rr.Reranker:

@@ -42,7 +42,6 @@ from ..corpus.filters import check_field
 from ..corpus.readers import read_corpus
 from ..corpus.records import unique_records
 from ..errors import TrainError
-from ..model import reranker as reranker_module
 from ..model import towers
 from ..model.checkpoints import peek_partial
 from ..model.distributed import World
@@ -50,11 +49,11 @@ from ..model.distributed import join as join_world
 from ..model.encoder import Encoder, default_workers
 from ..model.reranker import Reranker
 from ..model.spec import ModelSpec
-from . import sampling
+from . import hard_negatives, sampling
 from .config import DEFAULT_LR, TrainConfig
 from .feature_cache import CachedTowers, Encoding, features_for, fits
 from .gradcache import contrastive_step
-from .itm import ItmModel, itm_recall, itm_step, new_reranker
+from .itm import ItmModel, itm_recall, itm_step, reranker_for
 from .locking import lock_towers, trained_keys
 from .loss import clamp_logit_scale
 from .run import (
@@ -120,7 +119,7 @@ def train(corpus: str | Path, out: str | Path, config: TrainConfig | None = None
     torch.manual_seed(config.seed)
     encoder, keep = _model(config, out, device)
     model = encoder.model
-    reranker = _reranker(encoder, config) if config.itm else None
+    reranker = reranker_for(encoder, config) if config.itm else None
     train_set, val_set = _datasets(corpus, out, config, encoder, world)
     if reranker is None:
         step_model, feats = _features(model, (train_set, val_set), out, config, world)
@@ -161,9 +160,11 @@ def _epochs(run: _Run, state: RunState, sets, feats, out: Path, config, world, t
     epochs = math.ceil(total / _steps_per_epoch(train_set, config, world))
     device, speed = next(run.model.parameters()).device, []
     for epoch in range(state.epoch + 1, epochs + 1):
-        step, rate = _run_epoch(
-            run, train_set, config, world, epoch, state.step, total, train_feats
-        )
+        data = train_set
+        if config.hard_negatives:  # this epoch's neighbourhoods stand in for batch groups
+            groups = _hard_groups(run, (train_set, train_feats), out, epoch, config, world)
+            data = replace(train_set, groups=groups)
+        step, rate = _run_epoch(run, data, config, world, epoch, state.step, total, train_feats)
         speed.append(rate)
         stop = False
         if world.rank == 0:  # the only one that validates and writes
@@ -189,6 +190,12 @@ def _epochs(run: _Run, state: RunState, sets, feats, out: Path, config, world, t
     return state, speed
 
 
+def _hard_groups(run: _Run, data, out: Path, epoch: int, config: TrainConfig, world: World):
+    """Epoch ``epoch``'s neighbourhoods of ``data`` (train set, its cached features)."""
+    encoder = run.model if run.reranker is not None else run.step_model
+    return hard_negatives.groups_for(encoder, data, out, (epoch, config.hard_negatives), world)
+
+
 def _validate(run: _Run, val_set: TrainSet, features, device) -> dict[str, float]:
     """Recall@K of the dual encoder on the validation set, and of the re-ranker (``--itm``)."""
     if run.reranker is None:
@@ -196,20 +203,6 @@ def _validate(run: _Run, val_set: TrainSet, features, device) -> dict[str, float
     return val_set.evaluate(run.model, device) | itm_recall(
         run.model, run.reranker, val_set, device
     )
-
-
-def _reranker(encoder: Encoder, config: TrainConfig) -> Reranker:
-    """The re-ranker that ``--itm`` trains: the one saved with the starting weights, else new."""
-    if config.chunk_size or config.accum_steps > 1:
-        raise TrainError(
-            "--itm trains on whole batches: leave out --chunk-size and --accum-steps (gradient "
-            "caching would re-embed every negative's tokens)"
-        )
-    saved = reranker_module.load(encoder.spec.checkpoint, encoder.model)
-    if saved is not None:
-        log.info("--itm: training on the re-ranker saved with %s", encoder.spec.checkpoint)
-        return saved.train()
-    return new_reranker(encoder.model, encoder.tokenizer, config.reranker)
 
 
 def stalled(history, patience: int | None) -> bool:
@@ -334,6 +327,10 @@ def _datasets(corpus, out: Path, config: TrainConfig, encoder, world: World):
     records, skipped = unique_records(read_corpus(corpus, config.read))
     if config.batch_group:
         check_field(records, config.batch_group)  # before minutes of decoding, not after
+        if config.hard_negatives:
+            raise TrainError(
+                "give --batch-group or --hard-negatives, not both: each makes the batches"
+            )
     val_dropped: list = []
     if config.val is not None:
         val_records, val_dropped = unique_records(read_corpus(config.val, config.read))

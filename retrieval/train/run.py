@@ -103,6 +103,7 @@ _SAME_ON_RESUME = (
     "warmup",
     "val_fraction",
     "batch_group",
+    "hard_negatives",
     "lock_image",
     "lock_text",
     "all_captions",

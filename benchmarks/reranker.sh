@@ -12,4 +12,4 @@ OUT=${OUT:-/tmp/rr}
 # The re-ranker alone, on the frozen dual encoder (only it and the logit scale learn).
 retrieval train "$OUT/train/corpus.jsonl" --val "$OUT/val/corpus.jsonl" --out "$OUT/itm" --model tiny-vit \
     --pretrained "$OUT/base/checkpoints/best.pt" --lock-image 0 --lock-text 0 --itm \
-    --epochs ${ITM_EPOCHS:-20} --batch-size 128 --lr 5e-4 --warmup 100 --batch-group pair --no-progress
+    --epochs ${ITM_EPOCHS:-20} --batch-size 128 --lr 1e-3 --warmup 100 --batch-group pair --no-progress

@@ -8,12 +8,12 @@ COCO=${COCO:-../shared/data/coco-mini/captions.json}
 # The demo model's towers frozen, its re-ranker trained on the demo's own stage-2 corpus.
 retrieval train "$OUT/train/corpus.jsonl" --val "$OUT/val/corpus.jsonl" --out "$OUT/demo-itm" --model tiny-vit \
     --pretrained retrieval/model/weights/tiny-vit-shapes.pt --lock-image 0 --lock-text 0 --itm \
-    --epochs ${DEMO_EPOCHS:-8} --batch-size 128 --lr 5e-4 --warmup 100 --batch-group pair --no-progress
+    --epochs ${DEMO_EPOCHS:-8} --batch-size 128 --lr 1e-3 --warmup 100 --batch-group pair --no-progress
 # effnet-minilm (shipped coco weights) frozen, re-ranker trained on coco-mini's 159 val2017 photos.
 if [ -f "$COCO" ]; then
   retrieval train "$COCO" --split val2017 --out "$OUT/coco-itm" --model effnet-minilm \
       --lock-image 0 --lock-text 0 --itm --all-captions --epochs ${COCO_EPOCHS:-20} --batch-size 64 \
-      --lr 5e-4 --warmup 20 --no-progress
+      --lr 1e-3 --warmup 20 --no-progress
 fi
 # Batches: plain, --batch-group pair, --hard-negatives 2 (tiny-vit from scratch, 4,000 twins).
 retrieval synth "$OUT/hn" -n 4000 --seed 300 --twins

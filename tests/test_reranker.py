@@ -306,6 +306,7 @@ def test_patch_tokens_follow_add_remove_and_compact(tmp_path, synth_corpus, itm_
     first = write_jsonl(tmp_path / "first.jsonl", rows[:25])
     build(first, "live", config, index_dir=tmp_path)
     add(synth_corpus, "live", tmp_path, config)
+    add(first, "live", tmp_path, config, upsert=True)  # 25 items re-encoded: new rows
     remove("live", ["synth-3-000004", "synth-3-000030"], index_dir=tmp_path)
     compact("live", index_dir=tmp_path)
     with Searcher.open("live", tmp_path) as s:
@@ -347,3 +348,91 @@ def test_bench_rerank_rows(synth_corpus, itm_run):
     wider = run_bench(synth_corpus, replace(config, rerank=10))
     recalls = {k for k in result.row("exact").metrics if "recall@" in k}
     assert wider.row("exact + rerank@10").metrics.keys() == recalls
+
+
+def test_reranked_scores_are_the_rerankers_own(reranked_index, synth_corpus):
+    """Each result's itm is the re-ranker's probability for (query text, that item's image),
+    and for (that item's caption, query image): computed here directly."""
+    image = synth_corpus.parent / "images" / "000005.png"
+    with Searcher.open("stored", reranked_index) as s:
+        enc, model = s.encoder, s.reranking().reranker
+        text = "a blue square below a red circle"
+        out = s.search(Query(text=text), k=6, rerank=6)["results"]
+        states, mask = enc.text_states([text])
+        for r in out:
+            item = s.store.item(r["id"])
+            patches = enc.image_patches([Image.open(item["path"]).convert("RGB")])
+            with torch.no_grad():
+                want = torch.sigmoid(model(states, mask, patches)).item()
+            assert r["scores"]["itm"] == pytest.approx(want, abs=2e-3)
+        out = s.search(Query(image=image), k=6, rerank=6)["results"]
+        patches = enc.image_patches([Image.open(image).convert("RGB")])
+        for r in out:
+            states, mask = enc.text_states([r["caption"]["text"]])
+            with torch.no_grad():
+                want = torch.sigmoid(model(states, mask, patches)).item()
+            assert r["scores"]["itm"] == pytest.approx(want, abs=2e-3)
+
+
+def test_rerank_with_dedup_and_with_nothing_to_rank(reranked_index):
+    with Searcher.open("decoded", reranked_index) as s:
+        q = Query(text="a red circle left of a blue square")
+        plain = s.search(q, k=10, dedup=0.999)["results"]
+        ranked = s.search(q, k=10, dedup=0.999, rerank=10)["results"]
+        assert {r["id"] for r in ranked} == {r["id"] for r in plain}
+        assert all("duplicates" in r for r in ranked)
+        none = s.search(q, k=5, rerank=5, where=("relation=nowhere",))
+        assert none["results"] == []
+
+
+def test_bench_ranks_follow_the_reranker_logits(synth_corpus, itm_run):
+    """`retrieval.eval.rerank` against a brute force over the same logits, both directions."""
+    from retrieval.eval import rerank as eval_rerank
+
+    spec = ModelSpec("tiny-vit", str(itm_run))
+    enc = Encoder.load(spec, "cpu")
+    rows = [json.loads(line) for line in synth_corpus.read_text().splitlines()]
+    paths = [synth_corpus.parent / r["image"] for r in rows]
+    texts = [c for r in rows for c in r["captions"]]
+    owner = np.array([i for i, r in enumerate(rows) for _ in r["captions"]])
+    config = BenchConfig(workers=0)
+    inputs = eval_rerank.Inputs.of(rr.load(itm_run, enc.model), enc, paths, texts, config)
+    image, text = enc.encode_image_files(paths, workers=0)[0], enc.encode_texts(texts)
+    n, items = 7, np.arange(len(paths))
+    t2i = eval_rerank.text_to_image(
+        inputs, n, lambda r: text[r] @ image.T, lambda r: owner[r, None] == items[None, :]
+    )
+    i2t = eval_rerank.image_to_text(inputs, n, image, text, owner)
+    for q in range(0, len(texts), 11):
+        first = text[q] @ image.T
+        cand = np.array(sorted(items, key=lambda j: (-first[j], owner[q] == j, j))[:n])
+        right = cand == owner[q]
+        assert t2i[q] == _pessimistic(inputs.logits(np.full(n, q), cand), right, n, t2i[q])
+    for i in range(0, len(paths), 7):
+        first = image[i] @ text.T
+        cand = np.array(sorted(range(len(texts)), key=lambda j: (-first[j], owner[j] == i, j))[:n])
+        right = owner[cand] == i
+        assert i2t[i] == _pessimistic(inputs.logits(cand, np.full(n, i)), right, n, i2t[i])
+
+
+def _pessimistic(logits, right, n, outside=None):
+    """1 + the wrong candidates scoring at least the best right one; ``outside`` (the rank
+    reported) must be past n when no candidate is right."""
+    if not right.any():
+        assert outside is None or outside > n
+        return outside if outside is not None else n + 1
+    return 1 + int(((logits >= logits[right].max() - 1e-6) & ~right).sum())
+
+
+def test_rerank_on_milvus_decodes_and_matches_faiss(tmp_path, synth_corpus, itm_run):
+    spec = ModelSpec("tiny-vit", str(itm_run))
+    config = BuildConfig(model=spec, progress=False, workers=0)
+    build(synth_corpus, "f", config, index_dir=tmp_path)
+    build(synth_corpus, "m", replace(config, backend="milvus"), index_dir=tmp_path)
+    with pytest.raises(Exception, match="--patch-tokens is not available with --backend milvus"):
+        build(synth_corpus, "m2", replace(config, backend="milvus", patch_tokens=True), tmp_path)
+    q = Query(text="a yellow triangle above a green square")
+    with Searcher.open("f", tmp_path) as f, Searcher.open("m", tmp_path) as m:
+        a, b = f.search(q, k=8, rerank=8)["results"], m.search(q, k=8, rerank=8)["results"]
+    assert [r["id"] for r in a] == [r["id"] for r in b]
+    np.testing.assert_allclose([r["score"] for r in a], [r["score"] for r in b], atol=1e-4)

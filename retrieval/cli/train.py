@@ -127,6 +127,13 @@ def commands() -> None:
     help="Weight of the re-ranker's loss against the contrastive one.",
 )
 @click.option(
+    "--itm-random",
+    type=click.FloatRange(0, 1),
+    default=TrainConfig.itm_random,
+    show_default=True,
+    help="Share of the re-ranker's negatives drawn at random instead of by similarity.",
+)
+@click.option(
     "--full-checkpoints",
     is_flag=True,
     help="Checkpoints of a locked tower model hold its towers too (default: only the weights "

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import RetrievalError
 from ..model.encoder import Encoder
 from ..model.reranker import Reranker
 from ..scoring import metrics
@@ -41,7 +42,7 @@ class Inputs:
             list(images), config.batch_size, config.workers, patches=pieces
         )
         if failures:  # the dataset's images were read a moment ago
-            raise RuntimeError(f"{len(failures)} dataset images became unreadable")
+            raise RetrievalError(f"{len(failures)} dataset images became unreadable meanwhile")
         patches = torch.from_numpy(np.concatenate(pieces))
         parts = [encoder.text_states(texts[s : s + 256]) for s in range(0, len(texts), 256)]
         length = max(p[0].shape[1] for p in parts)  # a tower tokenizer cuts each batch apart

@@ -188,7 +188,7 @@ def _write_version(folder: Path, entries, enc, encoder, how: tuple) -> tuple:
         return _write_milvus(to, entries, enc)
     described = _write(folder, entries, enc.image_emb, enc.caption_emb, config, encoder)
     if enc.patches is not None:
-        save_patches(folder, [enc.patches], len(enc.patches))
+        save_patches(folder, [enc.patches], enc.patches.shape)
     return None, described
 
 

@@ -48,21 +48,19 @@ def save_embeddings(folder: Path, emb: Embeddings, bank=None) -> None:
         np.save(out / "bank.caption.npy", np.asarray(bank[1], dtype=np.float16))
 
 
-def save_patches(folder: Path, pieces: Iterable[np.ndarray], rows: int) -> None:
-    """Write ``embeddings/patches.npy`` (``rows``, P, W) fp16 from consecutive ``pieces``, one
-    at a time (the whole array may not fit in memory)."""
-    out = None
+def save_patches(folder: Path, pieces: Iterable[np.ndarray], shape: tuple[int, ...]) -> None:
+    """Write ``embeddings/patches.npy`` of ``shape`` (rows, P, W) fp16 from consecutive
+    ``pieces``, one at a time (the whole array need not be in memory at once)."""
+    path = folder / layout.EMBEDDINGS / PATCHES
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
     at = 0
     for piece in pieces:
-        if out is None:
-            path = folder / layout.EMBEDDINGS / PATCHES
-            shape = (rows, *piece.shape[1:])
-            out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
         out[at : at + len(piece)] = piece
         at += len(piece)
-    if out is not None:
-        out.flush()
-        del out
+    if at != shape[0]:  # a bug upstream: never publish patch rows out of step with the images
+        raise AssertionError(f"patch tokens for {at} rows, {shape[0]} expected")
+    out.flush()
+    del out
 
 
 def chunks(patches: np.ndarray, rows: np.ndarray | None = None, size: int = 4096):

@@ -219,7 +219,9 @@ class _Addition:
         save_embeddings(folder, emb, bank=_bank(current))
         if old.patches is not None:
             new = [self.enc.patches] if self.enc.patches is not None else []
-            save_patches(folder, [*chunks(old.patches), *new], len(emb.image))
+            save_patches(
+                folder, [*chunks(old.patches), *new], (len(emb.image), *old.patches.shape[1:])
+            )
         self.skips.write(folder / layout.SKIPPED, previous=current / layout.SKIPPED)
         history = {
             "corpus": self.corpus,
@@ -395,7 +397,8 @@ def _rebuild(current: Path, folder: Path, live, entries, old: Embeddings) -> Man
     )
     save_embeddings(folder, emb, bank=_bank(current))
     if old.patches is not None:
-        save_patches(folder, chunks(old.patches, live["image"]), len(live["image"]))
+        shape = (len(live["image"]), *old.patches.shape[1:])
+        save_patches(folder, chunks(old.patches, live["image"]), shape)
     with Store.create(folder / layout.STORE) as store:
         store.put_items(sorted(entries, key=lambda e: e.row))
     link_files(current, folder, layout.SKIPPED)

@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import DamagedIndexError
 from . import autoindex, integrity, layout, querybank
 from .config import BankConfig
-from .embeddings import Embeddings, save_embeddings
+from .embeddings import PATCHES, Embeddings, save_embeddings
 from .lifecycle import change_manifest, copy_store, link_files, save_indexes, unit_rows
 from .manifest import INDEX_FILES, KINDS, MANIFEST, Manifest, read_manifest
 from .store import Store
@@ -160,6 +160,8 @@ def _write_embeddings(current, folder, emb: Embeddings, indexes, manifest, bad: 
             norms[kind] = querybank.normalisers_in(vectors, indexes[other], config)
     fresh = replace(emb, image_norm=norms["image"], caption_norm=norms["caption"])
     save_embeddings(folder, fresh, bank=kept)
+    if (src / PATCHES).is_file():  # not derived: kept as it is
+        layout.link_or_copy(src / PATCHES, folder / layout.EMBEDDINGS / PATCHES)
 
 
 def rollback(name: str, index_dir: str | Path | None = None, wait: float = 0.0) -> str:

@@ -96,8 +96,8 @@ class RerankerConfig:
     """The re-ranker's size (`retrieval.model.reranker`): ``layers`` of (text self-attention,
     cross-attention to the image's patches, MLP) at ``width`` with ``heads`` heads."""
 
-    width: int = 256
-    layers: int = 2
+    width: int = 128
+    layers: int = 3
     heads: int = 4
 
 

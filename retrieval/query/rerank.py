@@ -95,6 +95,16 @@ def load(folder: Path, encoder: Encoder, source: Path | None, image_of) -> Reran
         )
     stored = folder / layout.EMBEDDINGS / PATCHES
     patches = np.load(stored, mmap_mode="r") if stored.is_file() else None
+    rows = (
+        len(np.load(folder / layout.EMBEDDINGS / "image.npy", mmap_mode="r"))
+        if patches is not None
+        else 0
+    )
+    if patches is not None and len(patches) != rows:
+        raise SearchError(
+            f"{stored} holds {len(patches)} rows for {rows} images: the index is damaged; "
+            f"`retrieval verify {folder.parent.name}` checks it"
+        )
     if patches is None:
         log.warning(
             "index %s stores no patch tokens: each --rerank query decodes and encodes its "

@@ -373,6 +373,10 @@ class Searcher:
     def _reranked(self, pairing: str, term: QueryTerm, kept: list, n: int) -> list:
         """``kept`` (hit, folded) with its first ``n`` re-ordered by the re-ranker."""
         head, folded = [h for h, _ in kept[:n]], {h.item: f for h, f in kept[:n]}
+        if not head:
+            return kept
+        if self.manifest.milvus is not None:  # this query's snapshot: its rows, read at once
+            self.store.prefetch([h.item for h in head], [h.caption for h in head if h.caption])
         if pairing == "text":
             head = self.reranking().text_against_images(term.text, head)
         else:
@@ -386,15 +390,15 @@ class Searcher:
     def reranking(self) -> rerank_module.Reranking:
         """The re-ranker and the index's stored patch tokens, loaded once; the same one-line
         error each time when there is none (`retrieval.query.rerank.load`)."""
-        if isinstance(self._reranking, Exception):
-            raise self._reranking
+        if isinstance(self._reranking, str):  # a fresh error each time: no growing traceback
+            raise SearchError(self._reranking)
         if self._reranking is None:
             try:
                 self._reranking = rerank_module.load(
                     self.folder, self.encoder, self.reranker_path, self._row_image
                 )
             except (SearchError, EncoderError) as e:
-                self._reranking = e
+                self._reranking = str(e)
                 raise
         return self._reranking
 

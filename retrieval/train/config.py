@@ -48,4 +48,7 @@ class TrainConfig:
     # The re-ranker (#23): image-text matching trained beside the contrastive loss.
     itm: bool = False
     itm_weight: float = 1.0  # the ITM loss's weight against the contrastive one
+    # Share of ITM negatives drawn uniformly instead of by similarity: with hard ones only, a
+    # new re-ranker on frozen towers never left the constant guess (benchmarks/README.md).
+    itm_random: float = 0.5
     reranker: RerankerConfig = field(default_factory=RerankerConfig)

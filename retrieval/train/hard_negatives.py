@@ -44,16 +44,16 @@ def groups_for(model, data, out: Path, when: tuple[int, int], world: World) -> n
     (train_set, features), (epoch, every) = data, when
     at = refresh_epoch(epoch, every)
     path = out / FOLDER / f"epoch_{at}.npy"
-    if at != epoch and path.is_file():
-        return np.load(path)
     groups = None
-    if world.rank == 0:
-        seed = int(np.random.default_rng([epoch, 77]).integers(2**31))
-        groups = neighbourhoods(neighbours(model, train_set, features), GROUP, seed)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path) as f:
-            np.save(f, groups)
-        log.info("epoch %d: batches from %d neighbourhoods", epoch, int(groups.max()) + 1)
+    if world.rank == 0:  # rank 0 decides, loads or mines; every rank gets its answer
+        groups = np.load(path) if at != epoch and path.is_file() else None
+        if groups is None:
+            seed = int(np.random.default_rng([at, 77]).integers(2**31))
+            groups = neighbourhoods(neighbours(model, train_set, features), GROUP, seed)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(path) as f:
+                np.save(f, groups)
+            log.info("epoch %d: batches from %d neighbourhoods", epoch, int(groups.max()) + 1)
     if world.size > 1:
         device = next(model.parameters()).device
         shared = torch.as_tensor(groups if groups is not None else np.zeros(len(train_set)))

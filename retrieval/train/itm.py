@@ -5,8 +5,11 @@ contrastive loss) and their token outputs (the re-ranker's input). For every ima
 global batch one text is drawn as its negative, and for every text one image, with probability
 softmax of the contrastive logits over the pairs that are not positives
 (`retrieval.train.loss.itm_negatives`): the pairs the dual encoder finds most alike, never one
-with the same caption text or the same image. The re-ranker then scores the B positives and the
-2B negatives, and the ITM loss joins the contrastive one with weight ``itm_weight``.
+with the same caption text or the same image. A share ``itm_random`` of them is drawn uniformly
+instead: a new re-ranker on frozen towers given hard negatives only kept guessing the base rate
+(measured, benchmarks/README.md), and easy ones teach it colours and shapes first. The re-ranker
+then scores the B positives and the 2B negatives, and the ITM loss joins the contrastive one
+with weight ``itm_weight``.
 
 Under torchrun the features and tokens are all-gathered (tokens with their gradients), every
 process draws the same negatives for the whole global batch from a generator seeded by (seed,
@@ -38,9 +41,12 @@ class ItmModel(nn.Module):
     """The dual encoder (``clip``, open_clip's) and its re-ranker, as one module for DDP: its
     forward is the whole step but the contrastive loss."""
 
-    def __init__(self, clip: nn.Module, reranker: rr.Reranker, world: World) -> None:
+    def __init__(
+        self, clip: nn.Module, reranker: rr.Reranker, world: World, uniform: float = 0.0
+    ) -> None:
         super().__init__()
         self.clip, self.reranker, self.world = clip, reranker, world
+        self.uniform = uniform  # share of negatives drawn uniformly (easy ones)
 
     def forward(self, images, tokens, ids, generator: torch.Generator):
         """-> (image features (B, E), text features (B, E), unit; logit scale; ITM loss)."""
@@ -52,7 +58,8 @@ class ItmModel(nn.Module):
         with torch.no_grad():
             all_ids = _gather(ids, world)
             logits = scale * _gather(img, world) @ _gather(txt, world).T
-            neg_text, neg_image = itm_negatives(logits, positive_mask(all_ids, all_ids), generator)
+            positives = positive_mask(all_ids, all_ids)
+            neg_text, neg_image = itm_negatives(logits, positives, generator, self.uniform)
         mine = slice(world.rank * b, (world.rank + 1) * b)
         neg_text, neg_image = neg_text[mine], neg_image[mine]
         all_patches = _gather_with_grad(patches, world)
@@ -131,7 +138,7 @@ def itm_recall(model, reranker: rr.Reranker, val_set, device, top: int = 10) -> 
     model.eval(), reranker.eval()
     images, patches = _encoded(val_set, "image", lambda x: image_tokens(model, x.to(device)))
     texts, states = _encoded(val_set, "text", lambda x: text_tokens(model, x.to(device)))
-    model.train(was[0]), reranker.train(was[1])
+    model.train(was[0])
     sims = F.normalize(texts[0], dim=-1) @ F.normalize(images[0], dim=-1).T
     cand = sims.topk(min(top, sims.shape[1]), dim=1).indices  # (C, top)
     owner = torch.as_tensor(val_set.caption_owner(), device=cand.device)
@@ -144,6 +151,7 @@ def itm_recall(model, reranker: rr.Reranker, val_set, device, top: int = 10) -> 
         )
         order = cand[c][torch.argsort(logits, descending=True, stable=True)]
         hit.append((order == owner[c]).nonzero()[:, 0])
+    reranker.train(was[1])
     ranks = torch.tensor([int(h[0]) if len(h) else top for h in hit])
     return {
         f"val_itm_image_retrieval_recall@{k}": round(float((ranks < k).float().mean()), 4)

@@ -124,7 +124,7 @@ def train(corpus: str | Path, out: str | Path, config: TrainConfig | None = None
     if reranker is None:
         step_model, feats = _features(model, (train_set, val_set), out, config, world)
     else:  # the re-ranker reads the towers' tokens: no cached pooled features
-        step_model, feats = ItmModel(model, reranker, world), [None, None]
+        step_model, feats = ItmModel(model, reranker, world, config.itm_random), [None, None]
     total = _schedule(train_set, config, world)
     optimizer = _adamw(model if reranker is None else step_model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, config.warmup))
@@ -456,7 +456,7 @@ def _train_step(run: _Run, batch, chunk, world: World, amp, config: TrainConfig,
         loss = itm_step(run.ddp, batch, world, (autocast, scale), config.itm_weight, draw)
     if scaler is None:  # with fp16, GradScaler itself skips a non-finite step
         _check_finite(loss, *at)
-    _optimizer_step(run.model, run.optimizer, scaler, config.grad_clip)
+    _optimizer_step(run.step_model, run.optimizer, scaler, config.grad_clip)  # all it trains
     run.scheduler.step()
     clamp_logit_scale(run.model.logit_scale)
     return loss

@@ -71,7 +71,7 @@ def clamp_logit_scale(log_scale: torch.nn.Parameter, max_scale: float = 100.0) -
 
 
 def itm_negatives(
-    logits: torch.Tensor, positives: torch.Tensor, generator: torch.Generator
+    logits: torch.Tensor, positives: torch.Tensor, generator: torch.Generator, uniform: float = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hard negatives for image-text matching, drawn as ALBEF and BLIP draw them.
 
@@ -80,17 +80,26 @@ def itm_negatives(
     same image). Returns ``(text_for_image, image_for_text)``, each (N,) int64: for image i a
     text j drawn with probability softmax over its non-positive j of ``logits[i]`` (the ones the
     dual encoder finds most alike are drawn most), for text j an image likewise from column j;
-    -1 where a row has no candidate at all. Drawn on the CPU from ``generator``.
+    -1 where a row has no candidate at all. With probability ``uniform`` a row's draw is uniform
+    over its non-positives instead (an easy negative). Drawn on the CPU from ``generator``.
     """
     masked = logits.detach().double().cpu().masked_fill(positives.cpu(), float("-inf"))
-    return _draw(masked, generator), _draw(masked.T.contiguous(), generator)
+    flat = torch.zeros_like(masked).masked_fill(positives.cpu(), float("-inf"))
+    return (
+        _draw(masked, flat, uniform, generator),
+        _draw(masked.T.contiguous(), flat.T.contiguous(), uniform, generator),
+    )
 
 
-def _draw(masked: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def _draw(masked, flat, uniform: float, generator: torch.Generator) -> torch.Tensor:
+    """One column per row of ``masked`` (N, C) by its softmax, or of ``flat`` (uniform over
+    the same columns) for the rows a coin with ``uniform`` picks; -1 for a row without any."""
     out = torch.full((masked.shape[0],), -1, dtype=torch.int64)
-    has = torch.isfinite(masked).any(dim=1)
+    easy = torch.rand(masked.shape[0], generator=generator, dtype=torch.float64) < uniform
+    chosen = torch.where(easy[:, None], flat, masked)
+    has = torch.isfinite(chosen).any(dim=1)
     if has.any():
-        weights = torch.softmax(masked[has], dim=1)
+        weights = torch.softmax(chosen[has], dim=1)
         out[has] = torch.multinomial(weights, 1, generator=generator)[:, 0]
     return out
 

@@ -109,6 +109,7 @@ _SAME_ON_RESUME = (
     "all_captions",
     "augment_views",
     "itm",
+    "itm_random",
     "wd",  # the saved optimizer's, which a resume restores: a new value would be ignored
 )
 

@@ -168,3 +168,21 @@ def test_page_drop_an_image_with_text_for_a_composed_query(page, server, tmp_pat
     page.wait_for_function("document.getElementById('status').innerText.includes('arith')")
     assert _thumbnails_loaded(page) == 8
     page.screenshot(path=str(_artifact(tmp_path, "serve-composed.png")), full_page=True)
+
+
+def test_page_reranks_when_the_model_has_a_reranker(page, tmp_path):
+    """The shipped demo model carries its re-ranker: the page offers "re-rank top" and the
+    results show the itm score beside the others."""
+    assert page.locator("#rerank-box").is_visible()
+    page.click("#clear-image")
+    page.select_option("#strategy", "")
+    page.fill("#text", QUERY)
+    page.fill("#k", "5")
+    page.fill("#rerank", "12")
+    page.click("#go")
+    page.wait_for_function("document.getElementById('status').innerText.includes('re-ranked')")
+    assert "re-ranked top 12" in page.locator("#status").inner_text()
+    assert _thumbnails_loaded(page) == 5
+    assert all("itm" in t for t in page.locator(".result .parts").all_inner_texts())
+    page.screenshot(path=str(_artifact(tmp_path, "serve-reranked.png")), full_page=True)
+    page.fill("#rerank", "")

@@ -300,6 +300,10 @@ def info(name, as_json, index_dir):
     click.echo(f"items     {c.items}  ({image.factory}{_tuned(image)})")
     click.echo(f"captions  {c.captions}  ({caption.factory}{_tuned(caption)})")
     click.echo(f"skipped   {c.skipped}  {c.skipped_by_reason or ''}")
+    from ..index.embeddings import PATCHES
+
+    patches = (folder / layout.EMBEDDINGS / PATCHES).is_file()
+    click.echo(f"patches   {'stored (search --rerank decodes no image)' if patches else 'none'}")
     if any(c.tombstones.values()):
         click.echo(
             f"removed   {c.tombstones['image']} items still in the {image.factory} index "

@@ -306,6 +306,24 @@ class Encoder:
         return states.float(), mask
 
     @torch.inference_mode()
+    def text_query(self, text: str) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        """One text -> its (1, D) embedding and its token states and mask for the re-ranker,
+        from one pass through the text tower."""
+        tokens = self.tokenizer([text]).to(self.device)
+        with self._autocast():
+            pooled, states, mask = text_tokens(self.model, tokens)
+        return self._finish(pooled), states.float(), mask
+
+    @torch.inference_mode()
+    def image_query(self, image: Image.Image) -> tuple[np.ndarray, torch.Tensor]:
+        """One decoded image -> its (1, D) embedding and its patch tokens (1, P, W), from one
+        pass through the image tower."""
+        pixels = self.preprocess(image)[None].to(self.device)
+        with self._autocast():
+            pooled, patches = image_tokens(self.model, pixels)
+        return self._finish(pooled), patches.float()
+
+    @torch.inference_mode()
     def image_patches(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Decoded RGB images -> the image tower's patch tokens (N, P, W) float32."""
         pixels = torch.stack([self.preprocess(im) for im in images]).to(self.device)

@@ -44,17 +44,19 @@ class Reranking:
     patches: np.ndarray | None
     image_of: Callable[[int], Image.Image]
 
-    def text_against_images(self, text: str, hits: Sequence[Hit]) -> list[Hit]:
-        """``hits`` (items) re-ordered by how well ``text`` describes each one's image."""
-        states, mask = self.encoder.text_states([text])
+    def text_against_images(self, text, hits: Sequence[Hit]) -> list[Hit]:
+        """``hits`` (items) re-ordered by how well the query text describes each one's image;
+        ``text``: its token states (1, L, W) and mask (1, L) (`Encoder.text_query`)."""
+        states, mask = text
         patches = self._patches([h.item for h in hits])
         n = len(hits)
         return _ordered(hits, self._logits(states.expand(n, -1, -1), mask.expand(n, -1), patches))
 
-    def image_against_captions(self, image: Image.Image, hits: Sequence[Hit], texts) -> list[Hit]:
-        """``hits`` re-ordered by how well each one's caption (``texts``) describes ``image``."""
+    def image_against_captions(self, image, hits: Sequence[Hit], texts) -> list[Hit]:
+        """``hits`` re-ordered by how well each one's caption (``texts``) describes the query
+        image; ``image``: its patch tokens (1, P, W) (`Encoder.image_query`)."""
         states, mask = self.encoder.text_states(list(texts))
-        patches = self.encoder.image_patches([image]).expand(len(hits), -1, -1)
+        patches = image.expand(len(hits), -1, -1)
         return _ordered(hits, self._logits(states, mask, patches))
 
     def _patches(self, rows: list[int]) -> torch.Tensor:

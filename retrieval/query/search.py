@@ -336,7 +336,11 @@ class Searcher:
             raise SearchError(f"dedup must be a cosine similarity in (0, 1], not {dedup}")
         target, strategy = _resolve(terms, target, strategy)
         pairing = rerank_module.check(rerank, terms, target) if rerank is not None else None
-        vectors = [ranking.Term(_kind(t), self.embed(t), t.weight) for t in terms]
+        if pairing is None:
+            vectors = [ranking.Term(_kind(t), self.embed(t), t.weight) for t in terms]
+        else:  # the embedding and the re-ranker's input from one pass through the tower
+            vec, *reused = self._query_tokens(terms[0])
+            vectors = [ranking.Term(_kind(terms[0]), vec, terms[0].weight)]
         if self.manifest.milvus is not None:
             self.space.refresh()  # the version and state this query sees, read once
         options = ranking.Options(
@@ -348,7 +352,7 @@ class Searcher:
         else:
             kept = self._distinct(vectors, options, allowed, dedup)
         if pairing is not None:
-            kept = self._reranked(pairing, terms[0], kept, rerank)
+            kept = self._reranked(pairing, reused, kept, rerank)
         return {
             "query": query.describe(),
             "target": target,
@@ -370,21 +374,30 @@ class Searcher:
             results.append(result)
         return results
 
-    def _reranked(self, pairing: str, term: QueryTerm, kept: list, n: int) -> list:
-        """``kept`` (hit, folded) with its first ``n`` re-ordered by the re-ranker."""
+    def _query_tokens(self, term: QueryTerm) -> tuple:
+        """A re-ranked query's (1, D) vector, then its states and mask or its patches."""
+        if term.text is not None:
+            if not term.text.strip():
+                raise SearchError("the text query is empty")
+            return self.encoder.text_query(term.text)
+        return self.encoder.image_query(self._image(term.image))
+
+    def _reranked(self, pairing: str, query: list, kept: list, n: int) -> list:
+        """``kept`` (hit, folded) with its first ``n`` re-ordered by the re-ranker; ``query``:
+        the query text's states and mask, or the query image's patches."""
         head, folded = [h for h, _ in kept[:n]], {h.item: f for h, f in kept[:n]}
         if not head:
             return kept
         if self.manifest.milvus is not None:  # this query's snapshot: its rows, read at once
             self.store.prefetch([h.item for h in head], [h.caption for h in head if h.caption])
         if pairing == "text":
-            head = self.reranking().text_against_images(term.text, head)
+            head = self.reranking().text_against_images(query, head)
         else:
             texts = [
                 (self.store.caption(self.store.caption_ids([h.caption])[0]) or {}).get("text", "")
                 for h in head
             ]
-            head = self.reranking().image_against_captions(self._image(term.image), head, texts)
+            head = self.reranking().image_against_captions(query[0], head, texts)
         return [(h, folded[h.item]) for h in head] + kept[n:]
 
     def reranking(self) -> rerank_module.Reranking:

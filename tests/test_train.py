@@ -24,7 +24,7 @@ from retrieval.errors import CorpusError, TrainError
 from retrieval.index.build import build
 from retrieval.index.config import BuildConfig
 from retrieval.model.encoder import Encoder
-from retrieval.model.spec import ModelSpec
+from retrieval.model.spec import ModelSpec, RerankerConfig
 from retrieval.train.config import TrainConfig
 from retrieval.train.gradcache import contrastive_step
 from retrieval.train.loop import epoch_batches, lr_lambda, param_groups, train
@@ -433,3 +433,20 @@ def test_hard_negative_batches_resume_exactly(small_corpus, micro_config, tmp_pa
     with pytest.raises(TrainError, match="not both"):
         kw = dict(hard_negatives=1, batch_group="relation")
         run_train(small_corpus, tmp_path / "c", micro_config, **kw)
+
+
+def test_itm_resume_continues_exactly(small_corpus, micro_config, tmp_path):
+    """An --itm run interrupted after its first epoch ends with the same dual encoder and the
+    same re-ranker as one that was not (the warm-up outlasts the run: same rates)."""
+    kw = dict(epochs=2, itm=True, warmup=100, reranker=RerankerConfig(32, 1, 2))
+    straight = run_train(small_corpus, tmp_path / "a", micro_config, **kw)
+    run_train(small_corpus, tmp_path / "b", micro_config, **kw, steps=3)
+    resumed = run_train(small_corpus, tmp_path / "b", micro_config, **kw, resume=True)
+    a = torch.load(straight.latest, weights_only=True)
+    b = torch.load(resumed.latest, weights_only=True)
+    for part in ("state_dict",):
+        for name in a[part]:
+            torch.testing.assert_close(a[part][name], b[part][name], atol=0, rtol=0, msg=name)
+    for name, value in a["reranker"]["state_dict"].items():
+        torch.testing.assert_close(value, b["reranker"]["state_dict"][name], atol=0, rtol=0)
+    assert a["reranker"]["encoder_sha256"] == b["reranker"]["encoder_sha256"]

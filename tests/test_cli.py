@@ -289,7 +289,8 @@ def test_add_remove_compact_verify(corpora, tmp_path, monkeypatch):
 def test_synth_and_demo(tmp_path):
     out = run("demo", "--workdir", tmp_path / "d", "-n", "24", "--index-dir", tmp_path).output
     assert "trained weights" in out and "tiny-vit-shapes.pt" in out
-    assert "24 images and 72 captions" in out and out.count("query {") == 4
+    assert "24 images and 72 captions" in out and out.count("query {") == 5
+    assert "(re-ranked: --rerank 20)" in out  # the shipped model carries its re-ranker
     untrained = run("demo", "--workdir", tmp_path / "d", *TINY, "--index-dir", tmp_path).output
     assert "random weights (--random-init)" in untrained
     assert "wrote" in run("synth", tmp_path / "s", "-n", "3").output

@@ -44,6 +44,7 @@ class Embedded:
     groups: np.ndarray | None = None
     paths: list[Path] = field(default_factory=list)  # each image's file (re-ranking)
     texts: list[str] = field(default_factory=list)  # each caption (re-ranking)
+    patches: np.ndarray | None = None  # (I, P, W) fp16, when the images were encoded with them
 
 
 @dataclass
@@ -79,13 +80,20 @@ def load_dataset(path: Path, config: BenchConfig) -> tuple[list, list]:
 
 def embed_with_model(records, config: BenchConfig) -> tuple[Embedded, Encoder]:
     encoder = Encoder.load(config.model or ModelSpec(), config.device)
+    pieces: list[np.ndarray] | None = [] if config.rerank else None  # the re-ranker's input too
     img, pos, failures = encoder.encode_image_files(
-        [r.image for r in records], config.batch_size, config.workers, progress=config.progress
+        [r.image for r in records],
+        config.batch_size,
+        config.workers,
+        progress=config.progress,
+        patches=pieces,
     )
     if failures:
         log.warning("%d images could not be decoded and are left out", len(failures))
     kept = [records[p] for p in pos]
-    return _with_captions(kept, img, encoder, config), encoder
+    emb = _with_captions(kept, img, encoder, config)
+    emb.patches = np.concatenate(pieces) if pieces else None
+    return emb, encoder
 
 
 def _with_captions(kept, img: np.ndarray, encoder: Encoder, config: BenchConfig) -> Embedded:
@@ -264,7 +272,8 @@ def _inputs(emb: Embedded, searcher, encoder: Encoder, config: BenchConfig) -> r
                 f"{'no re-ranker in ' + str(source) if source else 'the model has no re-ranker'}"
                 ": train one with `retrieval train ... --itm`, or give --reranker"
             )
-    return rerank.Inputs.of(model, encoder, emb.paths, emb.texts, config)
+    images = emb.patches if emb.patches is not None else emb.paths
+    return rerank.Inputs.of(model, encoder, images, emb.texts, config)
 
 
 def reranked_rows(rows: list[Row], emb: Embedded, inputs: rerank.Inputs, config) -> list[Row]:

@@ -36,14 +36,18 @@ class Inputs:
 
     @classmethod
     def of(cls, reranker: Reranker, encoder: Encoder, images: Sequence[Path], texts, config):
-        """Encode ``images`` (their patches) and ``texts`` (their states) with ``encoder``."""
-        pieces: list[np.ndarray] = []
-        _, _, failures = encoder.encode_image_files(
-            list(images), config.batch_size, config.workers, patches=pieces
-        )
-        if failures:  # the dataset's images were read a moment ago
-            raise RetrievalError(f"{len(failures)} dataset images became unreadable meanwhile")
-        patches = torch.from_numpy(np.concatenate(pieces))
+        """Encode ``images`` (their patches; or ``images`` is already them, (I, P, W) fp16,
+        from the pass that embedded them) and ``texts`` (their states) with ``encoder``."""
+        if isinstance(images, np.ndarray):
+            patches = torch.from_numpy(images)
+        else:
+            pieces: list[np.ndarray] = []
+            _, _, failures = encoder.encode_image_files(
+                list(images), config.batch_size, config.workers, patches=pieces
+            )
+            if failures:  # the dataset's images were read a moment ago
+                raise RetrievalError(f"{len(failures)} dataset images became unreadable meanwhile")
+            patches = torch.from_numpy(np.concatenate(pieces))
         parts = [encoder.text_states(texts[s : s + 256]) for s in range(0, len(texts), 256)]
         length = max(p[0].shape[1] for p in parts)  # a tower tokenizer cuts each batch apart
         states = torch.cat([_pad(p[0], length) for p in parts])

@@ -297,38 +297,30 @@ class Encoder:
             return self._finish(self.model.encode_image(pixels))
 
     @torch.inference_mode()
-    def text_states(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Texts -> the text tower's token states (N, L, W) float32 and mask (N, L) bool, for
-        the re-ranker (`retrieval.model.reranker`)."""
+    def text_query(self, texts: Sequence[str]) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        """Texts -> their (N, D) embeddings and the re-ranker's input, the text tower's token
+        states (N, L, W) float32 and mask (N, L) bool, from one pass through the tower."""
         tokens = self.tokenizer(list(texts)).to(self.device)
-        with self._autocast():
-            _, states, mask = text_tokens(self.model, tokens)
-        return states.float(), mask
-
-    @torch.inference_mode()
-    def text_query(self, text: str) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
-        """One text -> its (1, D) embedding and its token states and mask for the re-ranker,
-        from one pass through the text tower."""
-        tokens = self.tokenizer([text]).to(self.device)
         with self._autocast():
             pooled, states, mask = text_tokens(self.model, tokens)
         return self._finish(pooled), states.float(), mask
 
+    def text_states(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`text_query` without the embeddings: (states, mask)."""
+        return self.text_query(texts)[1:]
+
     @torch.inference_mode()
-    def image_query(self, image: Image.Image) -> tuple[np.ndarray, torch.Tensor]:
-        """One decoded image -> its (1, D) embedding and its patch tokens (1, P, W), from one
-        pass through the image tower."""
-        pixels = self.preprocess(image)[None].to(self.device)
+    def image_query(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, torch.Tensor]:
+        """Decoded RGB images -> their (N, D) embeddings and the re-ranker's input, the image
+        tower's patch tokens (N, P, W) float32, from one pass through the tower."""
+        pixels = torch.stack([self.preprocess(im) for im in images]).to(self.device)
         with self._autocast():
             pooled, patches = image_tokens(self.model, pixels)
         return self._finish(pooled), patches.float()
 
-    @torch.inference_mode()
     def image_patches(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Decoded RGB images -> the image tower's patch tokens (N, P, W) float32."""
-        pixels = torch.stack([self.preprocess(im) for im in images]).to(self.device)
-        with self._autocast():
-            return image_tokens(self.model, pixels)[1].float()
+        """`image_query` without the embeddings: the patch tokens."""
+        return self.image_query(images)[1]
 
     @torch.inference_mode()
     def encode_image_files(

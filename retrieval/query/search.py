@@ -286,8 +286,8 @@ class Searcher:
         if term.text is not None:
             if not term.text.strip():
                 raise SearchError("the text query is empty")
-            return self.encoder.text_query(term.text)
-        return self.encoder.image_query(self._image(term.image))
+            return self.encoder.text_query([term.text])
+        return self.encoder.image_query([self._image(term.image)])
 
     def _reranked(self, pairing: str, query: list, kept: list, n: int) -> list:
         """``kept`` (hit, folded) with its first ``n`` re-ordered by the re-ranker; ``query``:

@@ -289,10 +289,22 @@ class Encoder:
         bar.close()
         return np.concatenate(chunks) if chunks else np.zeros((0, self.dim or 0), np.float32)
 
+    def prepare(self, image: Image.Image) -> torch.Tensor:
+        """A decoded RGB image -> the image tower's input (3, H, W): resized, cropped and
+        normalised. Safe to call from many threads at once (a server prepares uploads in a
+        pool, off the thread that encodes)."""
+        return self.preprocess(image)
+
+    def _pixels(self, images: Sequence[Image.Image | torch.Tensor]) -> torch.Tensor:
+        """(N, 3, H, W) on the model's device; tensors are taken as already `prepare`d."""
+        ready = [im if isinstance(im, torch.Tensor) else self.preprocess(im) for im in images]
+        return torch.stack(ready).to(self.device)
+
     @torch.inference_mode()
-    def encode_pil(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """Already-decoded RGB images -> (N, D) float32 unit vectors (queries, small batches)."""
-        pixels = torch.stack([self.preprocess(im) for im in images]).to(self.device)
+    def encode_pil(self, images: Sequence[Image.Image | torch.Tensor]) -> np.ndarray:
+        """Decoded RGB images (or `prepare`d ones) -> (N, D) float32 unit vectors (queries,
+        small batches)."""
+        pixels = self._pixels(images)
         with self._autocast():
             return self._finish(self.model.encode_image(pixels))
 
@@ -310,10 +322,13 @@ class Encoder:
         return self.text_query(texts)[1:]
 
     @torch.inference_mode()
-    def image_query(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, torch.Tensor]:
-        """Decoded RGB images -> their (N, D) embeddings and the re-ranker's input, the image
-        tower's patch tokens (N, P, W) float32, from one pass through the tower."""
-        pixels = torch.stack([self.preprocess(im) for im in images]).to(self.device)
+    def image_query(
+        self, images: Sequence[Image.Image | torch.Tensor]
+    ) -> tuple[np.ndarray, torch.Tensor]:
+        """Decoded RGB images (or `prepare`d ones) -> their (N, D) embeddings and the
+        re-ranker's input, the image tower's patch tokens (N, P, W) float32, from one pass
+        through the tower."""
+        pixels = self._pixels(images)
         with self._autocast():
             pooled, patches = image_tokens(self.model, pixels)
         return self._finish(pooled), patches.float()

@@ -57,12 +57,14 @@ class Space(Protocol):
 
     beta: float  # querybank temperature
 
-    def nearest_items(self, vec: np.ndarray, fetch: int, allowed: Any) -> np.ndarray:
-        """Item rows of the ``fetch`` images nearest to ``vec`` (1, D)."""
+    def nearest_items(self, vecs: np.ndarray, fetch: int, allowed: Any) -> list[np.ndarray]:
+        """Per query of ``vecs`` (Q, D): item rows of the ``fetch`` images nearest to it, in
+        one batched search."""
         ...
 
-    def nearest_captions(self, vec: np.ndarray, fetch: int, allowed: Any) -> np.ndarray:
-        """Item rows owning the ``fetch`` captions nearest to ``vec`` (1, D), repeats kept."""
+    def nearest_captions(self, vecs: np.ndarray, fetch: int, allowed: Any) -> list[np.ndarray]:
+        """Per query of ``vecs`` (Q, D): item rows owning the ``fetch`` captions nearest to
+        it, repeats kept, in one batched search."""
         ...
 
     def caption_count(self, allowed: Any) -> int: ...
@@ -108,12 +110,12 @@ class SearchSpace:
         )
         self._starts = bounds
 
-    def nearest_items(self, vec: np.ndarray, fetch: int, allowed: Any) -> np.ndarray:
-        return self.images.search(vec, fetch, allowed=allowed)[0].ids
+    def nearest_items(self, vecs: np.ndarray, fetch: int, allowed: Any) -> list[np.ndarray]:
+        return [nb.ids for nb in self.images.search(vecs, fetch, allowed=allowed)]
 
-    def nearest_captions(self, vec: np.ndarray, fetch: int, allowed: Any) -> np.ndarray:
-        rows = self.captions.search(vec, fetch, allowed=self._allowed_captions(allowed))[0].ids
-        return self.caption_owner[rows]
+    def nearest_captions(self, vecs: np.ndarray, fetch: int, allowed: Any) -> list[np.ndarray]:
+        found = self.captions.search(vecs, fetch, allowed=self._allowed_captions(allowed))
+        return [self.caption_owner[nb.ids] for nb in found]
 
     def caption_count(self, allowed: Any) -> int:
         caps = self._allowed_captions(allowed)
@@ -160,15 +162,36 @@ def _signals(kind: str, options: Options) -> list[tuple[str, float]]:
     return [(f"{kind}2{own}", 1.0)]
 
 
+@dataclass(frozen=True, eq=False)
+class Job:
+    """One query of a batch: its terms, options and filter (``allowed``, as the `Space`
+    takes it: the same object for requests with the same filter)."""
+
+    terms: list[Term]
+    options: Options
+    allowed: Any = None
+
+
+@dataclass(frozen=True, eq=False)
+class _Plan:
+    """A job's signals to fetch candidates for, each (term, signal name, weight)."""
+
+    job: Job
+    terms: list[Term]
+    signals: list[tuple[Term, str, float]]
+    k: int
+    fetch: int
+
+
 def candidates(
     space: Space, vec: np.ndarray, side: str, k: int, fetch: int, allowed: Any
 ) -> np.ndarray:
     """Item rows among the top hits of one signal: at least ``k`` items unless exhausted."""
     if side == "i":
-        return space.nearest_items(vec, fetch, allowed)
+        return space.nearest_items(vec, fetch, allowed)[0]
     total = space.caption_count(allowed)
     while True:  # several captions of one item collapse into one candidate
-        items = np.unique(space.nearest_captions(vec, fetch, allowed))
+        items = np.unique(space.nearest_captions(vec, fetch, allowed)[0])
         if len(items) >= k or fetch >= total:
             return items
         fetch *= 4
@@ -199,6 +222,38 @@ def rescore(space: Space, vec: np.ndarray, side: str, items: np.ndarray, qbnorm:
 
 def run(space: Space, terms: list[Term], options: Options, allowed: Any = None) -> list[Hit]:
     """The ``options.k`` best items for ``terms`` under ``options.strategy``."""
+    (out,) = run_many(space, [Job(terms, options, allowed)])
+    if isinstance(out, SearchError):
+        raise out
+    return out
+
+
+def run_many(space: Space, jobs: list[Job]) -> list[list[Hit] | SearchError]:
+    """Each job's hits, as `run` gives them, or its one-line error. Candidates come from one
+    batched search per (side, fetch, filter) across the jobs; the rest is per job. A failure
+    of the backend itself is raised: it concerns every job."""
+    plans: list[_Plan | SearchError] = []
+    for job in jobs:
+        try:
+            plans.append(_plan(job))
+        except SearchError as e:
+            plans.append(e)
+    pools = _gather(space, [p for p in plans if isinstance(p, _Plan)])
+    out: list[list[Hit] | SearchError] = []
+    for plan in plans:
+        if isinstance(plan, SearchError):
+            out.append(plan)
+            continue
+        pool = [pools[id(plan), n] for n in range(len(plan.signals))]
+        try:
+            out.append(_ranked(space, plan, pool))
+        except SearchError as e:
+            out.append(e)
+    return out
+
+
+def _plan(job: Job) -> _Plan:
+    options, terms = job.options, job.terms
     if options.strategy not in STRATEGIES:
         raise SearchError(
             f"unknown strategy {options.strategy!r}; choose one of {', '.join(STRATEGIES)}"
@@ -208,18 +263,47 @@ def run(space: Space, terms: list[Term], options: Options, allowed: Any = None) 
     k, fetch = options.k, max(options.k, options.overfetch * options.k)
     if options.strategy == "cosine" and len(terms) == 1:
         fetch = k  # nothing to fuse: the index's own top k are the answer
-    plan = [(t, name, w) for t in terms for name, w in _signals(t.kind, options)]
-    pool = [candidates(space, t.vector, name[-1], k, fetch, allowed) for t, name, _ in plan]
+    signals = [(t, name, w) for t in terms for name, w in _signals(t.kind, options)]
+    return _Plan(job, terms, signals, k, fetch)
+
+
+def _gather(space: Space, plans: list[_Plan]) -> dict[tuple[int, int], np.ndarray]:
+    """Candidate item rows per (plan, signal): the signals that search the same side with the
+    same fetch and filter go to the backend as one batch of queries."""
+    groups: dict[tuple, list[tuple[_Plan, int]]] = {}
+    for plan in plans:
+        for n, (_, name, _) in enumerate(plan.signals):
+            allowed = plan.job.allowed
+            same = allowed if allowed is None or isinstance(allowed, str) else id(allowed)
+            groups.setdefault((name[-1], plan.fetch, same), []).append((plan, n))
+    pools = {}
+    for (side, fetch, _), members in groups.items():
+        allowed = members[0][0].job.allowed
+        vecs = np.concatenate([plan.signals[n][0].vector for plan, n in members])
+        nearest = space.nearest_items if side == "i" else space.nearest_captions
+        for (plan, n), rows in zip(members, nearest(vecs, fetch, allowed), strict=True):
+            if side == "t":  # several captions of one item collapse into one candidate
+                rows = np.unique(rows)
+                if len(rows) < plan.k and fetch < space.caption_count(allowed):
+                    vec = plan.signals[n][0].vector
+                    rows = candidates(space, vec, side, plan.k, fetch * 4, allowed)
+            pools[id(plan), n] = rows
+    return pools
+
+
+def _ranked(space: Space, plan: _Plan, pool: list[np.ndarray]) -> list[Hit]:
+    """The plan's top k over the union of its candidates, re-scored exactly and fused."""
+    options, terms = plan.job.options, plan.terms
     items = np.unique(np.concatenate(pool)) if pool else np.zeros(0, np.int64)
     values, best_caption = {}, None
-    for n, (t, name, _) in enumerate(plan):
+    for n, (t, name, _) in enumerate(plan.signals):
         key = name if len(terms) == 1 else f"{name}[{terms.index(t)}]"
         values[key], rows = rescore(space, t.vector, name[-1], items, options.strategy == "qbnorm")
         if n == 0 and rows is not None:
             best_caption = rows
-    total = _fuse(plan, values, options, terms)
+    total = _fuse(plan.signals, values, options, terms)
     keep = np.flatnonzero(~np.isnan(total))
-    top = keep[fusion.top_k(total[keep], k)]
+    top = keep[fusion.top_k(total[keep], plan.k)]
     return [
         Hit(
             int(items[j]),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -35,12 +36,23 @@ from ..model.spec import ModelSpec
 from ..scoring.dedup import fold as fold_duplicates
 from . import ranking
 from . import rerank as rerank_module
+from .cache import DEFAULT_CACHE_SIZE, EmbeddingCache
+from .embed import TermEncoder
 from .ranking import (
     DEFAULT_K,
     DEFAULT_MIX,
     DEFAULT_OVERFETCH,
 )
-from .terms import Query, QueryTerm, check_numbers, resolve, term_kind
+from .terms import (
+    ImageLike,
+    PreparedImage,
+    Query,
+    QueryTerm,
+    Request,
+    check_numbers,
+    resolve,
+    term_kind,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +67,14 @@ class Searcher:
         device: str = "auto",
         link: Path | None = None,
         reranker: Path | None = None,
+        cache: EmbeddingCache | None = None,
     ) -> None:
         self.folder, self.link = folder, link  # link: the name's symlink, to follow updates
         self.manifest = read_manifest(folder)
         self.encoder = encoder or Encoder.load(self.manifest.model_spec(), device)
+        # Shared with the searchers of later versions (`latest`): same model, same vectors.
+        self.cache = cache if cache is not None else EmbeddingCache()
+        self.terms = TermEncoder(self.encoder, self.cache, self.manifest)
         self._allowed: dict[tuple, np.ndarray | str] = {}  # filter -> item rows, or the error
         # --rerank: the checkpoint holding the re-ranker (None: the index model's own), loaded
         # on first use.
@@ -102,13 +118,14 @@ class Searcher:
         device: str = "auto",
         encoder: Encoder | None = None,
         reranker: Path | None = None,
+        cache_size: int = DEFAULT_CACHE_SIZE,
     ) -> Searcher:
         """Open index ``name``; ``model``, when given, must be the one the index was built with.
 
         ``model`` with an empty name: the index's own model, weights from ``model.pretrained``
         (its checkpoint moved: the sha256 must match). ``reranker``: a checkpoint whose
         re-ranker ``--rerank`` uses (default: the one saved with the index's model); its dual
-        encoder must be the index's.
+        encoder must be the index's. ``cache_size``: query embeddings kept (0: none).
         """
         link = layout.index_root(index_dir) / name
         for attempt in range(3):
@@ -127,7 +144,7 @@ class Searcher:
             model = manifest.spec_for(model) if model is not None else None
             encoder = encoder or (Encoder.load(model, device) if model else None)
             try:
-                return cls(folder, encoder, device, link, reranker)
+                return cls(folder, encoder, device, link, reranker, EmbeddingCache(cache_size))
             except EncoderError:
                 raise
             except (FileNotFoundError, RuntimeError) as e:
@@ -161,7 +178,9 @@ class Searcher:
             log.warning("index %s: the new version is damaged (%s)", self.link.name, problems[0])
             return self
         try:
-            newer = Searcher(folder, self.encoder, link=self.link, reranker=self.reranker_path)
+            newer = Searcher(
+                folder, self.encoder, link=self.link, reranker=self.reranker_path, cache=self.cache
+            )
         except (FileNotFoundError, RuntimeError):  # already replaced again: next time
             return self
         log.info("index %s: switched to the newly published version %s", self.link.name, folder)
@@ -182,39 +201,12 @@ class Searcher:
 
     def embed(self, term: QueryTerm) -> np.ndarray:
         """The term's (1, D) unit vector."""
-        given = [x is not None for x in (term.text, term.image, term.vector)]
-        if sum(given) != 1:
-            raise SearchError("each query term is exactly one of a text, an image or a vector")
-        if term.vector is not None:
-            return self._query_vector(term.vector)
-        if term.text is not None:
-            if not term.text.strip():
-                raise SearchError("the text query is empty")
-            return self.encoder.encode_texts([term.text])
-        return self.encoder.encode_pil([self._image(term.image)])
+        return self.terms.embed(term)
 
-    def _query_vector(self, vector) -> np.ndarray:
-        """A vector computed elsewhere as a (1, D) unit query, once checked to fit the index."""
-        try:
-            v = np.asarray(vector, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise SearchError("the query vector must be a list of numbers") from None
-        if v.ndim == 2 and v.shape[0] == 1:
-            v = v[0]
-        if v.ndim != 1:
-            raise SearchError(f"the query vector must be one vector, not an array of {v.shape}")
-        dim = self.manifest.dim
-        if len(v) != dim:
-            raise SearchError(
-                f"the query vector has {len(v)} numbers; index {self.manifest.name!r} holds "
-                f"{dim}-d vectors of model {self.manifest.model}"
-            )
-        if not np.isfinite(v).all():
-            raise SearchError("the query vector holds NaN or infinite numbers")
-        norm = np.linalg.norm(v)
-        if norm < 1e-12:
-            raise SearchError("the query vector is all zeros: it points nowhere")
-        return np.ascontiguousarray((v / norm)[None, :], dtype=np.float32)
+    def prepare(self, image: ImageLike) -> PreparedImage:
+        """``image`` decoded, made the model's input and hashed, ready for a query: a server
+        prepares uploads in its request threads, away from the thread that encodes."""
+        return self.terms.prepare(image)
 
     def search(
         self,
@@ -235,37 +227,114 @@ class Searcher:
         results still come back when the index has them. ``rerank``: the re-ranker re-orders
         the strategy's top ``rerank`` (`retrieval.query.rerank`; ``itm`` in the scores).
         """
-        terms = query.all_terms()
-        if not terms:
+        request = Request(query, k, target, strategy, tuple(where), overfetch, mix, dedup, rerank)
+        return self.search_many([request])[0]
+
+    def search_many(
+        self, requests: Sequence[Request], return_exceptions: bool = False
+    ) -> list[dict[str, Any] | SearchError | EncoderError]:
+        """Each request's answer, as `search` gives it, for a batch answered together: its
+        texts and its images encoded in one forward pass each (cache misses only), its
+        candidates fetched in one batched search per (side, fetch, filter). A re-ranked
+        request encodes its own query (its tokens too) and a ``dedup`` one searches on its own.
+
+        ``return_exceptions``: a request's one-line error (SearchError, EncoderError) takes
+        its place in the list and the others are answered; otherwise the first is raised.
+        """
+        pending = [_Pending(r) for r in requests]
+        for p in pending:
+            p.attempt(self._check, p)
+        self._embed(pending)
+        try:
+            if self.manifest.milvus is not None:  # the version and state this batch sees
+                self.space.refresh()
+            for p in pending:
+                p.attempt(self._allow, p)
+            self._rank(pending)
+        except SearchError as e:  # the backend failed: every request still under way fails
+            for p in pending:
+                p.error = p.error or e
+        for p in pending:
+            p.attempt(self._finish, p)
+        out = [p.error or p.answer for p in pending]
+        if not return_exceptions:
+            for answer in out:
+                if isinstance(answer, Exception):
+                    raise answer
+        return out
+
+    def _check(self, p: _Pending) -> None:
+        """The request's terms, target, strategy and re-ranking, each checked."""
+        r = p.request
+        p.terms = r.query.all_terms()
+        if not p.terms:
             raise SearchError("the query is empty: give a text, an image or both")
-        check_numbers(k, overfetch, mix)
-        if dedup is not None and not 0 < dedup <= 1:
-            raise SearchError(f"dedup must be a cosine similarity in (0, 1], not {dedup}")
-        target, strategy = resolve(terms, target, strategy)
-        pairing = rerank_module.check(rerank, terms, target) if rerank is not None else None
-        if pairing is None:
-            vectors = [ranking.Term(term_kind(t), self.embed(t), t.weight) for t in terms]
-        else:  # the embedding and the re-ranker's input from one pass through the tower
-            vec, *reused = self._query_tokens(terms[0])
-            vectors = [ranking.Term(term_kind(terms[0]), vec, terms[0].weight)]
-        if self.manifest.milvus is not None:
-            self.space.refresh()  # the version and state this query sees, read once
-        options = ranking.Options(
-            k=max(k, rerank or 0), target=target, strategy=strategy, overfetch=overfetch, mix=mix
-        )
-        allowed = self._filter(tuple(where))
-        if dedup is None:
-            kept = [(hit, []) for hit in ranking.run(self.space, vectors, options, allowed)]
-        else:
-            kept = self._distinct(vectors, options, allowed, dedup)
-        if pairing is not None:
-            kept = self._reranked(pairing, reused, kept, rerank)
-        return {
-            "query": query.describe(),
-            "target": target,
-            "strategy": strategy,
-            "where": list(where),
-            "results": self._results(kept[:k], dedup is not None),
+        check_numbers(r.k, r.overfetch, r.mix)
+        if r.dedup is not None and not 0 < r.dedup <= 1:
+            raise SearchError(f"dedup must be a cosine similarity in (0, 1], not {r.dedup}")
+        p.target, p.strategy = resolve(p.terms, r.target, r.strategy)
+        if r.rerank is not None:
+            p.pairing = rerank_module.check(r.rerank, p.terms, p.target)
+
+    def _allow(self, p: _Pending) -> None:
+        p.allowed = self._filter(p.request.where)
+
+    def _embed(self, pending: list[_Pending]) -> None:
+        """Every term's vector: one batch for the plain requests, a pass of its own (with the
+        re-ranker's tokens) for each re-ranked one."""
+        plain = [p for p in pending if p.error is None and p.pairing is None]
+        flat = [t for p in plain for t in p.terms]
+        vectors = iter(self.terms.embed_many(flat))
+        for p in plain:
+            mine = [next(vectors) for _ in p.terms]
+            bad = next((v for v in mine if isinstance(v, Exception)), None)
+            if bad is not None:
+                p.error = bad
+                continue
+            p.vectors = [
+                ranking.Term(term_kind(t), v, t.weight) for t, v in zip(p.terms, mine, strict=True)
+            ]
+        for p in pending:
+            if p.error is None and p.pairing is not None:
+                p.attempt(self._embed_reranked, p)
+
+    def _embed_reranked(self, p: _Pending) -> None:
+        vec, *p.reused = self.terms.tokens(p.terms[0])
+        p.vectors = [ranking.Term(term_kind(p.terms[0]), vec, p.terms[0].weight)]
+
+    def _rank(self, pending: list[_Pending]) -> None:
+        """Each request's hits; the plain ones as one batch (`ranking.run_many`)."""
+        ready = [p for p in pending if p.error is None]
+        for p in ready:
+            r = p.request
+            p.options = ranking.Options(
+                max(r.k, r.rerank or 0), p.target, p.strategy, r.overfetch, r.mix
+            )
+        batch = [p for p in ready if p.request.dedup is None]
+        jobs = [ranking.Job(p.vectors, p.options, p.allowed) for p in batch]
+        for p, hits in zip(batch, ranking.run_many(self.space, jobs), strict=True):
+            if isinstance(hits, SearchError):
+                p.error = hits
+            else:
+                p.kept = [(hit, []) for hit in hits]
+        for p in ready:
+            if p.request.dedup is not None:
+                p.attempt(self._ranked_distinct, p)
+
+    def _ranked_distinct(self, p: _Pending) -> None:
+        p.kept = self._distinct(p.vectors, p.options, p.allowed, p.request.dedup)
+
+    def _finish(self, p: _Pending) -> None:
+        """Re-rank when asked, then the answer with the results resolved in the store."""
+        r = p.request
+        if p.pairing is not None:
+            p.kept = self._reranked(p.pairing, p.reused, p.kept, r.rerank)
+        p.answer = {
+            "query": r.query.describe(),
+            "target": p.target,
+            "strategy": p.strategy,
+            "where": list(r.where),
+            "results": self._results(p.kept[: r.k], r.dedup is not None),
         }
 
     def _results(self, kept: list, folding: bool) -> list[dict[str, Any]]:
@@ -280,14 +349,6 @@ class Searcher:
                 result["duplicates"] = self.store.item_ids([h.item for h in folded])
             results.append(result)
         return results
-
-    def _query_tokens(self, term: QueryTerm) -> tuple:
-        """A re-ranked query's (1, D) vector, then its states and mask or its patches."""
-        if term.text is not None:
-            if not term.text.strip():
-                raise SearchError("the text query is empty")
-            return self.encoder.text_query([term.text])
-        return self.encoder.image_query([self._image(term.image)])
 
     def _reranked(self, pairing: str, query: list, kept: list, n: int) -> list:
         """``kept`` (hit, folded) with its first ``n`` re-ordered by the re-ranker; ``query``:
@@ -340,14 +401,6 @@ class Searcher:
             raise SearchError(
                 f"cannot re-rank: the image of item {item.get('id', row)} is unreadable ({e})"
             ) from None
-
-    def _image(self, image) -> Image.Image:
-        if isinstance(image, Image.Image):
-            return image
-        try:
-            return load_image(image)
-        except BadImage as e:
-            raise SearchError(f"cannot use the query image: {e}") from None
 
     def _distinct(self, vectors, options: ranking.Options, allowed, threshold: float):
         """The ``options.k`` best hits that are no near-copy of a better one, each with the hits
@@ -405,6 +458,33 @@ class Searcher:
             cap = self.store.caption(self.store.caption_ids([hit.caption])[0]) or {}
             out["caption"] = {"id": cap.get("id"), "text": cap.get("text")}
         return out
+
+
+class _Pending:
+    """One request on its way through `Searcher.search_many`: what each stage made of it, or
+    the one-line error that ended it."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.error: SearchError | EncoderError | None = None
+        self.terms: tuple[QueryTerm, ...] = ()
+        self.target = self.strategy = ""
+        self.pairing: str | None = None  # re-ranked: "text" or "image"
+        self.vectors: list[ranking.Term] = []
+        self.reused: list = []  # the re-ranker's query tokens
+        self.allowed: Any = None
+        self.options: ranking.Options | None = None
+        self.kept: list = []  # (hit, hits folded into it)
+        self.answer: dict[str, Any] | None = None
+
+    def attempt(self, stage, *args) -> None:
+        """Run ``stage`` unless the request has failed already; its error ends the request."""
+        if self.error is not None:
+            return
+        try:
+            stage(*args)
+        except (SearchError, EncoderError) as e:
+            self.error = e
 
 
 def search(

@@ -13,7 +13,13 @@ import numpy as np
 from PIL import Image
 
 from ..errors import SearchError
-from .ranking import DEFAULT_IMAGE_WEIGHT, DEFAULT_STRATEGY
+from .ranking import (
+    DEFAULT_IMAGE_WEIGHT,
+    DEFAULT_K,
+    DEFAULT_MIX,
+    DEFAULT_OVERFETCH,
+    DEFAULT_STRATEGY,
+)
 
 TARGETS = ("images", "captions")
 # Per (query, target), chosen by measurement (benchmarks/README.md, "Query layer"). None of the
@@ -23,12 +29,24 @@ TARGETS = ("images", "captions")
 
 
 @dataclass(frozen=True, eq=False)
+class PreparedImage:
+    """An image already turned into the model's input (`Searcher.prepare`): its pixels
+    (3, H, W), a torch tensor, and their digest (the embedding cache's key)."""
+
+    pixels: Any
+    digest: str
+
+
+ImageLike = str | Path | Image.Image | PreparedImage
+
+
+@dataclass(frozen=True, eq=False)
 class QueryTerm:
     """A term of a composed query: a text, an image or an embedding computed elsewhere (a
     vector in the index's model's space, (D,)); a negative weight pushes away."""
 
     text: str | None = None
-    image: str | Path | Image.Image | None = None
+    image: ImageLike | None = None
     weight: float = 1.0
     vector: Sequence[float] | np.ndarray | None = None
 
@@ -39,7 +57,7 @@ class Query:
     any extra terms."""
 
     text: str | None = None
-    image: str | Path | Image.Image | None = None
+    image: ImageLike | None = None
     image_weight: float = DEFAULT_IMAGE_WEIGHT
     terms: tuple[QueryTerm, ...] = ()
     vector: Sequence[float] | np.ndarray | None = None
@@ -76,8 +94,23 @@ def _describe(t: QueryTerm) -> dict[str, Any]:
         return {"text": t.text, "weight": t.weight}
     if t.vector is not None:
         return {"vector": f"<{np.size(t.vector)} numbers>", "weight": t.weight}
-    img = "<image>" if isinstance(t.image, Image.Image) else str(t.image)
+    img = str(t.image) if isinstance(t.image, str | Path) else "<image>"
     return {"image": img, "weight": t.weight}
+
+
+@dataclass(frozen=True, eq=False)
+class Request:
+    """One search: a query and how to run it (`Searcher.search` documents each option)."""
+
+    query: Query
+    k: int = DEFAULT_K
+    target: str | None = None
+    strategy: str | None = None
+    where: tuple[str, ...] = ()
+    overfetch: int = DEFAULT_OVERFETCH
+    mix: float = DEFAULT_MIX
+    dedup: float | None = None
+    rerank: int | None = None
 
 
 def term_kind(t: QueryTerm) -> str:

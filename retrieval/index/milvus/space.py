@@ -102,9 +102,6 @@ class MilvusSpace:
             raise SearchError(msg)
         return expression(conditions)
 
-    def _search(self, collection: str, vec, fetch: int, filt: str, kind: str) -> list:
-        return self._search_many(collection, vec, fetch, filt, kind)[0]
-
     def _search_many(self, collection: str, vecs, fetch: int, filt: str, kind: str) -> list:
         """Hits per query of ``vecs`` (Q, D), at most ``fetch`` each (Milvus's limit)."""
         now = self._loaded()
@@ -123,14 +120,15 @@ class MilvusSpace:
         visible = self._loaded().state.reader_filter(item_field, self.current)
         return " and ".join(f"({f})" for f in (visible, allowed) if f)
 
-    def nearest_items(self, vec: np.ndarray, fetch: int, allowed: Any) -> np.ndarray:
-        hits = self._search(self._loaded().items, vec, fetch, self._filter(allowed, "row"), "image")
-        return np.array(_rows(hits), dtype=np.int64)
+    def nearest_items(self, vecs: np.ndarray, fetch: int, allowed: Any) -> list[np.ndarray]:
+        filt = self._filter(allowed, "row")
+        found = self._search_many(self._loaded().items, vecs, fetch, filt, "image")
+        return [np.array(_rows(hits), dtype=np.int64) for hits in found]
 
-    def nearest_captions(self, vec: np.ndarray, fetch: int, allowed: Any) -> np.ndarray:
+    def nearest_captions(self, vecs: np.ndarray, fetch: int, allowed: Any) -> list[np.ndarray]:
         filt = self._filter(allowed, "item")
-        hits = self._search(self._loaded().captions, vec, fetch, filt, "caption")
-        return np.array([int(h["entity"]["item"]) for h in hits], dtype=np.int64)
+        found = self._search_many(self._loaded().captions, vecs, fetch, filt, "caption")
+        return [np.array([int(h["entity"]["item"]) for h in hits], np.int64) for hits in found]
 
     def caption_count(self, allowed: Any) -> int:
         if allowed is None and not self._loaded().state.hiding:

@@ -1,47 +1,75 @@
-"""Load on `retrieval serve`: N requests from C concurrent clients on loopback, over the demo index.
+"""Load on `retrieval serve`: batched against one-at-a-time, and clip-retrieval's back end.
 
-    .venv/bin/python benchmarks/serve_load.py --requests 2000 --clients 32 --json /tmp/load.json
+    .venv/bin/python benchmarks/serve_load.py --clip-retrieval /tmp/cr-venv/bin/clip-retrieval \
+        --json benchmarks/results/serve_load.json
 
-The index is the demo's (400 synthetic scenes, the shipped tiny model), built in a temporary
-folder; the server is the real `retrieval serve` command in its own process. Clients are
-asyncio tasks sharing one httpx connection pool (32 connections), each sending its next
-request as soon as the previous answer arrives: 90% text queries (captions of the corpus,
-default strategy, k=10), 10% image uploads (multipart, image->captions). The clients run on
-the same 2 cores as the server, so the figures are a floor for a machine with a separate
-client. Recorded: errors (any non-200 or transport error), throughput, latency percentiles,
-and the server's resident memory (VmRSS) before and after, and its peak (VmHWM).
+For each model, one index of the demo corpus (400 synthetic scenes) built in a temporary folder:
+
+- ``demo``: the shipped tiny model (`retrieval demo`'s);
+- ``vit-b-32``: open_clip ViT-B-32 with random weights (seed 0) saved as a local checkpoint:
+  the cost of a real model's towers, speed only.
+
+Servers, each the real command in its own process, hit in turn by the same client script:
+
+- ``batched``: `retrieval serve` as it starts by default (dynamic batching);
+- ``one-at-a-time``: `retrieval serve --max-batch 1`;
+- ``clip-retrieval back`` (ViT-B-32 only; it cannot load the package's own tiny config): its
+  Flask server, from its own virtualenv, over the same embeddings exported by `retrieval
+  embeddings` and indexed by `clip-retrieval index`, with the same checkpoint
+  (``open_clip:ViT-B-32/<path>``).
+
+Both engines run with their query caches off (`--cache-size 0`; clip-retrieval has none), so
+every request is encoded. Clients are asyncio tasks sharing one httpx connection pool (one
+connection each), each sending its next request as soon as the previous answer arrives: 90%
+text queries (captions of the corpus, k=10, images searched), 10% image queries (a corpus
+image, base64 in JSON, captions searched). The clients run on the same 2 cores as the server,
+so the figures are a floor for a machine with a separate client. Recorded per (model, server,
+clients): errors (any non-200 or transport error), requests/s, latency percentiles, and for
+ours the sizes of the batches the server formed (from ``/stats``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
+import open_clip
+import torch
+from machine import describe
 
 from retrieval.corpus import synthetic
 from retrieval.corpus.readers import read_corpus
 from retrieval.index.build import build
-from retrieval.index.config import BuildConfig
+from retrieval.index.config import BuildConfig, ExportConfig
+from retrieval.index.export import export
 from retrieval.model.encoder import Encoder
 from retrieval.model.spec import SHIPPED_MODEL, ModelSpec
 
+CLIENTS = (1, 8, 32, 128)
+TARGET_SPEEDUP = 3.0  # batched / one-at-a-time requests/s at 32 clients, ViT-B-32
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+_PCTS = {"p50": 50, "p90": 90, "p99": 99, "max": 100}
 
-def _rss(pid: int) -> dict[str, float]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = round(int(value.split()[0]) / 1024, 1)  # kB -> MiB
-    return fields
+
+@dataclass(frozen=True)
+class Server:
+    """How to start one server and speak to it."""
+
+    name: str
+    command: list[str]
+    ready_path: str  # GET answers 200 once it serves
+    peer: bool = False  # clip-retrieval's /knn-service, not our /search
 
 
 def _port() -> int:
@@ -50,105 +78,173 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _start(root: Path, port: int, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "retrieval.cli", "serve", "demo", "--index-dir", str(root)]
+def _start(server: Server, port: int, log: Path) -> subprocess.Popen:
+    env = {**__import__("os").environ, **OFFLINE_ENV}
     proc = subprocess.Popen(
-        [*cmd, "--port", str(port)], stdout=log.open("w"), stderr=subprocess.STDOUT
-    )
-    for _ in range(300):
+        [*server.command, "--port", str(port)], stdout=log.open("w"), stderr=subprocess.STDOUT,
+        env=env,
+    )  # fmt: skip
+    for _ in range(900):
+        if proc.poll() is not None:
+            raise SystemExit(f"{server.name} exited; see {log}:\n{log.read_text()[-2000:]}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}{server.ready_path}", timeout=1).is_success:
                 return proc
         except httpx.TransportError:
             time.sleep(0.2)
     proc.kill()
-    raise SystemExit(f"server did not start; see {log}")
+    raise SystemExit(f"{server.name} did not start; see {log}")
 
 
-async def _load(url: str, jobs: list[dict], clients: int) -> tuple[list[float], list[str]]:
-    latencies: list[float] = []
-    errors: list[str] = []
-    queue: asyncio.Queue = asyncio.Queue()
-    for job in jobs:
-        queue.put_nowait(job)
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-
-        async def worker() -> None:
-            while not queue.empty():
-                job = queue.get_nowait()
-                t = time.perf_counter()
-                try:
-                    r = await client.post("/search", **job)
-                    if r.status_code != 200:
-                        errors.append(f"{r.status_code}: {r.text[:100]}")
-                except httpx.HTTPError as e:
-                    errors.append(repr(e))
-                latencies.append(time.perf_counter() - t)
-
-        await asyncio.gather(*(worker() for _ in range(clients)))
-    return latencies, errors
-
-
-def _jobs(corpus: Path, n: int, seed: int) -> list[dict]:
+def _jobs(corpus: Path, n: int, seed: int, peer: bool) -> list[dict]:
+    """``n`` request bodies, the same sequence for every server (its own field names)."""
     records = list(read_corpus(corpus))
     rng = np.random.default_rng(seed)
     jobs = []
     for i in range(n):
         r = records[rng.integers(len(records))]
         if i % 10 == 9:
-            files = {"image": ("q.png", Path(r.image).read_bytes(), "image/png")}
-            jobs.append({"files": files, "data": {"k": "10"}})
+            image = base64.b64encode(Path(r.image).read_bytes()).decode()
+            body = {"image": image, "modality": "text"} if peer else {"image": image}
         else:
-            jobs.append({"json": {"text": r.captions[rng.integers(len(r.captions))], "k": 10}})
+            text = r.captions[rng.integers(len(r.captions))]
+            body = {"text": text, "modality": "image"} if peer else {"text": text}
+        if peer:
+            body.update(num_images=10, indice_name="bench", deduplicate=False)
+        else:
+            body["k"] = 10
+        jobs.append(body)
     return jobs
 
 
-def run(requests: int, clients: int, n_items: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        corpus = synthetic.generate(tmp / "corpus", n=n_items, seed=0)
-        encoder = Encoder.load(ModelSpec("tiny-vit", str(SHIPPED_MODEL)), device="cpu")
-        build(corpus, "demo", BuildConfig(progress=False), tmp / "indexes", encoder=encoder)
-        port = _port()
-        proc = _start(tmp / "indexes", port, tmp / "server.log")
-        try:
-            url = f"http://127.0.0.1:{port}"
-            httpx.post(f"{url}/search", json={"text": "warm up", "k": 10}, timeout=60)
-            before = _rss(proc.pid)
-            t = time.perf_counter()
-            lat, errors = asyncio.run(_load(url, _jobs(corpus, requests, 0), clients))
-            wall = time.perf_counter() - t
-            after = _rss(proc.pid)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-    ms = np.array(lat) * 1000
-    return {
-        "requests": requests,
-        "clients": clients,
-        "items": n_items,
-        "errors": len(errors),
-        "error_samples": errors[:5],
-        "seconds": round(wall, 2),
-        "requests_per_s": round(requests / wall, 1),
-        "latency_ms": {p: round(float(np.percentile(ms, q)), 1) for p, q in _PCTS.items()},
-        "server_rss_mib": {"before": before["VmRSS"], "after": after["VmRSS"]},
-        "server_peak_rss_mib": after["VmHWM"],
-    }
+async def _load(url: str, path: str, jobs: list[dict], clients: int):
+    latencies: list[float] = []
+    errors: list[str] = []
+    queue: asyncio.Queue = asyncio.Queue()
+    for job in jobs:
+        queue.put_nowait(job)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+
+        async def worker() -> None:
+            while not queue.empty():
+                job = queue.get_nowait()
+                t = time.perf_counter()
+                try:
+                    r = await client.post(path, json=job)
+                    if r.status_code != 200:
+                        errors.append(f"{r.status_code}: {r.text[:100]}")
+                except httpx.HTTPError as e:
+                    errors.append(repr(e))
+                latencies.append(time.perf_counter() - t)
+
+        t = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+    return latencies, errors, time.perf_counter() - t
 
 
-_PCTS = {"p50": 50, "p90": 90, "p99": 99, "max": 100}
+def _batches(url: str) -> dict[int, int]:
+    sizes = httpx.get(f"{url}/stats", timeout=30).json()["batching"]["sizes"]
+    return {int(k): v for k, v in sizes.items()}
+
+
+def measure(server: Server, corpus: Path, tmp: Path, args) -> list[dict]:
+    """One row per number of clients, all against one server process."""
+    port, rows = _port(), []
+    proc = _start(server, port, tmp / f"{server.name}.log")
+    url, path = f"http://127.0.0.1:{port}", "/knn-service" if server.peer else "/search"
+    try:
+        for job in _jobs(corpus, 3, 1, server.peer):  # warm-up: both kinds of query
+            httpx.post(url + path, json=job, timeout=300)
+        for clients in args.clients:
+            n = max(args.min_requests, args.per_client * clients)
+            before = {} if server.peer else _batches(url)
+            lat, errors, wall = asyncio.run(
+                _load(url, path, _jobs(corpus, n, 0, server.peer), clients)
+            )
+            sizes = {} if server.peer else _delta(_batches(url), before)
+            ms = np.array(lat) * 1000
+            rows.append({
+                "server": server.name, "clients": clients, "requests": n, "errors": len(errors),
+                "error_samples": errors[:3], "requests_per_s": round(n / wall, 1),
+                "latency_ms": {p: round(float(np.percentile(ms, q)), 1) for p, q in _PCTS.items()},
+                "batch_sizes": sizes,
+                "mean_batch": _mean(sizes),
+            })  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    return rows
+
+
+def _mean(sizes: dict[int, int]) -> float:
+    return round(sum(k * v for k, v in sizes.items()) / max(1, sum(sizes.values())), 1)
+
+
+def _delta(after: dict[int, int], before: dict[int, int]) -> dict[int, int]:
+    out = {k: v - before.get(k, 0) for k, v in after.items()}
+    return {k: v for k, v in sorted(out.items()) if v}
+
+
+def _ours(name: str, root: Path, batched: bool) -> Server:
+    cmd = [sys.executable, "-m", "retrieval.cli", "serve", "bench", "--index-dir", str(root)]
+    cmd += ["--cache-size", "0", "--show-paths"] + ([] if batched else ["--max-batch", "1"])
+    return Server(name, cmd, "/health")
+
+
+def _peer(exe: Path, root: Path, ckpt: Path, tmp: Path) -> Server:
+    """clip-retrieval back over our export of index ``bench``, indexed by clip-retrieval."""
+    export("bench", tmp / "export", ExportConfig(), root)
+    subprocess.run(
+        [str(exe), "index", "--embeddings_folder", str(tmp / "export"),
+         "--index_folder", str(tmp / "cr-index")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    paths = tmp / "indices.json"
+    paths.write_text(json.dumps({"bench": str(tmp / "cr-index")}))
+    cmd = [str(exe), "back", "--indices_paths", str(paths), "--clip_model"]
+    cmd += [f"open_clip:ViT-B-32/{ckpt}", "--enable_mclip_option", "False"]
+    cmd += ["--use_jit", "False", "--provide_aesthetic_embeddings", "False"]
+    return Server("clip-retrieval back", cmd, "/indices-list", peer=True)
+
+
+def run_model(model: str, args, tmp: Path) -> dict:
+    corpus = synthetic.generate(tmp / "corpus", n=args.items, seed=0)
+    root = tmp / f"indexes-{model}"
+    if model == "demo":
+        spec, ckpt = ModelSpec("tiny-vit", str(SHIPPED_MODEL)), None
+    else:
+        torch.manual_seed(0)
+        ckpt = tmp / "vit-b-32-random.pt"
+        torch.save({"state_dict": open_clip.create_model("ViT-B-32").state_dict()}, ckpt)
+        spec = ModelSpec("ViT-B-32", str(ckpt))
+    encoder = Encoder.load(spec, device="cpu")
+    build(corpus, "bench", BuildConfig(progress=False), root, encoder=encoder)
+    del encoder
+    servers = [_ours("batched", root, True), _ours("one-at-a-time", root, False)]
+    if model == "vit-b-32" and args.clip_retrieval:
+        servers.append(_peer(args.clip_retrieval, root, ckpt, tmp))
+    rows = [row for s in servers for row in measure(s, corpus, tmp, args)]
+    return {"model": model, "rows": rows}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=2000)
-    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--models", default="demo,vit-b-32")
+    ap.add_argument("--clients", default=",".join(map(str, CLIENTS)))
+    ap.add_argument("--per-client", type=int, default=4, help="requests per client")
+    ap.add_argument("--min-requests", type=int, default=60)
     ap.add_argument("--items", type=int, default=400, help="demo corpus size")
+    ap.add_argument("--clip-retrieval", type=Path, default=None, help="its executable")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    out = run(args.requests, args.clients, args.items)
+    args.clients = [int(c) for c in args.clients.split(",")]
+    torch.set_num_threads(2)
+    out = {"machine": describe(), "target_speedup_at_32": TARGET_SPEEDUP, "models": []}
+    with tempfile.TemporaryDirectory() as name:
+        for model in args.models.split(","):
+            out["models"].append(run_model(model, args, Path(name)))
     text = json.dumps(out, indent=2)
     print(text)
     if args.json:

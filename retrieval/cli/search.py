@@ -187,16 +187,41 @@ def _refuse_meaningless(ctx: click.Context, query, strategy: str | None) -> None
     help="Checkpoint holding the re-ranker (`train --itm`) for requests with rerank [the index "
     "model's own].",
 )
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=ServeConfig.max_batch,
+    show_default=True,
+    help="Most searches answered together (one forward pass, one batched search); 1: one at a "
+    "time.",
+)
+@click.option(
+    "--batch-wait-ms",
+    type=click.FloatRange(min=0),
+    default=ServeConfig.batch_wait_ms,
+    show_default=True,
+    help="Longest a batch waits for requests still being read (a lone request never waits).",
+)
+@click.option(
+    "--cache-size",
+    type=click.IntRange(min=0),
+    default=ServeConfig.cache_size,
+    show_default=True,
+    help="Query embeddings kept (texts, and images by content); 0: none.",
+)
 @model_options(None)
 @index_dir_option
 def serve(
-    name, host, port, max_upload_mb, show_paths, reranker, model, pretrained, random_init, device,
-    index_dir,
+    name, host, port, max_upload_mb, show_paths, reranker, max_batch, batch_wait_ms, cache_size,
+    model, pretrained, random_init, device, index_dir,
 ):  # fmt: skip
     """Serve index NAME over HTTP: a search page at / and a JSON API (docs at /docs)."""
     from ..serve.app import serve as run_server
 
-    config = ServeConfig(max_upload_bytes=int(max_upload_mb * 2**20), show_paths=show_paths)
+    config = ServeConfig(
+        max_upload_bytes=int(max_upload_mb * 2**20), show_paths=show_paths, max_batch=max_batch,
+        batch_wait_ms=batch_wait_ms, cache_size=cache_size,
+    )  # fmt: skip
     spec = model_spec(model, pretrained, random_init, index=True)
     run_server(
         name, index_dir, host=host, port=port, device=device, config=config, model=spec,

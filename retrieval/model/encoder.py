@@ -27,7 +27,7 @@ from ..errors import EncoderError
 from . import towers
 from .checkpoints import load_partial, peek_partial, read_checkpoint
 from .spec import CONFIG_DIR, OFFLINE_MODEL, TEST_MODEL, ModelSpec
-from .tokens import image_tokens, text_tokens
+from .tokens import image_tokens, text_tokens, trimmed
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +284,7 @@ class Encoder:
         for start in range(0, len(texts), batch_size):
             tokens = self.tokenizer(list(texts[start : start + batch_size])).to(self.device)
             with self._autocast():
-                chunks.append(self._finish(self.model.encode_text(tokens)))
+                chunks.append(self._finish(self._text_features(tokens)))
             bar.update(len(tokens))
         bar.close()
         return np.concatenate(chunks) if chunks else np.zeros((0, self.dim or 0), np.float32)
@@ -300,6 +300,14 @@ class Encoder:
         ready = [im if isinstance(im, torch.Tensor) else self.preprocess(im) for im in images]
         return torch.stack(ready).to(self.device)
 
+    def _text_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The text tower's pooled features of ``tokens`` (B, C), run without the padding after
+        the longest text where the tower allows it (`tokens.trimmed`)."""
+        short = trimmed(self.model, tokens)
+        if short.shape[1] == tokens.shape[1]:  # nothing to cut, or a tower that needs it all
+            return self.model.encode_text(tokens)
+        return text_tokens(self.model, short)[0]
+
     @torch.inference_mode()
     def encode_pil(self, images: Sequence[Image.Image | torch.Tensor]) -> np.ndarray:
         """Decoded RGB images (or `prepare`d ones) -> (N, D) float32 unit vectors (queries,
@@ -312,7 +320,7 @@ class Encoder:
     def text_query(self, texts: Sequence[str]) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         """Texts -> their (N, D) embeddings and the re-ranker's input, the text tower's token
         states (N, L, W) float32 and mask (N, L) bool, from one pass through the tower."""
-        tokens = self.tokenizer(list(texts)).to(self.device)
+        tokens = trimmed(self.model, self.tokenizer(list(texts)).to(self.device))
         with self._autocast():
             pooled, states, mask = text_tokens(self.model, tokens)
         return self._finish(pooled), states.float(), mask

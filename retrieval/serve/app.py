@@ -10,20 +10,24 @@
 
 Every client error is a 4xx with ``{"error": "<one sentence>"}`` and the server carries on.
 Images are served by item id only: the file path comes from the store, never from a client.
-The index (model, FAISS, LMDB) is opened once; searches hold a lock so that the model and the
-query layer's caches are used by one request at a time (torch already spreads one query's
-work over the cores), while item and image reads run concurrently.
+The index (model, FAISS, LMDB) is opened once. Searches are answered in batches by one worker
+thread (`retrieval.serve.batching`): requests that arrive together share one forward pass per
+modality and one batched search. Uploaded images are decoded and made the model's input in
+request threads first, and item and image reads run concurrently with the searches.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import io
 import json
 import logging
 import mimetypes
 import threading
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
@@ -53,6 +57,8 @@ from ..query.ranking import (
     STRATEGIES,
 )
 from ..query.search import Query, Searcher
+from ..query.search import Request as SearchJob
+from .batching import Batcher
 from .config import DEFAULT_HOST, DEFAULT_PORT, ServeConfig
 
 log = logging.getLogger(__name__)
@@ -109,19 +115,34 @@ class _Latest:
 def create_app(searcher: Searcher, config: ServeConfig | None = None) -> FastAPI:
     """The application serving ``searcher``'s index, and its later versions."""
     config = config or ServeConfig()
-    app = FastAPI(title="retrieval", version=__version__, summary="Search images by text & image")
-    lock = threading.Lock()
     current = _Latest(searcher)
+    batcher = Batcher(current, config.max_batch, config.batch_wait_ms)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        await run_in_threadpool(batcher.close)
+
+    app = FastAPI(
+        title="retrieval",
+        version=__version__,
+        summary="Search images by text & image",
+        lifespan=lifespan,
+    )
+    app.state.batcher = batcher
     _add_error_handlers(app)
 
     @app.post("/search", openapi_extra=_search_openapi())
     async def search(request: Request) -> JSONResponse:
-        fields, raw = await _read_query(request, config.max_upload_bytes)
-        req = _validate(fields, config.max_k)
-
-        # In a thread: decoding and the model must not hold up the event loop.
-        searcher = current()
-        out = await run_in_threadpool(_run_search, searcher, lock, req, raw, config)
+        with batcher.arriving():
+            fields, raw = await _read_query(request, config.max_upload_bytes)
+            req = _validate(fields, config.max_k)
+            if raw is None and req.image_id is None:
+                job = _job(req, _query(current(), req, None, config.max_pixels))
+            else:  # decoding must not hold up the event loop, nor the batch's encoding
+                job = await run_in_threadpool(_prepared_job, current(), req, raw, config)
+            future = batcher.submit(job)
+        searcher, out = await _answer(future)
         for r in out["results"]:
             r["image_url"] = _image_url(r["id"])
             r["path"] = _shown_path(searcher, r.get("path"), config)
@@ -150,7 +171,7 @@ def create_app(searcher: Searcher, config: ServeConfig | None = None) -> FastAPI
 
     @app.get("/stats")
     def stats() -> dict[str, Any]:
-        return _stats(current())
+        return _stats(current(), batcher)
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -190,17 +211,28 @@ def _image_response(searcher: Searcher, item_id: str, size: int | None, max_pixe
         raise ApiError(404, f"the image of item {item_id!r} cannot be read: {e}") from None
 
 
-def _run_search(
-    searcher: Searcher, lock: threading.Lock, req: SearchRequest, raw: bytes | None, config
-) -> dict[str, Any]:
-    options = {"k": req.k, "target": req.target, "strategy": req.strategy, "mix": req.mix}
-    options["dedup"], options["rerank"] = req.dedup, req.rerank
+def _job(req: SearchRequest, query: Query) -> SearchJob:
+    return SearchJob(
+        query, req.k, req.target, req.strategy, tuple(req.where), req.overfetch, req.mix,
+        req.dedup, req.rerank,
+    )  # fmt: skip
+
+
+def _prepared_job(searcher: Searcher, req: SearchRequest, raw: bytes | None, config) -> SearchJob:
+    """The search of a request with an image, the image decoded and made the model's input."""
+    query = _query(searcher, req, raw, config.max_pixels)
+    if query.image is not None:
+        try:
+            query = replace(query, image=searcher.prepare(query.image))
+        except SearchError as e:
+            raise ApiError(400, str(e)) from None
+    return _job(req, query)
+
+
+async def _answer(future) -> tuple[Searcher, dict[str, Any]]:
+    """The batch's answer to one request: (the searcher that answered, its result)."""
     try:
-        query = _query(searcher, req, raw, config.max_pixels)
-        with lock:
-            return searcher.search(
-                query, where=tuple(req.where), overfetch=req.overfetch, **options
-            )
+        return await asyncio.wrap_future(future)
     except SearchError as e:
         raise ApiError(400, str(e)) from None
     except EncoderError as e:  # the server's model is at fault, not the request
@@ -394,8 +426,8 @@ def _describe(query: dict[str, Any], image_id: str) -> dict[str, Any]:
     return query
 
 
-def _stats(searcher: Searcher) -> dict[str, Any]:
-    m = searcher.manifest
+def _stats(searcher: Searcher, batcher: Batcher) -> dict[str, Any]:
+    m, batches, cache = searcher.manifest, batcher.stats(), searcher.cache.stats()
     return {
         "name": m.name,
         "model": m.model,
@@ -409,6 +441,8 @@ def _stats(searcher: Searcher) -> dict[str, Any]:
         "default_strategy": DEFAULT_STRATEGY,
         "default_dedup": DEFAULT_DEDUP,
         "rerank": searcher.can_rerank(),
+        "batching": asdict(batches),
+        "cache": asdict(cache),
         "version": __version__,
     }
 
@@ -427,7 +461,11 @@ def serve(
     `Searcher.open`)."""
     import uvicorn
 
-    searcher = Searcher.open(name, index_dir, model=model, device=device, reranker=reranker)
+    config = config or ServeConfig()
+    searcher = Searcher.open(
+        name, index_dir, model=model, device=device, reranker=reranker,
+        cache_size=config.cache_size,
+    )  # fmt: skip
     log.info("serving index %s on http://%s:%d", name, host, port)
     try:
         uvicorn.run(create_app(searcher, config), host=host, port=port, log_level="info")

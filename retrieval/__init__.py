@@ -32,6 +32,7 @@ _LAZY = {
     "ModelSpec": "model.spec",
     "Query": "query.search",
     "QueryTerm": "query.search",
+    "Request": "query.search",
     "Searcher": "query.search",
     "ReadOptions": "corpus.records",
     "Record": "corpus.records",

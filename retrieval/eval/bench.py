@@ -23,12 +23,14 @@ from ..index.vector_index import VectorIndex
 from ..model import reranker as reranker_module
 from ..model.encoder import Encoder
 from ..model.spec import ModelSpec
-from ..query.search import Searcher
+from ..query.search import Query, Request, Searcher
 from ..scoring import metrics
 from . import rerank, strategies
 from .config import BenchConfig
 
 log = logging.getLogger(__name__)
+
+QUERY_BATCH = 256  # queries per `search_many` call of the built-index row
 
 DIRECTIONS = {"image_retrieval": "text->image", "text_retrieval": "image->text"}
 
@@ -188,41 +190,39 @@ def ann_row(factory: str, emb: Embedded, ks, max_k: int) -> Row:
     return _rows_from_hits(f"index {images.factory}", t2i, i2t, emb, ks, max_k)
 
 
-def built_index_row(searcher: Searcher, emb: Embedded, ks, max_k: int) -> Row:
-    """Evaluate through the built index's own FAISS indexes; its other items are distractors."""
-    position = {item_id: i for i, item_id in enumerate(emb.item_ids)}
-
-    def items_to_positions(ids):
-        return [position.get(i, -2) if i else -2 for i in searcher.store.item_ids(ids)]
-
-    t2i = _hits(searcher.images, emb.text, max_k, items_to_positions)
-    cap_pos = _caption_positions(searcher, emb)
-    i2t = _hits(
-        searcher.captions,
-        emb.image,
-        max_k,
-        lambda ids: [cap_pos.get(c, -2) for c in searcher.store.caption_ids(ids)],
-        _most_captions(emb),
-    )
-    return _rows_from_hits(f"index {searcher.images.factory} (built)", t2i, i2t, emb, ks, max_k)
-
-
 def _most_captions(emb: Embedded) -> int:
     return int(np.bincount(emb.text_to_image).max()) if len(emb.text_to_image) else 1
 
 
-def _caption_positions(searcher: Searcher, emb: Embedded) -> dict[str, int]:
-    """Index caption id -> position of a dataset caption of the same item (any will do)."""
-    first = {}
-    for pos, owner in enumerate(emb.text_to_image):
-        first.setdefault(int(owner), pos)
-    out = {}
-    for i, item_id in enumerate(emb.item_ids):
-        item = searcher.store.item(item_id) or {}
-        for cap in item.get("captions", []):
-            if i in first:
-                out[cap["id"]] = first[i]
-    return out
+def built_index_row(searcher: Searcher, emb: Embedded, ks, max_k: int) -> Row:
+    """Evaluate through the built index's query path, `Searcher.search_many` (the dataset's
+    embeddings as vector queries, plain cosine); its other items are distractors. Image->text
+    ranks items by their best caption, as a search by image answers."""
+    position = {item_id: i for i, item_id in enumerate(emb.item_ids)}
+    # An item's position -> a dataset caption of it (any will do: correctness is by owner).
+    first_caption = np.full(len(emb.image) + 1, -2, dtype=np.int64)  # [-1]: not in the dataset
+    owners, firsts = np.unique(emb.text_to_image, return_index=True)
+    first_caption[owners] = firsts
+    t2i = _query_path_hits(searcher, emb.text, "images", max_k, position)
+    items, scores = _query_path_hits(searcher, emb.image, "captions", max_k, position)
+    i2t = (np.where(items >= 0, first_caption[items], items), scores)
+    return _rows_from_hits(f"index {searcher.images.factory} (built)", t2i, i2t, emb, ks, max_k)
+
+
+def _query_path_hits(searcher: Searcher, queries: np.ndarray, target: str, max_k: int, position):
+    """(Q, max_k + 1) dataset positions of the items each query finds (-1: none, -2: not in the
+    dataset) and their scores, in batches of `QUERY_BATCH`."""
+    k = max_k + 1
+    pos = np.full((len(queries), k), -1, dtype=np.int64)
+    scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    for start in range(0, len(queries), QUERY_BATCH):
+        batch = queries[start : start + QUERY_BATCH]
+        requests = [Request(Query(vector=q), k=k, target=target) for q in batch]
+        for q, answer in enumerate(searcher.search_many(requests), start):
+            found = answer["results"]
+            pos[q, : len(found)] = [position.get(r["id"], -2) for r in found]
+            scores[q, : len(found)] = [r["score"] for r in found]
+    return pos, scores
 
 
 def _row_from_ranks(name: str, t2i, i2t, ks, max_k: int) -> Row:

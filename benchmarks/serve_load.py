@@ -59,6 +59,7 @@ from retrieval.model.spec import SHIPPED_MODEL, ModelSpec
 CLIENTS = (1, 8, 32, 128)
 TARGET_SPEEDUP = 3.0  # batched / one-at-a-time requests/s at 32 clients, ViT-B-32
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+PROBES = 20  # requests drawn for the answer comparison (their text queries are sent)
 _PCTS = {"p50": 50, "p90": 90, "p99": 99, "max": 100}
 
 
@@ -118,7 +119,9 @@ def _jobs(corpus: Path, n: int, seed: int, peer: bool) -> list[dict]:
 
 
 async def _load(url: str, path: str, jobs: list[dict], clients: int):
-    latencies: list[float] = []
+    """Seconds per request (in the order sent, text or image: "image" in the job), errors,
+    and the wall-clock seconds of the whole load."""
+    latencies: list[tuple[bool, float]] = []
     errors: list[str] = []
     queue: asyncio.Queue = asyncio.Queue()
     for job in jobs:
@@ -136,7 +139,7 @@ async def _load(url: str, path: str, jobs: list[dict], clients: int):
                         errors.append(f"{r.status_code}: {r.text[:100]}")
                 except httpx.HTTPError as e:
                     errors.append(repr(e))
-                latencies.append(time.perf_counter() - t)
+                latencies.append(("image" in job, time.perf_counter() - t))
 
         t = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
@@ -148,34 +151,59 @@ def _batches(url: str) -> dict[int, int]:
     return {int(k): v for k, v in sizes.items()}
 
 
-def measure(server: Server, corpus: Path, tmp: Path, args) -> list[dict]:
-    """One row per number of clients, all against one server process."""
+def measure(server: Server, corpus: Path, tmp: Path, args) -> tuple[list[dict], list[list]]:
+    """One row per number of clients, all against one server process; and the image paths
+    each of `PROBES` text queries finds (its top 10), to compare the servers' answers."""
     port, rows = _port(), []
     proc = _start(server, port, tmp / f"{server.name}.log")
     url, path = f"http://127.0.0.1:{port}", "/knn-service" if server.peer else "/search"
     try:
-        for job in _jobs(corpus, 3, 1, server.peer):  # warm-up: both kinds of query
+        for job in _jobs(corpus, 10, 1, server.peer):  # warm-up: both kinds of query
             httpx.post(url + path, json=job, timeout=300)
+        probes = [_paths(httpx.post(url + path, json=job, timeout=300).json()) for job in
+                  _jobs(corpus, PROBES, 2, server.peer) if "text" in job]  # fmt: skip
         for clients in args.clients:
             n = max(args.min_requests, args.per_client * clients)
             before = {} if server.peer else _batches(url)
-            lat, errors, wall = asyncio.run(
-                _load(url, path, _jobs(corpus, n, 0, server.peer), clients)
-            )
+            jobs, cpu = _jobs(corpus, n, 0, server.peer), time.process_time()
+            lat, errors, wall = asyncio.run(_load(url, path, jobs, clients))
+            cpu = time.process_time() - cpu  # the clients' own: they share the 2 cores
             sizes = {} if server.peer else _delta(_batches(url), before)
-            ms = np.array(lat) * 1000
+            ms = np.array([t for _, t in lat]) * 1000
+            image_ms = np.array([t for image, t in lat if image]) * 1000
             rows.append({
                 "server": server.name, "clients": clients, "requests": n, "errors": len(errors),
                 "error_samples": errors[:3], "requests_per_s": round(n / wall, 1),
-                "latency_ms": {p: round(float(np.percentile(ms, q)), 1) for p, q in _PCTS.items()},
-                "batch_sizes": sizes,
+                "latency_ms": _percentiles(ms), "image_latency_ms": _percentiles(image_ms),
+                "client_cpu_share": round(cpu / wall, 2), "batch_sizes": sizes,
                 "mean_batch": _mean(sizes),
             })  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
+        for row in rows:  # the server process's peak resident memory over every load
+            row["server_peak_rss_mib"] = _peak_rss(proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    return rows
+    return rows, probes
+
+
+def _paths(answer) -> list[str]:
+    """The image paths of an answer, ours (a dict) or clip-retrieval's (a list)."""
+    if isinstance(answer, dict):
+        return [r["path"] for r in answer["results"]]
+    return [r.get("image_path") for r in answer]
+
+
+def _peak_rss(pid: int) -> float:
+    """VmHWM of ``pid`` in MiB (the Flask peer's own process; children not counted)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+def _percentiles(ms: np.ndarray) -> dict[str, float]:
+    return {p: round(float(np.percentile(ms, q)), 1) for p, q in _PCTS.items()} if len(ms) else {}
 
 
 def _mean(sizes: dict[int, int]) -> float:
@@ -187,9 +215,10 @@ def _delta(after: dict[int, int], before: dict[int, int]) -> dict[int, int]:
     return {k: v for k, v in sorted(out.items()) if v}
 
 
-def _ours(name: str, root: Path, batched: bool) -> Server:
+def _ours(name: str, root: Path, batched: bool, extra: list[str]) -> Server:
     cmd = [sys.executable, "-m", "retrieval.cli", "serve", "bench", "--index-dir", str(root)]
-    cmd += ["--cache-size", "0", "--show-paths"] + ([] if batched else ["--max-batch", "1"])
+    cmd += ["--cache-size", "0", "--show-paths", *extra]
+    cmd += [] if batched else ["--max-batch", "1"]
     return Server(name, cmd, "/health")
 
 
@@ -222,11 +251,20 @@ def run_model(model: str, args, tmp: Path) -> dict:
     encoder = Encoder.load(spec, device="cpu")
     build(corpus, "bench", BuildConfig(progress=False), root, encoder=encoder)
     del encoder
-    servers = [_ours("batched", root, True), _ours("one-at-a-time", root, False)]
+    extra = args.serve_args.split()
+    servers = [_ours("batched", root, True, extra), _ours("one-at-a-time", root, False, extra)]
     if model == "vit-b-32" and args.clip_retrieval:
         servers.append(_peer(args.clip_retrieval, root, ckpt, tmp))
-    rows = [row for s in servers for row in measure(s, corpus, tmp, args)]
-    return {"model": model, "rows": rows}
+    measured = [measure(s, corpus, tmp, args) for s in servers]
+    ours = measured[0][1]
+    same = [sum(a == b for a, b in zip(ours, p, strict=True)) for _, p in measured]
+    return {
+        "model": model,
+        "rows": [row for rows, _ in measured for row in rows],
+        "identical_top10_of_probes": {
+            s.name: f"{n}/{len(ours)}" for s, n in zip(servers, same, strict=True)
+        },
+    }
 
 
 def main() -> None:
@@ -237,6 +275,7 @@ def main() -> None:
     ap.add_argument("--min-requests", type=int, default=60)
     ap.add_argument("--items", type=int, default=400, help="demo corpus size")
     ap.add_argument("--clip-retrieval", type=Path, default=None, help="its executable")
+    ap.add_argument("--serve-args", default="", help="more `retrieval serve` flags, e.g. tuning")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]

@@ -134,14 +134,14 @@ def create_app(searcher: Searcher, config: ServeConfig | None = None) -> FastAPI
 
     @app.post("/search", openapi_extra=_search_openapi())
     async def search(request: Request) -> JSONResponse:
-        with batcher.arriving():
+        with batcher.arriving() as submit:
             fields, raw = await _read_query(request, config.max_upload_bytes)
             req = _validate(fields, config.max_k)
             if raw is None and req.image_id is None:
                 job = _job(req, _query(current(), req, None, config.max_pixels))
             else:  # decoding must not hold up the event loop, nor the batch's encoding
                 job = await run_in_threadpool(_prepared_job, current(), req, raw, config)
-            future = batcher.submit(job)
+            future = submit(job)
         searcher, out = await _answer(future)
         for r in out["results"]:
             r["image_url"] = _image_url(r["id"])

@@ -51,21 +51,36 @@ class Batcher:
         self._thread.start()
 
     @contextlib.contextmanager
-    def arriving(self) -> Iterator[None]:
-        """Around a request's reading and preparing: the worker may wait for it to join."""
+    def arriving(self) -> Iterator[Callable[[Request], Future]]:
+        """Around a request's reading and preparing, while the worker may wait for it to join;
+        gives the ``submit`` that queues it and ends its arrival at once (a worker that took
+        it must not wait for it)."""
         with self._ready:
             self._arriving += 1
+        queued = False
+
+        def submit(request: Request) -> Future:
+            nonlocal queued
+            arrived, queued = not queued, True  # its arrival ends in the queue's own step
+            return self._queue_locked(request, arrived)
+
         try:
-            yield
+            yield submit
         finally:
-            with self._ready:
-                self._arriving -= 1
-                self._ready.notify()
+            if not queued:
+                with self._ready:
+                    self._arriving -= 1
+                    self._ready.notify()
 
     def submit(self, request: Request) -> Future:
         """A future of ``(searcher, answer)``; its exception is the request's one-line error."""
+        return self._queue_locked(request, False)
+
+    def _queue_locked(self, request: Request, arrived: bool) -> Future:
         future: Future = Future()
         with self._ready:
+            if arrived:  # one step: never seen both queued and still arriving
+                self._arriving -= 1
             if self._closed:
                 raise RuntimeError("the server is shutting down")
             self._queue.append((request, future))

@@ -145,6 +145,9 @@ def test_the_batcher_gathers_requests_on_their_way_in(demo):
         lone = batcher.submit(Request(Query(text="blue"), k=2))
         _, answer = lone.result(timeout=30)  # nothing else in flight: no waiting for company
         _same(answer, demo.search(Query(text="blue"), k=2))
+        with batcher.arriving() as submit:  # a request's own arrival ends as it is queued
+            _, answer = submit(Request(Query(text="blue"), k=2)).result(timeout=30)
+        _same(answer, demo.search(Query(text="blue"), k=2))
         with batcher.arriving():  # a request being read: the worker waits for those queued
             futures = [batcher.submit(Request(Query(text=t), k=3)) for t in TEXTS * 2 + TEXTS[:2]]
         answers = [f.result(timeout=60)[1] for f in futures]
@@ -156,7 +159,7 @@ def test_the_batcher_gathers_requests_on_their_way_in(demo):
     for t, got in zip(TEXTS * 2 + TEXTS[:2], answers, strict=True):
         _same(got, demo.search(Query(text=t), k=3))
     stats = batcher.stats()
-    assert stats.sizes == {1: 2, 4: 2, 2: 1} and stats.requests == 12 and stats.batches == 5
+    assert stats.sizes == {1: 3, 4: 2, 2: 1} and stats.requests == 13 and stats.batches == 6
     with pytest.raises(RuntimeError, match="shutting down"):
         batcher.submit(Request(Query(text="blue")))
 

@@ -164,6 +164,27 @@ def test_the_batcher_gathers_requests_on_their_way_in(demo):
         batcher.submit(Request(Query(text="blue")))
 
 
+def test_a_request_whose_client_went_away_is_dropped(demo):
+    entered, gate = threading.Event(), threading.Event()
+
+    def searchers() -> Searcher:  # holds the worker in its first batch until the gate opens
+        entered.set()
+        gate.wait(60)
+        return demo
+
+    batcher = Batcher(searchers, max_batch=8, wait_ms=0)
+    try:
+        first = batcher.submit(Request(Query(text="blue"), k=1))
+        assert entered.wait(30)
+        gone, kept = (batcher.submit(Request(Query(text=t), k=1)) for t in TEXTS[:2])
+        assert gone.cancel()  # still queued: cancellable, as asyncio cancels a dropped request
+        gate.set()
+        assert first.result(timeout=30)[1]["results"] and kept.result(timeout=30)[1]["results"]
+    finally:
+        batcher.close()
+    assert gone.cancelled() and batcher.stats().requests == 2
+
+
 def test_one_at_a_time_keeps_the_order_of_arrival(demo):
     batcher = Batcher(lambda: demo, max_batch=1, wait_ms=5)
     order: list[str] = []

@@ -102,29 +102,43 @@ class Batcher:
 
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
-            self._answer(batch)
+            try:
+                self._answer(batch)
+            except Exception as e:  # the worker must outlive any batch: its requests get 500s
+                log.exception("a batch of %d searches failed", len(batch))
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(e)
 
     def _take(self) -> list[tuple[Request, Future]] | None:
-        """The next batch (None once closed and drained)."""
+        """The next batch (None once closed and drained; empty when every request taken had
+        been cancelled)."""
         with self._ready:
             while not self._queue and not self._closed:
                 self._ready.wait()
             if not self._queue:
                 return None
-            batch = [self._queue.popleft()]
+            batch: list[tuple[Request, Future]] = []
             deadline = time.monotonic() + self.wait_ms / 1000
             while len(batch) < self.max_batch:
                 if self._queue:
-                    batch.append(self._queue.popleft())
+                    request, future = self._queue.popleft()
+                    # A client that went away cancelled its future: drop it; from here on a
+                    # future cannot be cancelled.
+                    if future.set_running_or_notify_cancel():
+                        batch.append((request, future))
                     continue
                 left = deadline - time.monotonic()
                 if not self._arriving or left <= 0 or self._closed:
                     break
                 self._ready.wait(left)
-            self._sizes[len(batch)] += 1
+            if batch:
+                self._sizes[len(batch)] += 1
             return batch
 
     def _answer(self, batch: list[tuple[Request, Future]]) -> None:
+        if not batch:
+            return
         searcher = self.searchers()
         requests = [r for r, _ in batch]
         try:

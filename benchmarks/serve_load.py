@@ -177,7 +177,8 @@ async def _load(port: int, path: str, jobs: list[dict], clients: int):
 
 
 def _batches(url: str) -> dict[int, int]:
-    sizes = httpx.get(f"{url}/stats", timeout=30).json()["batching"]["sizes"]
+    stats = httpx.get(f"{url}/stats", timeout=30).json()
+    sizes = stats.get("batching", {}).get("sizes", {})  # none before batching existed
     return {int(k): v for k, v in sizes.items()}
 
 
@@ -252,6 +253,14 @@ def _ours(name: str, root: Path, batched: bool, extra: list[str]) -> Server:
     return Server(name, cmd, "/health")
 
 
+def _before(tree: Path, root: Path) -> Server:
+    """`retrieval serve` from another source tree (``--before``: a checkout of an earlier
+    commit), same interpreter and packages; flags it lacks are left out."""
+    cmd = ["env", f"PYTHONPATH={tree}", sys.executable, "-m", "retrieval.cli", "serve", "bench"]
+    cmd += ["--index-dir", str(root), "--show-paths"]
+    return Server(f"before ({tree.name})", cmd, "/health")
+
+
 def _peer(exe: Path, root: Path, ckpt: Path, tmp: Path) -> Server:
     """clip-retrieval back over our export of index ``bench``, indexed by clip-retrieval."""
     export("bench", tmp / "export", ExportConfig(), root)
@@ -283,6 +292,8 @@ def run_model(model: str, args, tmp: Path) -> dict:
     del encoder
     extra = args.serve_args.split()
     servers = [_ours("batched", root, True, extra), _ours("one-at-a-time", root, False, extra)]
+    if args.before:
+        servers.append(_before(args.before, root))
     if model == "vit-b-32" and args.clip_retrieval:
         servers.append(_peer(args.clip_retrieval, root, ckpt, tmp))
     measured = [measure(s, corpus, tmp, args) for s in servers]
@@ -305,6 +316,7 @@ def main() -> None:
     ap.add_argument("--min-requests", type=int, default=60)
     ap.add_argument("--items", type=int, default=400, help="demo corpus size")
     ap.add_argument("--clip-retrieval", type=Path, default=None, help="its executable")
+    ap.add_argument("--before", type=Path, default=None, help="a source tree to compare with")
     ap.add_argument("--serve-args", default="", help="more `retrieval serve` flags, e.g. tuning")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()

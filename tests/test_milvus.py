@@ -26,6 +26,7 @@ from retrieval.index.build import build
 from retrieval.index.config import BuildConfig, ExportConfig
 from retrieval.index.export import export
 from retrieval.index.milvus import collections as coll
+from retrieval.index.milvus.backend import grace_s
 from retrieval.index.milvus.client import connect
 from retrieval.index.milvus.where import FIELD, expression, filter_doc
 from retrieval.index.repair import rollback
@@ -332,6 +333,17 @@ def test_an_unreachable_milvus_is_one_line(tmp_path, monkeypatch):
     assert len(line.splitlines()) == 1 and "cannot use Milvus at http://127.0.0.1:9" in line
     assert "secret-token" not in line and "Traceback" not in line
     assert not (tmp_path / "ix" / "x").exists()
+
+
+def test_writers_wait_out_the_staleness_window_the_server_is_configured_with(monkeypatch):
+    monkeypatch.delenv(coll.GRACEFUL_ENV, raising=False)
+    assert grace_s("http://milvus:19530") == 5.0  # Milvus's default common.gracefulTime
+    monkeypatch.setenv(coll.GRACEFUL_ENV, "1000")
+    assert grace_s("http://milvus:19530") == 1.0
+    monkeypatch.setenv(coll.GRACEFUL_ENV, "1s")
+    with pytest.raises(RetrievalError, match=coll.GRACEFUL_ENV):
+        grace_s("http://milvus:19530")
+    assert grace_s(".milvus/x.db") == 0.0  # milvus-lite's reads are current
 
 
 # --- a writer killed ------------------------------------------------------------------------

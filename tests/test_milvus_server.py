@@ -5,6 +5,7 @@ started here on a free port): HTTP URIs, HNSW, aliases, two `serve` processes re
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -36,6 +37,17 @@ from retrieval.query.search import Query, Searcher  # noqa: E402
 
 CONFIG = BuildConfig(progress=False, workers=0, shard_size=16, batch_size=16)
 TINY = ["--model", "tiny-vit", "--random-init", "--no-progress", "--workers", "0"]
+GRACEFUL_MS = 1000  # the test server's Bounded staleness; writers wait it out on every change
+# The test server's settings beyond the package's defaults, each to spend less time waiting:
+SERVER_CONFIG = {
+    # Bounded reads lag at most 1 s (Milvus's default: 5 s); the engine is told so through
+    # $RETRIEVAL_MILVUS_GRACEFUL_MS, which the `server` fixture sets for this module.
+    "common.gracefulTime": GRACEFUL_MS,
+    # A killed server's sessions expire after 10 s (30 s): its successor serves reads sooner.
+    "common.session.ttl": 10,
+    # Row allocations in a segment expire after 200 ms (2 s), which a flush waits out.
+    "dataCoord.segment.assignmentExpiration": 200,
+}
 
 
 def _free_port() -> int:
@@ -52,10 +64,32 @@ def server(tmp_path_factory):
             pytest.fail("another Milvus server runs here (its etcd holds port 2380): stop it")
     ports = {k: _free_port() for k in milvus.MilvusServer().config_keys if k.endswith("_port")}
     srv = milvus.MilvusServer(**ports)
-    srv.set_base_dir(str(tmp_path_factory.mktemp("milvus-data")))
-    srv.start()
-    yield f"http://127.0.0.1:{srv.listen_port}", srv
-    srv.stop()
+    data = tmp_path_factory.mktemp("milvus-data")
+    srv.set_base_dir(str(data))
+    for key, value in SERVER_CONFIG.items():
+        srv.config.set(key, value)
+    # Set for this module's engine calls and the commands it starts (they inherit os.environ).
+    before = os.environ.get(coll.GRACEFUL_ENV)
+    os.environ[coll.GRACEFUL_ENV] = str(GRACEFUL_MS)
+    try:
+        srv.start()
+        _check_configured(data / "configs" / "milvus.yaml")
+        yield f"http://127.0.0.1:{srv.listen_port}", srv
+    finally:
+        srv.stop()
+        if before is None:
+            os.environ.pop(coll.GRACEFUL_ENV, None)
+        else:
+            os.environ[coll.GRACEFUL_ENV] = before
+
+
+def _check_configured(config: Path) -> None:
+    """The server's configuration file holds `SERVER_CONFIG` (the package writes each key only
+    where its template has the line): a staleness the engine is not told of would be unsafe."""
+    text = config.read_text()
+    for key, value in SERVER_CONFIG.items():
+        leaf = key.rsplit(".", 1)[1]
+        assert re.search(rf"^ +{leaf}: {value}\b", text, re.M), f"{key} not set in {config}"
 
 
 def _ids(root: Path, name: str, encoder) -> list[str]:
@@ -121,6 +155,7 @@ def test_two_servers_read_while_an_add_writes(tmp_path, server, encoder):
     seen: list[frozenset] = []
     errors: list[str] = []
     stop = threading.Event()
+    fresh = {url: threading.Event() for _, url in servers}  # set once it shows all 90 items
 
     def poll(url: str) -> None:
         with httpx.Client(base_url=url, timeout=60) as c:
@@ -129,14 +164,18 @@ def test_two_servers_read_while_an_add_writes(tmp_path, server, encoder):
                 if r.status_code != 200:
                     errors.append(r.text)
                 else:
-                    seen.append(frozenset(x["id"] for x in r.json()["results"]))
+                    ids = frozenset(x["id"] for x in r.json()["results"])
+                    seen.append(ids)
+                    if len(ids) == 90:
+                        fresh[url].set()
 
     pollers = [threading.Thread(target=poll, args=(url,)) for _, url in servers]
     try:
         for t in pollers:
             t.start()
         lifecycle.add(b, "shared", root, CONFIG, encoder=encoder)
-        time.sleep(1.5)  # both servers answer from the new state too
+        for url, answered in fresh.items():  # both servers answer from the new state too
+            assert answered.wait(timeout=60), f"{url} never answered with the added items"
     finally:
         stop.set()
         for t in pollers:
@@ -151,29 +190,49 @@ def test_two_servers_read_while_an_add_writes(tmp_path, server, encoder):
 
 
 def test_the_lock_holds_between_two_machines_folders(tmp_path, server, encoder):
-    # Two index folders (two machines' copies of the manifest) on one server's collections:
-    # their file locks are independent, so only Milvus's lock row keeps the writers apart.
+    # Index folders (machines' copies of the manifest) on one server's collections: their file
+    # locks are independent, so only Milvus's lock row keeps the writers apart.
     uri, _ = server
     a = synthetic.generate(tmp_path / "a", n=20, seed=4)
     b = synthetic.generate(tmp_path / "b", n=30, seed=5)
-    one, two = tmp_path / "machine1", tmp_path / "machine2"
+    one, two, three = (tmp_path / f"machine{i}" for i in (1, 2, 3))
     build(a, "team", replace(CONFIG, backend="milvus", milvus_uri=uri), one, encoder=encoder)
     shutil.copytree(one, two, symlinks=True)
+    shutil.copytree(one, three, symlinks=True)
     add = [sys.executable, "-m", "retrieval.cli", "add", "team", str(b), *TINY, "--index-dir"]
     client = connect(uri)
     names = coll.Names(coll.base_name("team"))
     with lock(client, names):  # machine 1 is changing the index
-        refused = subprocess.run([*add, str(two)], capture_output=True, text=True, timeout=300)
-        assert refused.returncode == 1, refused.stderr
-        assert "are being changed by" in refused.stderr and "Traceback" not in refused.stderr
+        # Machines 2 and 3 start at once (each spends most of its time loading the engine);
+        # each holds its own folder's file lock, so only the lock row stops either.
         waiting = subprocess.Popen(
             [*add, str(two), "--wait", "120"], stderr=subprocess.PIPE, text=True
         )
-        time.sleep(8)  # the second writer is waiting for the lock now
+        said, told = _watch(waiting.stderr, "waiting up to 120s")
+        refused = subprocess.run([*add, str(three)], capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 1, refused.stderr
+        assert "are being changed by" in refused.stderr and "Traceback" not in refused.stderr
+        assert told.wait(timeout=120), "".join(said)  # the second writer waits for the lock
         assert waiting.poll() is None
     client.close()
-    assert waiting.wait(timeout=300) == 0, waiting.stderr.read()
+    assert waiting.wait(timeout=300) == 0, "".join(said)
     assert len(_ids(one, "team", encoder)) == 20 + 30 == len(_ids(two, "team", encoder))
+
+
+def _watch(stream, text: str) -> tuple[list[str], threading.Event]:
+    """The lines of ``stream`` as they come (read to its end in a thread, so the writer never
+    blocks on a full pipe), and an event set once a line holds ``text``."""
+    lines: list[str] = []
+    seen = threading.Event()
+
+    def read() -> None:
+        for line in stream:
+            lines.append(line)
+            if text in line:
+                seen.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines, seen
 
 
 def test_a_machine_whose_manifest_names_another_model_is_told_so(tmp_path, server, encoder):

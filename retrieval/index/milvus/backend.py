@@ -61,19 +61,23 @@ class Destination:
         return location(self.name, self.config)
 
     def publish(self) -> writer.Publish:
-        lite = is_lite(self.where.uri)
-        return writer.Publish(self.model, 0.0 if lite else coll.BOUNDED_STALENESS_S)
+        return writer.Publish(self.model, grace_s(self.where.uri))
+
+
+def grace_s(uri: str) -> float:
+    """How long a writer on ``uri`` waits before a reader may see its change (0: milvus-lite)."""
+    return 0.0 if is_lite(uri) else coll.bounded_staleness_s()
 
 
 def write_build(
     to: Destination, new: writer.Vectors, norms
 ) -> tuple[MilvusLocation, dict[str, IndexEntry]]:
     """Write a new version of the index into Milvus and switch readers to it."""
+    how = (to.config.index, to.publish())  # a bad $RETRIEVAL_MILVUS_GRACEFUL_MS fails here
     client = client_for(to.where, to.root)
     try:
         names = coll.Names(to.where.base)
         with lock(client, names, to.wait, lite=is_lite(to.where.uri)):
-            how = (to.config.index, to.publish())
             chosen = writer.build_version(client, names, new, norms, how).index_types
     finally:
         client.close()
@@ -114,9 +118,9 @@ def model_of(manifest: Manifest) -> str:
 def changing(manifest: Manifest, root: Path, wait: float = 0.0) -> Iterator[writer.Version]:
     """The current version, locked for one change, any dead writer's change cleaned up."""
     assert manifest.milvus is not None
+    grace = grace_s(manifest.milvus.uri)
     client = client_for(manifest.milvus, root)
     names = coll.Names(manifest.milvus.base)
-    grace = 0.0 if is_lite(manifest.milvus.uri) else coll.BOUNDED_STALENESS_S
     try:
         with lock(client, names, wait, lite=is_lite(manifest.milvus.uri)):
             yield writer.open_version(client, names, grace)
@@ -161,6 +165,7 @@ class RankBuild:
         self.to, self.root, self.where, self.leader = to, to.root, to.where, leader
         self.names = coll.Names(self.where.base)
         self.index = to.config.index
+        self.publish = to.publish()  # a bad $RETRIEVAL_MILVUS_GRACEFUL_MS fails before any write
         self.client = None
         self.created: writer.Build | None = None
 
@@ -191,7 +196,7 @@ class RankBuild:
     def finish(self, entries, captions: int) -> None:
         assert self.created is not None
         rows = (entries, captions)
-        writer.finish_version(self.client, self.names, self.created, rows, self.to.publish())
+        writer.finish_version(self.client, self.names, self.created, rows, self.publish)
 
     def described(self, items: int, captions: int) -> dict[str, IndexEntry]:
         assert self.created is not None

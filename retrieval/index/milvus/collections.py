@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -28,9 +29,13 @@ from .client import MilvusError, describe
 META_DIM = 2  # Milvus wants a vector field in every collection; the meta rows ignore it
 MAX_TEXT = 65_535  # Milvus's VARCHAR limit
 INDEX_TYPES = ("FLAT", "HNSW", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "AUTOINDEX", "GPU_CAGRA")
-# How stale a Bounded read may be: Milvus's common.gracefulTime (5000 ms by default). Writers
-# on a server wait this out (`retrieval.index.milvus.writer`); milvus-lite reads are current.
-BOUNDED_STALENESS_S = 5.0
+# How stale a Bounded read may be is the server's common.gracefulTime (5000 ms by default):
+# writers on a server wait it out (`retrieval.index.milvus.writer`), so the engine must know it.
+# A server configured otherwise is told to the engine with $RETRIEVAL_MILVUS_GRACEFUL_MS, never
+# less than the server's value (a shorter wait lets a reader see half a change; a longer one is
+# only slower). milvus-lite reads are current: no wait there.
+GRACEFUL_ENV = "RETRIEVAL_MILVUS_GRACEFUL_MS"
+DEFAULT_GRACEFUL_MS = 5000
 EXACT_BELOW = 50_000  # "auto": FLAT (exact) below this many vectors, HNSW from there
 
 
@@ -63,6 +68,20 @@ class Names:
         if not m:
             raise MilvusError(f"collection {items!r} is not a version of {self.base!r}")
         return int(m.group(1))
+
+
+def bounded_staleness_s() -> float:
+    """How stale a server's Bounded read may be, in seconds: $RETRIEVAL_MILVUS_GRACEFUL_MS (read
+    at each call, so a command follows its own environment), else Milvus's default."""
+    raw = os.environ.get(GRACEFUL_ENV, "").strip()
+    if not raw:
+        return DEFAULT_GRACEFUL_MS / 1000
+    if not re.fullmatch(r"[0-9]+", raw):
+        raise MilvusError(
+            f"${GRACEFUL_ENV} is {raw!r}: give the Milvus server's common.gracefulTime in "
+            f"whole milliseconds (unset: Milvus's default, {DEFAULT_GRACEFUL_MS})"
+        )
+    return int(raw) / 1000
 
 
 def base_name(name: str) -> str:
@@ -176,6 +195,18 @@ def search_params(index_type: str, fetch: int) -> dict[str, Any]:
 
 def _nlist(count: int) -> int:
     return max(1, min(4096, int(4 * count**0.5)))
+
+
+def create_loading(client, name: str, schema, params) -> None:
+    """Create the empty collection ``name`` with its vector index and start loading it, without
+    waiting: a load takes seconds on a server whatever the size (its coordinator checks once a
+    second), so a version's two collections load together, while its rows are written.
+    `ensure_loaded` waits for it."""
+    client.create_collection(name, schema=schema, consistency_level="Strong")
+    # Created once the call returns; with no rows there is nothing to build, so no waiting for
+    # the build (pymilvus polls it every 0.5 s).
+    client.create_index(name, params, sync=False)
+    client.load_collection(name, _async=True)
 
 
 def ensure_loaded(client, *collections: str) -> None:

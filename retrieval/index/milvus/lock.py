@@ -43,16 +43,7 @@ def lock(client, names: coll.Names, wait: float = 0.0, lite: bool = False) -> It
             yield
         return
     me = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    deadline = time.monotonic() + wait
-    while not _locked(client, names, me):
-        if time.monotonic() >= deadline:
-            with guard("reading the index's lock"):
-                held = coll.read_row(client, names, "lock") or {}
-            raise IndexBusyError(
-                f"index collections {names.base} are being changed by {held.get('owner', '?')}; "
-                "wait for it, or retry with --wait SECONDS"
-            )
-        time.sleep(0.5)
+    _take(client, names, me, wait)
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(client, names, me, stop), daemon=True)
     beat.start()
@@ -65,6 +56,27 @@ def lock(client, names: coll.Names, wait: float = 0.0, lite: bool = False) -> It
         with contextlib.suppress(Exception):  # the server gone: the lock goes stale
             if (coll.read_row(client, names, "lock") or {}).get("owner") == me:
                 coll.delete_row(client, names, "lock")
+
+
+def _take(client, names: coll.Names, me: str, wait: float) -> None:
+    """Take the lock as ``me``, waiting up to ``wait`` seconds for its holder."""
+    deadline, told = time.monotonic() + wait, False
+    while not _locked(client, names, me):
+        if time.monotonic() >= deadline:
+            raise IndexBusyError(
+                f"index collections {names.base} are being changed by {_owner(client, names)}; "
+                "wait for it, or retry with --wait SECONDS"
+            )
+        if not told:  # said once, as the FAISS backend's lock says it: waiting, not hung
+            owner = _owner(client, names)
+            log.warning("waiting up to %gs: %s is changing %s", wait, owner, names.base)
+            told = True
+        time.sleep(0.5)
+
+
+def _owner(client, names: coll.Names) -> str:
+    with guard("reading the index's lock"):
+        return (coll.read_row(client, names, "lock") or {}).get("owner", "?")
 
 
 def _locked(client, names: coll.Names, me: str) -> bool:

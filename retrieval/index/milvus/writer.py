@@ -120,7 +120,7 @@ def create_version(
     client, names: coll.Names, dim: int, counts: tuple[int, int], index: str
 ) -> Build:
     """The empty collections of the next version (``counts``: items and captions, for the
-    index choice); nothing reads them before `finish_version`."""
+    index choice), loading while rows are written; nothing reads them before `finish_version`."""
     with guard("creating the new collections"):
         coll.create_meta(client, names)
         done = coll.versions(client, names)
@@ -134,9 +134,7 @@ def create_version(
             if client.has_collection(name):  # left by a build that died: not published
                 client.drop_collection(name)
             params, chosen[kind] = coll.index_params(client, index, count)
-            client.create_collection(
-                name, schema=schema, index_params=params, consistency_level="Strong"
-            )
+            coll.create_loading(client, name, schema, params)
     return Build(items, chosen)
 
 
@@ -150,19 +148,10 @@ def insert_share(client, names: coll.Names, target: Build, new: Vectors, norms) 
 def finish_version(
     client, names: coll.Names, target: Build, rows: tuple[Sequence, int], publish: Publish
 ) -> None:
-    """Flush, record the state (``rows``: every item entry, and the caption count), wait
-    until no reader's view can miss a row, switch the aliases to the new version, and drop
-    every version but it and the one readers used until now (the way back)."""
-    entries, captions = rows
-    with guard("writing the new collections"):
-        for name in (target.items, names.captions_of(target.items)):
-            client.flush(name)
-        state = coll.State(
-            next_row=len(entries), next_caption=captions, items=len(entries), captions=captions,
-            model=publish.model,
-        ).with_fields({k for e in entries for k in e.extra})  # fmt: skip
-        coll.write_state(client, names, target.items, state)
-        time.sleep(publish.grace_s)
+    """Record the state (``rows``: every item entry, and the caption count), wait until no
+    reader's view can miss a row, switch the aliases to the new version, and drop every
+    version but it and the one readers used until now (the way back)."""
+    _ready(client, names, target, rows, publish)
     with guard("switching the aliases to the new version"):
         before = coll.current(client, names)
         coll.switch(client, names, target.items)
@@ -173,6 +162,27 @@ def finish_version(
                 client.drop_collection(old)
                 for key in coll.keys_of(client, names, old):
                     coll.delete_row(client, names, key)
+
+
+def _ready(
+    client, names: coll.Names, target: Build, rows: tuple[Sequence, int], publish: Publish
+) -> None:
+    """Write the new version's state row (after all of its rows), then flush and load its
+    collections while the staleness window after that write runs out: once this returns, a
+    reader that finds the version finds its state and every row, and searches it loaded."""
+    entries, captions = rows
+    collections = (target.items, names.captions_of(target.items))
+    with guard("writing the new collections"):
+        state = coll.State(
+            next_row=len(entries), next_caption=captions, items=len(entries), captions=captions,
+            model=publish.model,
+        ).with_fields({k for e in entries for k in e.extra})  # fmt: skip
+        coll.write_state(client, names, target.items, state)
+        written = time.monotonic()
+        for name in collections:
+            client.flush(name)  # sealed segments get their vector index built
+        coll.ensure_loaded(client, *collections)  # started by `create_version`
+    time.sleep(max(0.0, publish.grace_s - (time.monotonic() - written)))
 
 
 # --- changes --------------------------------------------------------------------------------

@@ -117,20 +117,7 @@ def create_app(searcher: Searcher, config: ServeConfig | None = None) -> FastAPI
     config = config or ServeConfig()
     current = _Latest(searcher)
     batcher = Batcher(current, config.max_batch, config.batch_wait_ms)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI):
-        yield
-        await run_in_threadpool(batcher.close)
-
-    app = FastAPI(
-        title="retrieval",
-        version=__version__,
-        summary="Search images by text & image",
-        lifespan=lifespan,
-    )
-    app.state.batcher = batcher
-    _add_error_handlers(app)
+    app = _application(batcher)
 
     @app.post("/search", openapi_extra=_search_openapi())
     async def search(request: Request) -> JSONResponse:
@@ -178,6 +165,21 @@ def create_app(searcher: Searcher, config: ServeConfig | None = None) -> FastAPI
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _application(batcher: Batcher) -> FastAPI:
+    """The bare application, its error handlers, and ``batcher`` stopped when it shuts down."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        await run_in_threadpool(batcher.close)
+
+    summary = "Search images by text & image"
+    app = FastAPI(title="retrieval", version=__version__, summary=summary, lifespan=lifespan)
+    app.state.batcher = batcher
+    _add_error_handlers(app)
     return app
 
 

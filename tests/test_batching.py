@@ -20,6 +20,7 @@ from retrieval.index.config import BuildConfig
 from retrieval.model.encoder import Encoder
 from retrieval.model.spec import SHIPPED_MODEL, ModelSpec
 from retrieval.model.tokens import text_tokens, trimmed
+from retrieval.query import ranking
 from retrieval.query.cache import EmbeddingCache
 from retrieval.query.ranking import STRATEGIES
 from retrieval.query.search import Query, QueryTerm, Request, Searcher
@@ -287,3 +288,42 @@ def test_a_hugging_face_tower_without_its_padding_gives_the_same_features():
     with torch.inference_mode():
         full = torch.nn.functional.normalize(encoder.model.encode_text(tokens), dim=-1)
     np.testing.assert_allclose(encoder.encode_texts(texts), full.numpy(), atol=1e-5)
+
+
+class _OneFilterFails:
+    """The index's own space, whose backend refuses one filter (as Milvus may refuse an
+    expression): only the requests with that filter may fail."""
+
+    def __init__(self, space) -> None:
+        self.space, self.beta = space, space.beta
+
+    def __getattr__(self, name: str):
+        return getattr(self.space, name)
+
+    def nearest_items(self, vecs, fetch, allowed):
+        if isinstance(allowed, str):
+            raise SearchError("the backend refused this filter")
+        return self.space.nearest_items(vecs, fetch, allowed)
+
+
+def test_a_failing_search_fails_only_its_own_requests(demo):
+    terms = [ranking.Term("t", demo.embed(QueryTerm(text=t))) for t in TEXTS[:2]]
+    jobs = [ranking.Job([t], ranking.Options(k=3)) for t in terms]
+    jobs.insert(1, ranking.Job([terms[0]], ranking.Options(k=3), allowed="refused"))
+    out = ranking.run_many(_OneFilterFails(demo.space), jobs)
+    assert isinstance(out[1], SearchError) and "refused" in str(out[1])
+    for got, job in zip([out[0], out[2]], [jobs[0], jobs[2]], strict=True):
+        want = ranking.run(demo.space, job.terms, job.options)
+        assert [h.item for h in got] == [h.item for h in want]
+    listed = demo.search_many([Request(Query(text="blue"), where=["relation=above"])])[0]
+    assert listed["where"] == ["relation=above"]  # a list, as Python callers may give
+
+
+def test_an_end_token_that_is_also_padding_keeps_the_padding(tmp_path):
+    config = tmp_path / "eos.json"
+    config.write_text(json.dumps(TOWERS["TextTransformer, padding mask"]))
+    model = _model(config)
+    model.text.use_pad_mask, model.text.pool_type = True, "eos"
+    model.text.eos_id = model.text.pad_id  # the longest text's end would look like padding
+    tokens = open_clip.get_tokenizer("ViT-B-32", context_length=20)(["a red circle", "blue"])
+    assert trimmed(model, tokens).shape == tokens.shape

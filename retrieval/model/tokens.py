@@ -61,13 +61,21 @@ def _pad_id(model: torch.nn.Module) -> int | None:
     text = getattr(model, "text", None)
     if text is None and hasattr(model, "token_embedding"):  # open_clip's built-in text tower
         causal = getattr(model, "attn_mask", None) is not None
-        return 0 if causal and model.text_pool_type in _POOLS_A_TEXT_TOKEN else None
+        pool, eos = model.text_pool_type, getattr(model, "text_eos_id", None)
+        return 0 if causal and _pools_text(pool, eos, 0) else None
     if isinstance(text, TextTransformer) and text.cls_emb is None:  # CoCa's class token: last
         masked = text.attn_mask is not None or text.use_pad_mask
-        return text.pad_id if masked and text.pool_type in _POOLS_A_TEXT_TOKEN else None
+        eos = getattr(text, "eos_id", None)
+        return text.pad_id if masked and _pools_text(text.pool_type, eos, text.pad_id) else None
     if type(text).__name__ == "HFTextEncoder":  # attends through the padding mask
         return text.config.pad_token_id
     return None
+
+
+def _pools_text(pool: str, eos: int | None, pad: int) -> bool:
+    """Whether the pooling reads a text token that trimming keeps: an end token equal to the
+    padding id would be cut from the longest text."""
+    return pool in _POOLS_A_TEXT_TOKEN and not (pool == "eos" and eos == pad)
 
 
 def trimmed(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:

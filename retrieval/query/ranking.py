@@ -230,8 +230,8 @@ def run(space: Space, terms: list[Term], options: Options, allowed: Any = None) 
 
 def run_many(space: Space, jobs: list[Job]) -> list[list[Hit] | SearchError]:
     """Each job's hits, as `run` gives them, or its one-line error. Candidates come from one
-    batched search per (side, fetch, filter) across the jobs; the rest is per job. A failure
-    of the backend itself is raised: it concerns every job."""
+    batched search per (side, fetch, filter) across the jobs, whose failure is the error of
+    the jobs in it only; the rest is per job."""
     plans: list[_Plan | SearchError] = []
     for job in jobs:
         try:
@@ -245,6 +245,10 @@ def run_many(space: Space, jobs: list[Job]) -> list[list[Hit] | SearchError]:
             out.append(plan)
             continue
         pool = [pools[id(plan), n] for n in range(len(plan.signals))]
+        failed = next((rows for rows in pool if isinstance(rows, SearchError)), None)
+        if failed is not None:
+            out.append(failed)
+            continue
         try:
             out.append(_ranked(space, plan, pool))
         except SearchError as e:
@@ -267,9 +271,9 @@ def _plan(job: Job) -> _Plan:
     return _Plan(job, terms, signals, k, fetch)
 
 
-def _gather(space: Space, plans: list[_Plan]) -> dict[tuple[int, int], np.ndarray]:
-    """Candidate item rows per (plan, signal): the signals that search the same side with the
-    same fetch and filter go to the backend as one batch of queries."""
+def _gather(space: Space, plans: list[_Plan]) -> dict[tuple[int, int], Any]:
+    """Candidate item rows per (plan, signal), or the SearchError of their search: the signals
+    that search the same side with the same fetch and filter go to the backend as one batch."""
     groups: dict[tuple, list[tuple[_Plan, int]]] = {}
     for plan in plans:
         for n, (_, name, _) in enumerate(plan.signals):
@@ -281,14 +285,27 @@ def _gather(space: Space, plans: list[_Plan]) -> dict[tuple[int, int], np.ndarra
         allowed = members[0][0].job.allowed
         vecs = np.concatenate([plan.signals[n][0].vector for plan, n in members])
         nearest = space.nearest_items if side == "i" else space.nearest_captions
-        for (plan, n), rows in zip(members, nearest(vecs, fetch, allowed), strict=True):
-            if side == "t":  # several captions of one item collapse into one candidate
-                rows = np.unique(rows)
-                if len(rows) < plan.k and fetch < space.caption_count(allowed):
-                    vec = plan.signals[n][0].vector
-                    rows = candidates(space, vec, side, plan.k, fetch * 4, allowed)
+        try:
+            found = nearest(vecs, fetch, allowed)
+        except SearchError as e:  # this group's requests fail, and only they
+            found = [e] * len(members)
+        for (plan, n), rows in zip(members, found, strict=True):
+            if side == "t" and not isinstance(rows, SearchError):
+                rows = _distinct_items(space, plan, n, rows, (fetch, allowed))
             pools[id(plan), n] = rows
     return pools
+
+
+def _distinct_items(space: Space, plan: _Plan, n: int, rows: np.ndarray, search) -> np.ndarray:
+    """Several captions of one item collapse into one candidate: fetch more while fewer than k
+    items came back (``search``: the batch's fetch and filter); its failure is the result."""
+    (fetch, allowed), rows = search, np.unique(rows)
+    if len(rows) < plan.k and fetch < space.caption_count(allowed):
+        try:
+            return candidates(space, plan.signals[n][0].vector, "t", plan.k, fetch * 4, allowed)
+        except SearchError as e:
+            return e
+    return rows
 
 
 def _ranked(space: Space, plan: _Plan, pool: list[np.ndarray]) -> list[Hit]:

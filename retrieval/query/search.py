@@ -277,7 +277,7 @@ class Searcher:
             p.pairing = rerank_module.check(r.rerank, p.terms, p.target)
 
     def _allow(self, p: _Pending) -> None:
-        p.allowed = self._filter(p.request.where)
+        p.allowed = self._filter(tuple(p.request.where))  # a list from Python callers too
 
     def _embed(self, pending: list[_Pending]) -> None:
         """Every term's vector: one batch for the plain requests, a pass of its own (with the

@@ -128,7 +128,10 @@ def create_app(searcher: Searcher, config: ServeConfig | None = None) -> FastAPI
                 job = _job(req, _query(current(), req, None, config.max_pixels))
             else:  # decoding must not hold up the event loop, nor the batch's encoding
                 job = await run_in_threadpool(_prepared_job, current(), req, raw, config)
-            future = submit(job)
+            try:
+                future = submit(job)
+            except RuntimeError as e:  # closed: the server is shutting down
+                raise ApiError(503, str(e)) from None
         searcher, out = await _answer(future)
         for r in out["results"]:
             r["image_url"] = _image_url(r["id"])
@@ -430,6 +433,11 @@ def _describe(query: dict[str, Any], image_id: str) -> dict[str, Any]:
 
 def _stats(searcher: Searcher, batcher: Batcher) -> dict[str, Any]:
     m, batches, cache = searcher.manifest, batcher.stats(), searcher.cache.stats()
+    if m.milvus is not None:  # this thread's snapshot: searches refresh only the batch worker's
+        try:
+            searcher.space.refresh()
+        except SearchError as e:
+            raise ApiError(503, str(e)) from None
     return {
         "name": m.name,
         "model": m.model,

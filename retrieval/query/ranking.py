@@ -183,20 +183,6 @@ class _Plan:
     fetch: int
 
 
-def candidates(
-    space: Space, vec: np.ndarray, side: str, k: int, fetch: int, allowed: Any
-) -> np.ndarray:
-    """Item rows among the top hits of one signal: at least ``k`` items unless exhausted."""
-    if side == "i":
-        return space.nearest_items(vec, fetch, allowed)[0]
-    total = space.caption_count(allowed)
-    while True:  # several captions of one item collapse into one candidate
-        items = np.unique(space.nearest_captions(vec, fetch, allowed)[0])
-        if len(items) >= k or fetch >= total:
-            return items
-        fetch *= 4
-
-
 def rescore(space: Space, vec: np.ndarray, side: str, items: np.ndarray, qbnorm: bool):
     """Exact scores of ``items`` (U,): (U,) values (NaN: no caption) and best caption rows."""
     v = vec[0].astype(np.float32)
@@ -297,14 +283,17 @@ def _gather(space: Space, plans: list[_Plan]) -> dict[tuple[int, int], Any]:
 
 
 def _distinct_items(space: Space, plan: _Plan, n: int, rows: np.ndarray, search) -> np.ndarray:
-    """Several captions of one item collapse into one candidate: fetch more while fewer than k
-    items came back (``search``: the batch's fetch and filter); its failure is the result."""
+    """Several captions of one item collapse into one candidate: fetch 4x more while fewer
+    than k items came back (``search``: the batch's fetch and filter); a failure of those
+    searches is the result."""
     (fetch, allowed), rows = search, np.unique(rows)
-    if len(rows) < plan.k and fetch < space.caption_count(allowed):
-        try:
-            return candidates(space, plan.signals[n][0].vector, "t", plan.k, fetch * 4, allowed)
-        except SearchError as e:
-            return e
+    total, vec = space.caption_count(allowed), plan.signals[n][0].vector
+    try:
+        while len(rows) < plan.k and fetch < total:
+            fetch *= 4
+            rows = np.unique(space.nearest_captions(vec, fetch, allowed)[0])
+    except SearchError as e:
+        return e
     return rows
 
 

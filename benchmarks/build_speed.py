@@ -17,12 +17,15 @@ Rows (images/s = images / wall-clock seconds of what the row includes):
 1. plain open_clip loop: torch DataLoader (PIL open + the model's preprocess) ->
    ``model.encode_image`` under ``torch.inference_mode()`` -> L2-normalise. Model loaded and
    warmed up (one forward pass on a zero batch) before timing; the load time is reported apart.
-2. engine encode phase: ``Encoder.load(...)`` then ``encode_image_files(paths, batch_size=64)``
-   (our safe decoding, failure bookkeeping, float32 contract). Same warm-up; load apart.
-3. ``retrieval build`` end to end, a subprocess: interpreter start-up, imports, model load,
-   reading the folder, decoding, encoding (images; a plain folder has no captions), FAISS,
-   querybank normalisers, LMDB, manifest (with the checkpoint's SHA-256) and publish.
-4. ``clip-retrieval inference`` end to end, a subprocess from its own virtualenv, image-only
+2. decoding alone: the same DataLoader with no model, what the workers can feed at most.
+3. engine encode phase, per runtime (torch fp32, onnx fp32, onnx int8): ``Encoder.load(...)``
+   then ``encode_image_files(paths, batch_size=64)`` (our safe decoding, failure bookkeeping,
+   float32 contract). Same warm-up; load (and the first ONNX export) apart.
+4. ``retrieval build`` end to end, per runtime, a subprocess: interpreter start-up, imports,
+   model load (ONNX graphs from the cache the encode rows filled), reading the folder,
+   decoding, encoding (images; a plain folder has no captions), FAISS, querybank normalisers,
+   LMDB, manifest (with the checkpoint's SHA-256) and publish.
+5. ``clip-retrieval inference`` end to end, a subprocess from its own virtualenv, image-only
    (its folder reader needs ``--enable_text False``): start-up, imports, model load, its own
    warm-up, decoding, encoding, writing .npy + parquet.
 
@@ -59,6 +62,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from retrieval.index.manifest import read_manifest
 from retrieval.model.encoder import Encoder, default_workers
+from retrieval.model.onnx.cache import ENV_CACHE
+from retrieval.model.runtime import ALL_RUNTIMES, Runtime
 from retrieval.model.spec import ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,8 +72,8 @@ MODEL = "ViT-B-32"
 BATCH = 64
 MIN_IMAGES = 500
 SEED = 0
-ENCODE_TARGET = 0.9  # engine encode phase / plain loop, images/s
-BUILD_TARGET = 2.0  # retrieval build / clip-retrieval inference, images/s
+ENCODE_TARGET = 2.5  # engine encode phase, onnx int8 / plain loop, images/s
+BUILD_TARGET = 2.0  # retrieval build, onnx int8 / clip-retrieval inference, images/s
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled"}
 
 
@@ -213,15 +218,30 @@ class PlainLoop:
         return {}
 
 
+class DecodeOnly:
+    """The DataLoader of the plain loop without a model: what decoding can feed at most."""
+
+    def __init__(self, preprocess: Callable) -> None:
+        self.preprocess = preprocess
+
+    def __call__(self, setup: Setup) -> dict[str, float | int | str]:
+        loader = DataLoader(
+            _Files(setup.paths, self.preprocess), batch_size=BATCH, num_workers=setup.workers
+        )
+        for _ in loader:
+            pass
+        return {}
+
+
 class EngineEncode:
     """The encode phase of `retrieval build`, through the library's Python API."""
 
-    def __init__(self, ckpt: Path) -> None:
+    def __init__(self, ckpt: Path, runtime: Runtime) -> None:
         start = time.perf_counter()
-        self.encoder = Encoder.load(ModelSpec(MODEL, str(ckpt)), device="cpu")
-        self.load_seconds = time.perf_counter() - start
+        self.encoder = Encoder.load(ModelSpec(MODEL, str(ckpt)), "cpu", runtime)
+        self.load_seconds = time.perf_counter() - start  # an ONNX runtime's first export too
         self.embeddings = np.zeros((0, 0), np.float32)
-        warm_up(self.encoder.model, self.encoder.preprocess)
+        self.encoder.encode_pil([Image.new("RGB", (256, 256))] * BATCH)  # warm-up
 
     def __call__(self, setup: Setup) -> dict[str, float | int | str]:
         emb, positions, failures = self.encoder.encode_image_files(setup.paths, batch_size=BATCH)
@@ -238,7 +258,7 @@ def warm_up(model: torch.nn.Module, preprocess: Callable) -> None:
         model.encode_image(x.contiguous())
 
 
-def retrieval_build(setup: Setup, rep: int) -> dict[str, float | int | str]:
+def retrieval_build(setup: Setup, rep: int, runtime: Runtime) -> dict[str, float | int | str]:
     index_dir = setup.tmp / f"indexes-{rep}"
     exe = Path(sys.executable).parent / "retrieval"
     cmd = [
@@ -254,6 +274,10 @@ def retrieval_build(setup: Setup, rep: int) -> dict[str, float | int | str]:
         "--index-dir",
         str(index_dir),
         "--no-progress",
+        "--runtime",
+        runtime.engine,
+        "--precision",
+        runtime.precision,
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), check=False)
     if done.returncode:
@@ -378,28 +402,33 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="build-speed-") as name:
         tmp = Path(name)
+        os.environ[ENV_CACHE] = str(tmp / "cache")  # ONNX graphs: exported here, once
         folder = make_folder(tmp, args.images, args.copies)
         paths = sorted(folder.glob("*.jpg"))
         setup = Setup(folder, paths, make_checkpoint(tmp), default_workers(), tmp)
         n = len(setup.paths)
         print(f"{n} images in {folder}, checkpoint {setup.ckpt}, workers {setup.workers}")
 
-        plain, engine = PlainLoop(setup.ckpt), EngineEncode(setup.ckpt)
-        rows = measure(setup, plain, engine, args.clip_retrieval, args.repeats)
+        plain = PlainLoop(setup.ckpt)
+        engines = {rt: EngineEncode(setup.ckpt, rt) for rt in ALL_RUNTIMES}
+        rows = measure(setup, plain, engines, args.clip_retrieval, args.repeats)
 
     print()
     print(f"images/s = {n} images / wall-clock seconds; best of {args.repeats} runs")
-    print(
-        f"model load, excluded from rows 1-2: plain {plain.load_seconds:.1f}s, "
-        f"engine {engine.load_seconds:.1f}s (Encoder.load)"
-    )
+    loads = {str(rt): round(e.load_seconds, 1) for rt, e in engines.items()}
+    print(f"model load, excluded from the encode rows: plain {plain.load_seconds:.1f}s, {loads}")
     print()
     print_table(rows, rows[0].best)
-    encode_ratio = rows[1].best / rows[0].best
-    build_ratio = rows[2].best / rows[3].best if rows[3].runs else math.nan
+    by_name = {r.name: r for r in rows}
+    fast = f"engine encode phase ({INT8})"
+    encode_ratio = by_name[fast].best / rows[0].best
+    peer = by_name[CLIP_RETRIEVAL]
+    build_ratio = by_name[f"retrieval build ({INT8})"].best / peer.best if peer.runs else math.nan
     print()
-    print(verdict("engine encode phase / plain loop", encode_ratio, ENCODE_TARGET))
-    print(verdict("retrieval build / clip-retrieval inference", build_ratio, BUILD_TARGET))
+    print(verdict(f"{fast} / plain loop", encode_ratio, ENCODE_TARGET))
+    print(
+        verdict(f"retrieval build ({INT8}) / clip-retrieval inference", build_ratio, BUILD_TARGET)
+    )
     if args.json:
         report = {
             "machine": info,
@@ -408,46 +437,61 @@ def main() -> None:
             "model": MODEL,
             "batch_size": BATCH,
             "workers": setup.workers,
-            "model_load_seconds": {
-                "plain": round(plain.load_seconds, 2),
-                "engine": round(engine.load_seconds, 2),
-            },
+            "model_load_seconds": {"plain": round(plain.load_seconds, 2), **loads},
             "rows": {r.name: r.as_json() for r in rows},
-            "encode_vs_plain": round(encode_ratio, 3),
-            "build_vs_clip_retrieval": None if math.isnan(build_ratio) else round(build_ratio, 3),
+            "encode_int8_vs_plain": round(encode_ratio, 3),
+            "build_int8_vs_clip_retrieval": None
+            if math.isnan(build_ratio)
+            else round(build_ratio, 3),
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 
 
+INT8 = "onnx int8"
+CLIP_RETRIEVAL = "clip-retrieval inference (subprocess)"
+
+
 def measure(
-    setup: Setup, plain: PlainLoop, engine: EngineEncode, exe: Path | None, repeats: int
+    setup: Setup, plain: PlainLoop, engines: dict, exe: Path | None, repeats: int
 ) -> list[Row]:
-    """The four rows, their repeats interleaved so that a slow spell hits every row alike."""
-    n = len(setup.paths)
-    rows = [
-        Row("plain open_clip loop", "DataLoader decode + preprocess + encode_image", n),
-        Row("engine encode phase (Python API)", "Encoder.encode_image_files", n),
-        Row("retrieval build (subprocess)", "whole command, start to exit", n),
-        Row("clip-retrieval inference (subprocess)", "whole command, start to exit", n),
+    """Every row, their repeats interleaved so that a slow spell hits every row alike."""
+    n, decode = len(setup.paths), DecodeOnly(plain.preprocess)
+    jobs: list[tuple[Row, Callable]] = [
+        (
+            Row("plain open_clip loop", "DataLoader decode + preprocess + encode_image", n),
+            lambda s, rep: plain(s),
+        ),
+        (
+            Row("decoding alone", "the same DataLoader, no model", n),
+            lambda s, rep: decode(s),
+        ),
     ]
+    for rt, engine in engines.items():
+        row = Row(f"engine encode phase ({rt})", "Encoder.encode_image_files", n)
+        jobs.append((row, _checked(engine, plain)))
+    for rt in engines:
+        row = Row(f"retrieval build ({rt})", "whole command, start to exit", n)
+        jobs.append((row, lambda s, rep, rt=rt: retrieval_build(s, rep, rt)))
+    peer = Row(CLIP_RETRIEVAL, "whole command, start to exit", n)
     if exe is None or not exe.is_file():
-        why = "no --clip-retrieval given" if exe is None else f"{exe} not found"
-        rows[3].skipped = why
-        print(f"clip-retrieval row skipped: {why}")
+        peer.skipped = "no --clip-retrieval given" if exe is None else f"{exe} not found"
+        print(f"clip-retrieval row skipped: {peer.skipped}")
+    else:
+        jobs.append((peer, lambda s, rep: clip_retrieval(exe, s, rep, plain.embeddings)))
     for rep in range(repeats):
-        rows[0].runs.append(timed(lambda: plain(setup)))
-        rows[1].runs.append(timed(lambda: engine(setup)))
-        rows[1].runs[-1].detail["min_cosine_vs_plain"] = round(
-            min_cosine(engine.embeddings, plain.embeddings), 4
-        )
-        rows[2].runs.append(timed(lambda rep=rep: retrieval_build(setup, rep)))
-        if not rows[3].skipped and exe is not None:
-            rows[3].runs.append(
-                timed(lambda rep=rep: clip_retrieval(exe, setup, rep, plain.embeddings))
-            )
+        for row, job in jobs:
+            row.runs.append(timed(lambda job=job, rep=rep: job(setup, rep)))
         print(f"repeat {rep + 1}/{repeats} done", flush=True)
-    return rows
+    return [row for row, _ in jobs] + ([peer] if peer.skipped else [])
+
+
+def _checked(engine: EngineEncode, plain: PlainLoop) -> Callable:
+    def run(setup: Setup, rep: int) -> dict[str, float | int | str]:
+        engine(setup)
+        return {"min_cosine_vs_plain": round(min_cosine(engine.embeddings, plain.embeddings), 4)}
+
+    return run
 
 
 if __name__ == "__main__":

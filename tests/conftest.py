@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,21 @@ from PIL import Image
 
 from retrieval.corpus import synthetic
 from retrieval.model.encoder import Encoder
+from retrieval.model.onnx.cache import ENV_CACHE
 from retrieval.model.spec import ModelSpec
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_in_tmp(tmp_path_factory):
+    """Exported ONNX graphs go to a temporary folder, for this process and the commands it
+    starts, never to the user's cache."""
+    saved = os.environ.get(ENV_CACHE)
+    os.environ[ENV_CACHE] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if saved is None:
+        os.environ.pop(ENV_CACHE, None)
+    else:
+        os.environ[ENV_CACHE] = saved
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,7 @@ from .options import (
     model_options,
     model_spec,
     read_options,
+    runtime_options,
     wait_option,
 )
 
@@ -147,9 +148,12 @@ def compact(name, wait, index_dir):
     help="Point NAME back at its previous version, if that one verifies.",
 )
 @model_options(None)
+@runtime_options
 @wait_option
 @index_dir_option
-def verify(name, sample, repair, rollback, model, pretrained, random_init, device, wait, index_dir):
+def verify(
+    name, sample, repair, rollback, model, pretrained, random_init, device, runtime, wait, index_dir
+):  # fmt: skip
     """Check index NAME: checksums, counts, ids, stored vectors; exit 1 on any mismatch."""
     from ..index import repair as ways_back
     from ..index.verify import verify as run_verify
@@ -162,7 +166,7 @@ def verify(name, sample, repair, rollback, model, pretrained, random_init, devic
         folder = ways_back.rollback(name, index_dir, wait=wait)
         click.echo(f"index {name!r} now points to its previous version {folder}")
     spec = model_spec(model, pretrained, random_init, index=True)
-    report = run_verify(name, index_dir, sample=sample, model=spec, device=device)
+    report = run_verify(name, index_dir, sample=sample, model=spec, device=device, runtime=runtime)
     click.echo(report.summary())
     if not report.ok:
         raise SystemExit(1)
@@ -296,6 +300,7 @@ def info(name, as_json, index_dir):
     c, image, caption = m.counts, m.indexes["image"], m.indexes["caption"]
     click.echo(f"index     {m.name}  ({folder})")
     click.echo(f"model     {m.model}  pretrained: {m.pretrained or 'none'}")
+    click.echo(f"runtime   {m.runtime}  (search, add and verify follow it unless told)")
     click.echo(f"dim       {m.dim}")
     click.echo(f"items     {c.items}  ({image.factory}{_tuned(image)})")
     click.echo(f"captions  {c.captions}  ({caption.factory}{_tuned(caption)})")
@@ -322,6 +327,7 @@ def _milvus_info(m, root: Path, folder: Path) -> None:
     click.echo(f"index     {m.name}  ({folder})")
     click.echo(f"backend   milvus  {st.uri}  (collection {st.collection})")
     click.echo(f"model     {m.model}  pretrained: {m.pretrained or 'none'}")
+    click.echo(f"runtime   {m.runtime}  (search, add and verify follow it unless told)")
     click.echo(f"dim       {m.dim}")
     click.echo(f"items     {st.items}  (Milvus {st.index_types['image']})")
     click.echo(f"captions  {st.captions}  (Milvus {st.index_types['caption']})")

@@ -13,6 +13,7 @@ from ..corpus.records import ReadOptions
 from ..corpus.webdataset import is_pattern
 from ..index.config import BuildConfig
 from ..index.layout import DEFAULT_INDEX_DIR, ENV_INDEX_DIR
+from ..model.runtime import DEFAULT_RUNTIME, ENGINES, ONNX_EXTRA, PRECISIONS, RuntimeChoice
 from ..model.spec import DEFAULT_MODEL, ModelSpec
 
 _MODEL_HELP = (
@@ -125,6 +126,33 @@ def read_options(f):
     return wrapper
 
 
+def runtime_options(f):
+    """``--runtime`` / ``--precision``, handed to the command as one ``runtime`` (a
+    RuntimeChoice: what is left out follows the index, or the default)."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kw):
+        return f(*args, runtime=RuntimeChoice(kw.pop("engine"), kw.pop("precision")), **kw)
+
+    wrapper = click.option(
+        "--precision",
+        type=click.Choice(PRECISIONS),
+        default=None,
+        help="int8: ONNX Runtime's dynamic quantisation of the weight matrix products (implies "
+        "--runtime onnx; costs recall, see the README) [the index's, else "
+        f"{DEFAULT_RUNTIME.precision}].",
+    )(wrapper)
+    return click.option(
+        "--runtime",
+        "engine",
+        type=click.Choice(ENGINES),
+        default=None,
+        help=f"What runs the model on the CPU: torch, or onnx (ONNX Runtime, the '{ONNX_EXTRA}' "
+        f"extra; exported once per weights, cached) [the index's, else {DEFAULT_RUNTIME.engine}; "
+        "CUDA: torch].",
+    )(wrapper)
+
+
 def encoding_options(f):
     """How records are decoded, encoded and spooled (build and add); named as in BuildConfig."""
     opts = [
@@ -153,7 +181,7 @@ def encoding_options(f):
     ]
     for opt in reversed(opts):
         f = opt(f)
-    return wait_option(f)
+    return runtime_options(wait_option(f))
 
 
 def wait_option(f):

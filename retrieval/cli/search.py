@@ -18,7 +18,7 @@ from ..query.ranking import (
     STRATEGIES,
 )
 from ..serve.config import DEFAULT_HOST, DEFAULT_PORT, ServeConfig
-from .options import given, index_dir_option, model_options, model_spec
+from .options import given, index_dir_option, model_options, model_spec, runtime_options
 
 
 @click.group()
@@ -109,6 +109,7 @@ def commands() -> None:
     help="Also write a contact sheet (.png, .jpg, .webp): thumbnails, rank, score, caption.",
 )
 @model_options(None)
+@runtime_options
 @index_dir_option
 def search(
     name, text, image, vector, image_weight, terms, as_json, grid, model, pretrained, random_init,
@@ -210,10 +211,11 @@ def _refuse_meaningless(ctx: click.Context, query, strategy: str | None) -> None
     help="Query embeddings kept (texts, and images by content); 0: none.",
 )
 @model_options(None)
+@runtime_options
 @index_dir_option
 def serve(
     name, host, port, max_upload_mb, show_paths, reranker, max_batch, batch_wait_ms, cache_size,
-    model, pretrained, random_init, device, index_dir,
+    model, pretrained, random_init, device, runtime, index_dir,
 ):  # fmt: skip
     """Serve index NAME over HTTP: a search page at / and a JSON API (docs at /docs)."""
     from ..serve.app import serve as run_server
@@ -225,7 +227,7 @@ def serve(
     spec = model_spec(model, pretrained, random_init, index=True)
     run_server(
         name, index_dir, host=host, port=port, device=device, config=config, model=spec,
-        reranker=reranker,
+        reranker=reranker, runtime=runtime,
     )  # fmt: skip
 
 

@@ -13,7 +13,7 @@ from ..index.config import DEFAULT_BETA, DEFAULT_M
 from ..model.spec import DEFAULT_MODEL
 from ..query.ranking import DEFAULT_MIX, MAX_RERANK
 from ..train.config import DEFAULT_LR, TrainConfig
-from .options import index_dir_option, model_options, model_spec, read_options
+from .options import index_dir_option, model_options, model_spec, read_options, runtime_options
 
 
 @click.group()
@@ -267,9 +267,16 @@ def train(corpus, out, model, pretrained, random_init, no_progress, read, **opti
     default=None,
     help="Write the scored embeddings and caption->image map (.npz).",
 )
+@click.option(
+    "--runtime-rows",
+    is_flag=True,
+    help="Also the exact row of the dataset encoded by each runtime and precision (torch fp32, "
+    "onnx fp32, onnx int8), with each embedding's cosine to torch fp32 (mean, min).",
+)
 @click.option("--batch-size", default=BenchConfig.batch_size, show_default=True)
 @click.option("--workers", type=int, default=None)
 @click.option("--no-progress", is_flag=True)
+@runtime_options
 @read_options
 @index_dir_option
 def bench(

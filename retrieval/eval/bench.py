@@ -9,7 +9,7 @@ Metric keys follow CLIP_benchmark (``image_retrieval_recall@5`` = text->image,
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from ..index import querybank
 from ..index.vector_index import VectorIndex
 from ..model import reranker as reranker_module
 from ..model.encoder import Encoder
+from ..model.runtime import ALL_RUNTIMES, TORCH_FP32, RuntimeChoice
 from ..model.spec import ModelSpec
 from ..query.search import Query, Request, Searcher
 from ..scoring import metrics
@@ -81,7 +82,7 @@ def load_dataset(path: Path, config: BenchConfig) -> tuple[list, list]:
 
 
 def embed_with_model(records, config: BenchConfig) -> tuple[Embedded, Encoder]:
-    encoder = Encoder.load(config.model or ModelSpec(), config.device)
+    encoder = Encoder.load(config.model or ModelSpec(), config.device, config.runtime.over())
     pieces: list[np.ndarray] | None = [] if config.rerank else None  # the re-ranker's input too
     img, pos, failures = encoder.encode_image_files(
         [r.image for r in records],
@@ -315,6 +316,26 @@ def _hybrid(emb: Embedded, mix: float, rrf: bool):
     )
 
 
+def runtime_rows(records, config: BenchConfig, ks, max_k: int) -> list[Row]:
+    """The exact row of ``records`` encoded by each runtime and precision, with the cosine of
+    each embedding to its torch fp32 twin (``image_cosine_mean``, ``text_cosine_min``, ...)."""
+    rows, reference = [], None
+    for runtime in ALL_RUNTIMES:
+        chosen = RuntimeChoice(runtime.engine, runtime.precision)
+        emb, _ = embed_with_model(records, replace(config, runtime=chosen, rerank=None))
+        reference = reference or emb
+        if emb.item_ids != reference.item_ids:  # decoding is the runtime's no business
+            raise RetrievalError(f"{runtime} decoded other images than {TORCH_FP32}")
+        row = exact_row(emb, ks, max_k)
+        row.strategy = f"exact [{runtime}]"
+        for kind in ("image", "text"):
+            cosines = metrics.row_cosines(getattr(emb, kind), getattr(reference, kind))
+            row.metrics[f"{kind}_cosine_mean"] = float(cosines.mean())
+            row.metrics[f"{kind}_cosine_min"] = float(cosines.min())
+        rows.append(row)
+    return rows
+
+
 def run_bench(
     dataset: str | Path, config: BenchConfig, save_embeddings: Path | None = None
 ) -> BenchResult:
@@ -332,6 +353,7 @@ def run_bench(
             model=config.model,
             device=config.device,
             reranker=config.reranker,
+            runtime=config.runtime,
         )
         emb, model_info = embed_from_index(records, searcher, config), searcher.encoder.spec
         encoder = searcher.encoder
@@ -348,6 +370,8 @@ def run_bench(
             rows.append(grouped_row(emb, ks, max_k, config.group_key))
         if config.rerank:
             rows = reranked_rows(rows, emb, _inputs(emb, searcher, encoder, config), config)
+        if config.runtime_rows:
+            rows += runtime_rows(records, replace(config, model=model_info), ks, max_k)
     finally:
         if searcher is not None:
             searcher.close()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..corpus.records import ReadOptions
 from ..index.config import BankConfig
+from ..model.runtime import FOLLOW_INDEX, RuntimeChoice
 from ..model.spec import ModelSpec
 from ..model.spool import SpoolOptions
 from ..query.ranking import DEFAULT_MIX
@@ -33,3 +34,5 @@ class BenchConfig:
     progress: bool = True
     rerank: int | None = None  # also each strategy with its top N re-ordered by the re-ranker
     reranker: Path | None = None  # the checkpoint holding it (None: the model's own)
+    runtime: RuntimeChoice = FOLLOW_INDEX  # what runs the model (an index's: its own)
+    runtime_rows: bool = False  # also the exact row of every runtime and precision

@@ -13,7 +13,9 @@ from .bench import DIRECTIONS, BenchResult
 def table(result: BenchResult) -> str:
     """A readable table: one row per strategy, Recall@K in both directions, loss vs exact."""
     keys = [k for k in result.rows[0].metrics if "recall@" in k]
+    cosines = any(_COSINES[0] in r.metrics for r in result.rows)  # `--runtime-rows`
     head = ["strategy"] + [_short(k) for k in keys]
+    head += ["image cos mean / min", "text cos mean / min"] if cosines else []
     lines = [" | ".join(head)]
     base = result.rows[0].metrics
     for row in result.rows:
@@ -22,8 +24,18 @@ def table(result: BenchResult) -> str:
             v = row.metrics.get(k)
             delta = "" if v is None or row is result.rows[0] else f" ({100 * (v - base[k]):+.1f})"
             cells.append("-" if v is None else f"{100 * v:.1f}{delta}")
+        if cosines:
+            cells += [_pair(row.metrics, kind) for kind in ("image", "text")]
         lines.append(" | ".join(cells))
     return "\n".join(lines)
+
+
+_COSINES = ("image_cosine_mean", "image_cosine_min")
+
+
+def _pair(m: dict[str, float], kind: str) -> str:
+    mean, low = m.get(f"{kind}_cosine_mean"), m.get(f"{kind}_cosine_min")
+    return "-" if mean is None else f"{mean:.4f} / {low:.4f}"
 
 
 def _short(key: str) -> str:

@@ -143,7 +143,7 @@ def build(
         skips = Skips()
         records, dropped = unique_records(read_corpus(corpus, config.read))
         skips.dropped(dropped)
-        encoder = encoder or Encoder.load(config.model, device)
+        encoder = encoder or Encoder.load(config.model, device, config.runtime.over())
         spool_dir = layout.spool_dir(root, name)
         to = _destination(root, name, config, encoder, wait) if config.backend == "milvus" else None
         if _ranks_insert(config, world):
@@ -401,6 +401,7 @@ def _manifest(
             config.querybank.beta, config.querybank.m, str(config.bank) if config.bank else "corpus"
         ),
         max_memory=config.max_memory,
+        runtime=encoder.runtime,
     )
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..corpus.images import DEFAULT_MAX_PIXELS
 from ..corpus.records import ReadOptions
+from ..model.runtime import FOLLOW_INDEX, RuntimeChoice
 from ..model.spec import ModelSpec
 from ..model.spool import SpoolOptions
 
@@ -45,6 +46,7 @@ class BuildConfig:
     backend: str = "faiss"  # or "milvus": vectors and metadata in Milvus collections
     milvus_uri: str | None = None  # None: a milvus-lite file under the index root
     patch_tokens: bool = False  # store each image's patch tokens for the re-ranker (--rerank)
+    runtime: RuntimeChoice = FOLLOW_INDEX  # what runs the towers; add follows the index
 
     def spool_options(self, resume: bool = False) -> SpoolOptions:
         return SpoolOptions(

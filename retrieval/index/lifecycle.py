@@ -111,7 +111,8 @@ def add(
         integrity.check_before_change(name, current)
         manifest = read_manifest(current)
         if encoder is None:
-            encoder = Encoder.load(manifest.spec_for(model), config.device)
+            runtime = config.runtime.over(manifest.runtime)
+            encoder = Encoder.load(manifest.spec_for(model), config.device, runtime)
         else:
             manifest.check_model(encoder.spec)
         skips = Skips()

@@ -18,6 +18,7 @@ from typing import Any
 from .. import __version__
 from ..errors import DamagedIndexError, SearchError
 from ..files import atomic_write, sha256_file
+from ..model.runtime import TORCH_FP32, Runtime
 from ..model.spec import ModelIdentity, ModelSpec
 
 MANIFEST = "manifest.json"
@@ -167,6 +168,7 @@ class Manifest:
     sizes: dict[str, int] = field(default_factory=dict)  # file (relative) -> bytes (cheap check)
     random_init: bool = False  # built with random weights (a test index)
     milvus: MilvusLocation | None = None  # None: FAISS + LMDB files in the version folder
+    runtime: Runtime = TORCH_FP32  # what encoded it; later commands follow it unless told
 
     @property
     def backend(self) -> str:
@@ -193,6 +195,7 @@ class Manifest:
             "format_version": FORMAT_VERSION,
             "checkpoint_sha256": self.checkpoint_sha256,
             "random_init": self.random_init,
+            "runtime": self.runtime.to_json(),
             "context_length": self.context_length,
             "indexes": {k: v.to_json() for k, v in self.indexes.items()},
             "counts": self.counts.to_json(),
@@ -235,6 +238,7 @@ class Manifest:
             # Before the key existed, no weights meant random ones.
             random_init=bool(d.get("random_init", d.get("pretrained") is None)),
             milvus=milvus,
+            runtime=Runtime.from_json(d.get("runtime")),
         )
 
     def model_spec(self) -> ModelSpec:

@@ -10,6 +10,7 @@ from their files (and their captions from their text) against the stored vectors
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,9 @@ import numpy as np
 from ..errors import DamagedIndexError, EncoderError
 from ..files import sha256_file
 from ..model.encoder import Encoder
+from ..model.runtime import FOLLOW_INDEX, RuntimeChoice
 from ..model.spec import ModelSpec
+from ..scoring.metrics import row_cosines
 from . import autoindex, integrity, layout
 from .config import VERIFY_SAMPLE
 from .embeddings import load_embeddings
@@ -26,6 +29,8 @@ from .manifest import KINDS as _KINDS
 from .manifest import Manifest, read_manifest
 from .store import Store
 from .vector_index import VectorIndex
+
+log = logging.getLogger(__name__)
 
 # fp16 storage keeps ~3 significant digits; a wrong vector is far below this.
 MIN_COSINE = 0.995
@@ -73,9 +78,11 @@ def verify(
     seed: int = 0,
     model: ModelSpec | None = None,
     device: str = "cpu",
+    runtime: RuntimeChoice = FOLLOW_INDEX,
 ) -> VerifyReport:
     """Run every check on index ``name``; ``sample`` items are re-encoded (0: none) by
-    ``encoder``, or the index's model (``model``: at another path, checked), on ``device``."""
+    ``encoder``, or the index's model (``model``: at another path, checked), on ``device``,
+    run by ``runtime`` (left out: the index's own; another precision moves the vectors)."""
     folder = layout.index_root(index_dir) / layout.check_name(name)
     report = VerifyReport(name, folder.resolve())
     try:
@@ -87,7 +94,14 @@ def verify(
     spec = manifest.spec_for(model)  # a mismatch is the caller's error, not a finding
 
     def load() -> Encoder:
-        return encoder or Encoder.load(spec, device)
+        enc = encoder or Encoder.load(spec, device, runtime.over(manifest.runtime))
+        if enc.runtime.precision != manifest.runtime.precision:
+            log.warning(
+                "re-encoding with %s an index built with %s: the precisions' embeddings differ "
+                "by more than this check's tolerance, so a mismatch may be theirs, not the index's",
+                enc.runtime, manifest.runtime,
+            )  # fmt: skip
+        return enc
 
     report.add("checksums", _checksums(folder, manifest), f"{len(manifest.sha256)} files match")
     try:
@@ -242,7 +256,7 @@ def _embeddings(indexes, live, emb, manifest: Manifest) -> list[str]:
             continue  # a compressed index keeps approximations only
         rows = live[kind][:: max(1, len(live[kind]) // 256)]
         stored = np.asarray((emb.image if kind == "image" else emb.caption)[rows], np.float32)
-        cos = _cosines(indexes[kind].vectors(rows), stored)
+        cos = row_cosines(indexes[kind].vectors(rows), stored)
         bad = rows[cos < MIN_COSINE]
         if len(bad):
             problems.append(
@@ -267,29 +281,25 @@ def _compare(items: list[dict], images: np.ndarray, captions: np.ndarray, encode
         [Path(i["path"]) for i in items], workers=0
     )
     problems = []
-    cos = _cosines(got, images[positions])
+    cos = row_cosines(got, images[positions])
     for pos, c in zip(positions, cos, strict=True):
         if c < MIN_COSINE:
             problems.append(f"item {items[pos]['id']!r}: re-encoded image at cosine {c:.4f}")
     caps = [(c["id"], c["text"]) for it in items for c in it["captions"]]
     if caps:
-        ccos = _cosines(encoder.encode_texts([t for _, t in caps]), captions)
+        ccos = row_cosines(encoder.encode_texts([t for _, t in caps]), captions)
         problems += [
             f"caption {cid!r}: re-encoded at cosine {c:.4f}"
             for (cid, _), c in zip(caps, ccos, strict=True)
             if c < MIN_COSINE
         ]
-    detail = f"{len(positions)} images and {len(caps)} captions match (cosine >= {MIN_COSINE})"
+    detail = (
+        f"{len(positions)} images and {len(caps)} captions match (cosine >= {MIN_COSINE}, "
+        f"re-encoded with {encoder.runtime})"
+    )
     if failures:
         detail += f"; {len(failures)} sampled images could not be read again (not checked)"
     return problems, detail
-
-
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-    return (a * b).sum(1) / np.maximum(na * nb, 1e-12)
 
 
 def _skipped(folder: Path) -> list[str]:

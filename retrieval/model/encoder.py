@@ -26,8 +26,10 @@ from ..corpus.images import DEFAULT_MAX_PIXELS, BadImage, load_image
 from ..errors import EncoderError
 from . import towers
 from .checkpoints import load_partial, peek_partial, read_checkpoint
+from .forward import Forward, TorchForward
+from .runtime import DEFAULT_RUNTIME, Runtime
 from .spec import CONFIG_DIR, OFFLINE_MODEL, TEST_MODEL, ModelSpec
-from .tokens import image_tokens, text_tokens, trimmed
+from .tokens import text_mask, trimmed
 
 log = logging.getLogger(__name__)
 
@@ -226,31 +228,55 @@ def _collate(batch):
 
 
 class Encoder:
-    """A loaded dual encoder. Build with `Encoder.load`; the weights are read-only after that."""
+    """A loaded dual encoder. Build with `Encoder.load`; the weights are read-only after that.
+
+    ``model`` is the open_clip model (training, the re-ranker's sizes, exports); ``forward``
+    runs its towers with the encoder's ``runtime`` (`retrieval.model.forward`).
+    """
 
     def __init__(self, spec: ModelSpec, model, preprocess, tokenizer, device) -> None:
         self.spec, self.model, self.preprocess = spec, model, preprocess
         self.tokenizer, self.device = tokenizer, device
+        self.forward: Forward = TorchForward(model, device)
+        self.runtime = DEFAULT_RUNTIME
         self.dim = 0  # set by `load` from a real forward pass, whatever the architecture
 
     @classmethod
-    def load(cls, spec: ModelSpec | None = None, device: str | None = "auto") -> Encoder:
+    def load(
+        cls,
+        spec: ModelSpec | None = None,
+        device: str | None = "auto",
+        runtime: Runtime | None = None,
+    ) -> Encoder:
+        """``spec``'s model on ``device``, its towers run by ``runtime`` (default: torch fp32;
+        on CUDA always torch, with autocast)."""
         spec = spec or ModelSpec()
         dev = resolve_device(device)
         model, preprocess, tokenizer = _create(spec, dev)
         enc = cls(spec, model, preprocess, tokenizer, dev)
+        enc._run_with(runtime or DEFAULT_RUNTIME)
         enc.dim = int(enc.encode_texts([""]).shape[1])
         return enc
+
+    def _run_with(self, runtime: Runtime) -> None:
+        if runtime.engine == "torch":
+            return
+        if self.device.type == "cuda":
+            log.info("on CUDA the towers run in torch with autocast, not %s", runtime)
+            return
+        from .onnx.session import OnnxForward
+
+        blank = Image.new("RGB", (64, 64))
+        pixels = torch.stack([self.preprocess(blank)] * 2)
+        ids = self.tokenizer(["a photo of a dog", "two cats asleep on a red sofa"])
+        self.forward = OnnxForward.load(
+            self.model, self.spec.name, (pixels, ids), runtime.precision
+        )
+        self.runtime = runtime
 
     @property
     def context_length(self) -> int:
         return int(getattr(self.tokenizer, "context_length", 77))
-
-    def _autocast(self):
-        if self.device.type != "cuda":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
 
     @staticmethod
     def _finish(features: torch.Tensor) -> np.ndarray:
@@ -283,8 +309,7 @@ class Encoder:
         bar = tqdm(total=len(texts), unit="txt", desc="captions", disable=not progress)
         for start in range(0, len(texts), batch_size):
             tokens = self.tokenizer(list(texts[start : start + batch_size])).to(self.device)
-            with self._autocast():
-                chunks.append(self._finish(self._text_features(tokens)))
+            chunks.append(self._finish(self.forward.text(trimmed(self.model, tokens), False)[0]))
             bar.update(len(tokens))
         bar.close()
         return np.concatenate(chunks) if chunks else np.zeros((0, self.dim or 0), np.float32)
@@ -300,30 +325,19 @@ class Encoder:
         ready = [im if isinstance(im, torch.Tensor) else self.preprocess(im) for im in images]
         return torch.stack(ready).to(self.device)
 
-    def _text_features(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The text tower's pooled features of ``tokens`` (B, C), run without the padding after
-        the longest text where the tower allows it (`tokens.trimmed`)."""
-        short = trimmed(self.model, tokens)
-        if short.shape[1] == tokens.shape[1]:  # nothing to cut, or a tower that needs it all
-            return self.model.encode_text(tokens)
-        return text_tokens(self.model, short)[0]
-
     @torch.inference_mode()
     def encode_pil(self, images: Sequence[Image.Image | torch.Tensor]) -> np.ndarray:
         """Decoded RGB images (or `prepare`d ones) -> (N, D) float32 unit vectors (queries,
         small batches)."""
-        pixels = self._pixels(images)
-        with self._autocast():
-            return self._finish(self.model.encode_image(pixels))
+        return self._finish(self.forward.image(self._pixels(images), False)[0])
 
     @torch.inference_mode()
     def text_query(self, texts: Sequence[str]) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         """Texts -> their (N, D) embeddings and the re-ranker's input, the text tower's token
         states (N, L, W) float32 and mask (N, L) bool, from one pass through the tower."""
         tokens = trimmed(self.model, self.tokenizer(list(texts)).to(self.device))
-        with self._autocast():
-            pooled, states, mask = text_tokens(self.model, tokens)
-        return self._finish(pooled), states.float(), mask
+        pooled, states = self.forward.text(tokens, True)
+        return self._finish(pooled), states.float(), text_mask(self.model, tokens)
 
     def text_states(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """`text_query` without the embeddings: (states, mask)."""
@@ -336,9 +350,7 @@ class Encoder:
         """Decoded RGB images (or `prepare`d ones) -> their (N, D) embeddings and the
         re-ranker's input, the image tower's patch tokens (N, P, W) float32, from one pass
         through the tower."""
-        pixels = self._pixels(images)
-        with self._autocast():
-            pooled, patches = image_tokens(self.model, pixels)
+        pooled, patches = self.forward.image(self._pixels(images), True)
         return self._finish(pooled), patches.float()
 
     def image_patches(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -380,12 +392,9 @@ class Encoder:
             failures.update(bad)
             if pixels is not None:
                 pixels = pixels.to(self.device, non_blocking=True)
-                with self._autocast():
-                    if patches is None:
-                        feats = self.model.encode_image(pixels)
-                    else:
-                        feats, tokens = image_tokens(self.model, pixels)
-                        patches.append(tokens.to("cpu", torch.float16).numpy())
+                feats, tokens = self.forward.image(pixels, patches is not None)
+                if tokens is not None:
+                    patches.append(tokens.to("cpu", torch.float16).numpy())
                 chunks.append(self._finish(feats))
                 positions.extend(idx)
             bar.update(len(idx) + len(bad))

@@ -78,6 +78,11 @@ def _pools_text(pool: str, eos: int | None, pad: int) -> bool:
     return pool in _POOLS_A_TEXT_TOKEN and not (pool == "eos" and eos == pad)
 
 
+def trims(model: torch.nn.Module) -> bool:
+    """Whether `trimmed` cuts this model's padding (else its text tower reads all of it)."""
+    return _pad_id(model) is not None
+
+
 def trimmed(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Token ids (B, C) without the padding columns after the longest text, (B, L), where
     `text_tokens` then gives the same features; else ``tokens`` as they are."""
@@ -105,9 +110,9 @@ def text_tokens(
         x = text.ln_final(text.transformer(x, attn_mask=attn_mask))
         pooled = text_global_pool(x, tokens, text.pool_type, getattr(text, "eos_id", None))
         pooled = _project(pooled, text.text_projection)
-        return pooled, x, tokens != text.pad_id
+        return pooled, x, text_mask(model, tokens)
     if type(text).__name__ == "HFTextEncoder":
-        mask = tokens != text.config.pad_token_id
+        mask = text_mask(model, tokens)
         out = text.transformer(input_ids=tokens, attention_mask=mask.long())
         pooled = text.proj(text.pooler(out, mask.long()))
         return pooled, out.last_hidden_state, mask
@@ -127,7 +132,18 @@ def _builtin_text(model: torch.nn.Module, tokens: torch.Tensor):
     )
     eos = getattr(model, "text_eos_id", None)
     pooled = _project(text_global_pool(x, tokens, model.text_pool_type, eos), model.text_projection)
-    return pooled, x, tokens != 0  # open_clip's tokenizer pads with 0
+    return pooled, x, text_mask(model, tokens)
+
+
+def text_mask(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Token ids (B, L) -> (B, L) bool, True where a token is text, False for padding: the mask
+    `text_tokens` gives with the states."""
+    text = getattr(model, "text", None)
+    if isinstance(text, TextTransformer):
+        return tokens != text.pad_id
+    if type(text).__name__ == "HFTextEncoder":
+        return tokens != text.config.pad_token_id
+    return tokens != 0  # open_clip's tokenizer pads its built-in tower's input with 0
 
 
 def _project(pooled: torch.Tensor, projection) -> torch.Tensor:

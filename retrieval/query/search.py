@@ -32,6 +32,7 @@ from ..index.manifest import MANIFEST, read_manifest
 from ..index.store import Store
 from ..index.vector_index import VectorIndex
 from ..model.encoder import Encoder
+from ..model.runtime import FOLLOW_INDEX, RuntimeChoice
 from ..model.spec import ModelSpec
 from ..scoring.dedup import fold as fold_duplicates
 from . import ranking
@@ -68,10 +69,13 @@ class Searcher:
         link: Path | None = None,
         reranker: Path | None = None,
         cache: EmbeddingCache | None = None,
+        runtime: RuntimeChoice = FOLLOW_INDEX,
     ) -> None:
         self.folder, self.link = folder, link  # link: the name's symlink, to follow updates
         self.manifest = read_manifest(folder)
-        self.encoder = encoder or Encoder.load(self.manifest.model_spec(), device)
+        self.encoder = encoder or Encoder.load(
+            self.manifest.model_spec(), device, runtime.over(self.manifest.runtime)
+        )
         # Shared with the searchers of later versions (`latest`): same model, same vectors.
         self.cache = cache if cache is not None else EmbeddingCache()
         self.terms = TermEncoder(self.encoder, self.cache, self.manifest)
@@ -119,6 +123,7 @@ class Searcher:
         encoder: Encoder | None = None,
         reranker: Path | None = None,
         cache_size: int = DEFAULT_CACHE_SIZE,
+        runtime: RuntimeChoice = FOLLOW_INDEX,
     ) -> Searcher:
         """Open index ``name``; ``model``, when given, must be the one the index was built with.
 
@@ -126,6 +131,7 @@ class Searcher:
         (its checkpoint moved: the sha256 must match). ``reranker``: a checkpoint whose
         re-ranker ``--rerank`` uses (default: the one saved with the index's model); its dual
         encoder must be the index's. ``cache_size``: query embeddings kept (0: none).
+        ``runtime``: what runs the model (left out: the runtime the index was built with).
         """
         link = layout.index_root(index_dir) / name
         for attempt in range(3):
@@ -142,9 +148,12 @@ class Searcher:
                     continue  # pruned while we looked: the name points elsewhere now
                 raise integrity.damaged(name, folder, problems[0])
             model = manifest.spec_for(model) if model is not None else None
-            encoder = encoder or (Encoder.load(model, device) if model else None)
+            encoder = encoder or (
+                Encoder.load(model, device, runtime.over(manifest.runtime)) if model else None
+            )
             try:
-                return cls(folder, encoder, device, link, reranker, EmbeddingCache(cache_size))
+                cache = EmbeddingCache(cache_size)
+                return cls(folder, encoder, device, link, reranker, cache, runtime)
             except EncoderError:
                 raise
             except (FileNotFoundError, RuntimeError) as e:
@@ -494,8 +503,12 @@ def search(
     model: ModelSpec | None = None,
     device: str = "auto",
     reranker: Path | None = None,
+    runtime: RuntimeChoice = FOLLOW_INDEX,
     **options: Any,
 ) -> dict[str, Any]:
     """One-shot search: open index ``name``, run one query (see `Searcher.search`), close it."""
-    with Searcher.open(name, index_dir, model=model, device=device, reranker=reranker) as s:
+    opened = Searcher.open(
+        name, index_dir, model=model, device=device, reranker=reranker, runtime=runtime
+    )
+    with opened as s:
         return s.search(query, **options)

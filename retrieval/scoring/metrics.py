@@ -157,3 +157,10 @@ def reranked_ranks(
     inside = ((logits >= best - TIE_TOLERANCE) & ~hit).sum(axis=1) + 1
     base = np.maximum(first_hit_ranks(scores, correct), cand.shape[1] + 1)
     return np.where(found, inside, base)
+
+
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The cosine of each row of ``a`` (N, D) to the same row of ``b`` (N, D), in float64: (N,)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(1) / np.maximum(norms, 1e-12)

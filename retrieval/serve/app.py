@@ -45,6 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..corpus import images, webdataset
 from ..errors import EncoderError, SearchError
+from ..model.runtime import FOLLOW_INDEX, RuntimeChoice
 from ..model.spec import ModelSpec
 from ..query.ranking import (
     DEFAULT_DEDUP,
@@ -466,15 +467,16 @@ def serve(
     config: ServeConfig | None = None,
     model: ModelSpec | None = None,
     reranker: Path | None = None,
+    runtime: RuntimeChoice = FOLLOW_INDEX,
 ) -> None:
-    """Open index ``name`` once and serve it until interrupted (``model``, ``reranker``: see
-    `Searcher.open`)."""
+    """Open index ``name`` once and serve it until interrupted (``model``, ``reranker``,
+    ``runtime``: see `Searcher.open`)."""
     import uvicorn
 
     config = config or ServeConfig()
     searcher = Searcher.open(
         name, index_dir, model=model, device=device, reranker=reranker,
-        cache_size=config.cache_size,
+        cache_size=config.cache_size, runtime=runtime,
     )  # fmt: skip
     log.info("serving index %s on http://%s:%d", name, host, port)
     try:

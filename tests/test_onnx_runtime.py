@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,15 +16,17 @@ from click.testing import CliRunner
 from PIL import Image
 
 from retrieval.cli import main
-from retrieval.errors import EncoderError, SearchError
+from retrieval.corpus import synthetic
+from retrieval.errors import EncoderError, IndexBuildError, SearchError
 from retrieval.eval.bench import run_bench
 from retrieval.eval.config import BenchConfig
 from retrieval.index.build import build
 from retrieval.index.config import BuildConfig
+from retrieval.index.lifecycle import add
 from retrieval.index.manifest import read_manifest
 from retrieval.index.verify import verify
 from retrieval.model.encoder import Encoder
-from retrieval.model.onnx.cache import cache_root
+from retrieval.model.onnx.cache import ENV_CACHE, cache_root
 from retrieval.model.runtime import Runtime, RuntimeChoice
 from retrieval.model.spec import ModelSpec, demo_model
 from retrieval.query.search import Query, Searcher
@@ -170,3 +175,50 @@ def test_bench_gives_a_row_per_runtime_with_cosines_to_torch(synth_corpus):
     assert (
         rows["exact [torch fp32]"]["image_retrieval_recall@5"] == exact["image_retrieval_recall@5"]
     )
+
+
+def test_one_index_holds_one_precision(tmp_path, synth_corpus):
+    config = BuildConfig(model=demo_model(), progress=False, runtime=RuntimeChoice("onnx"))
+    build(synth_corpus, "p", config, index_dir=tmp_path)
+    more = synthetic.generate(tmp_path / "more", n=3, seed=11)
+    int8 = replace(config, runtime=RuntimeChoice(precision="int8"))
+    with pytest.raises(IndexBuildError, match="one index holds one precision"):
+        add(more, "p", tmp_path, int8)
+    torch_fp32 = replace(config, runtime=RuntimeChoice("torch"))  # the same vectors: accepted
+    assert add(more, "p", tmp_path, torch_fp32, upsert=True).path.exists()
+    assert read_manifest(tmp_path / "p").runtime == ONNX_FP32
+
+
+def test_a_manifest_with_an_unknown_runtime_is_a_damaged_index(tmp_path, synth_corpus):
+    build(synth_corpus, "m", BuildConfig(model=demo_model(), progress=False), index_dir=tmp_path)
+    path = tmp_path / "m" / "manifest.json"
+    data = json.loads(path.read_text())
+    data["runtime"] = {"engine": "tensorrt", "precision": "fp32"}
+    path.chmod(0o644)
+    path.write_text(json.dumps(data))
+    with pytest.raises(SearchError, match="manifest.json is unreadable.*runtime"):
+        Searcher.open("m", tmp_path)
+
+
+def test_two_processes_making_the_same_graphs_at_once_both_succeed(tmp_path):
+    """The first use of the same weights by two processes (torchrun's ranks, a build beside a
+    search): each graph is made once, under the cache's lock, and both load it."""
+    code = (
+        "from retrieval.model.encoder import Encoder; from retrieval.model.runtime import Runtime;"
+        "from retrieval.model.spec import demo_model;"
+        "e = Encoder.load(demo_model(), 'cpu', Runtime('onnx', 'int8'));"
+        "print(e.encode_texts(['a red circle'])[0, :4].tolist())"
+    )
+    env = {**os.environ, ENV_CACHE: str(tmp_path / "cache")}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outs[0] == outs[1]
+    (folder,) = (tmp_path / "cache" / "onnx").iterdir()
+    assert sorted(p.name for p in folder.glob("*.onnx")) == [
+        "image.fp32.onnx", "image.int8.onnx", "text.fp32.onnx", "text.int8.onnx",
+    ]  # fmt: skip
+    assert not list(folder.glob("*.tmp")) and not list(folder.glob(".*.tmp"))

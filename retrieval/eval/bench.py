@@ -22,7 +22,7 @@ from ..index import querybank
 from ..index.vector_index import VectorIndex
 from ..model import reranker as reranker_module
 from ..model.encoder import Encoder
-from ..model.runtime import ALL_RUNTIMES, TORCH_FP32, RuntimeChoice
+from ..model.runtime import ALL_RUNTIMES, TORCH_FP32, Runtime, RuntimeChoice
 from ..model.spec import ModelSpec
 from ..query.search import Query, Request, Searcher
 from ..scoring import metrics
@@ -61,6 +61,7 @@ class Row:
 class BenchResult:
     dataset: str
     model: ModelSpec  # the model that encoded the dataset (an index's own, for --index)
+    runtime: Runtime  # what ran it (`exact [runtime]` rows: their own)
     rows: list[Row]  # exact first, then the built index, approximate indexes, strategies
     images: int
     captions: int
@@ -318,16 +319,18 @@ def _hybrid(emb: Embedded, mix: float, rrf: bool):
 
 def runtime_rows(records, config: BenchConfig, ks, max_k: int) -> list[Row]:
     """The exact row of ``records`` encoded by each runtime and precision, with the cosine of
-    each embedding to its torch fp32 twin (``image_cosine_mean``, ``text_cosine_min``, ...)."""
+    each embedding to its torch fp32 twin (``image_cosine_mean``, ``text_cosine_min``, ...).
+    On the CPU, where the runtimes differ (on CUDA the towers always run in torch)."""
     rows, reference = [], None
     for runtime in ALL_RUNTIMES:
         chosen = RuntimeChoice(runtime.engine, runtime.precision)
-        emb, _ = embed_with_model(records, replace(config, runtime=chosen, rerank=None))
+        asked = replace(config, runtime=chosen, rerank=None, device="cpu")
+        emb, encoder = embed_with_model(records, asked)
         reference = reference or emb
         if emb.item_ids != reference.item_ids:  # decoding is the runtime's no business
             raise RetrievalError(f"{runtime} decoded other images than {TORCH_FP32}")
         row = exact_row(emb, ks, max_k)
-        row.strategy = f"exact [{runtime}]"
+        row.strategy = f"exact [{encoder.runtime}]"
         for kind in ("image", "text"):
             cosines = metrics.row_cosines(getattr(emb, kind), getattr(reference, kind))
             row.metrics[f"{kind}_cosine_mean"] = float(cosines.mean())
@@ -383,4 +386,5 @@ def run_bench(
             text_to_image=emb.text_to_image,
             item_ids=np.array(emb.item_ids),
         )
-    return BenchResult(str(dataset), model_info, rows, len(emb.image), len(emb.text), len(skipped))
+    counts = (len(emb.image), len(emb.text), len(skipped))
+    return BenchResult(str(dataset), model_info, encoder.runtime, rows, *counts)

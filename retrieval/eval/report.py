@@ -52,6 +52,7 @@ def to_json(result: BenchResult) -> dict:
         "language": "en",
         "model": result.model.name,
         "pretrained": result.model.pretrained,
+        "runtime": result.runtime.to_json(),
         "metrics": exact,
         "counts": {"images": result.images, "captions": result.captions, "skipped": result.skipped},
         "strategies": {r.strategy: r.metrics for r in result.rows},

@@ -115,6 +115,7 @@ def add(
             encoder = Encoder.load(manifest.spec_for(model), config.device, runtime)
         else:
             manifest.check_model(encoder.spec)
+        manifest.check_runtime(encoder.runtime, config.runtime.given)
         skips = Skips()
         records, dropped = unique_records(read_corpus(corpus, config.read))
         skips.dropped(dropped)

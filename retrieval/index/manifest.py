@@ -10,16 +10,19 @@ only; everything else uses its fields. The JSON keys are the file format (``form
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..errors import DamagedIndexError, SearchError
+from ..errors import DamagedIndexError, EncoderError, IndexBuildError, SearchError
 from ..files import atomic_write, sha256_file
 from ..model.runtime import TORCH_FP32, Runtime
 from ..model.spec import ModelIdentity, ModelSpec
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -238,7 +241,7 @@ class Manifest:
             # Before the key existed, no weights meant random ones.
             random_init=bool(d.get("random_init", d.get("pretrained") is None)),
             milvus=milvus,
-            runtime=Runtime.from_json(d.get("runtime")),
+            runtime=_runtime(d.get("runtime")),
         )
 
     def model_spec(self) -> ModelSpec:
@@ -266,6 +269,22 @@ class Manifest:
         self.check_model(asked)
         return asked
 
+    def check_runtime(self, runtime: Runtime, asked: bool) -> None:
+        """Refuse to add rows encoded at another precision than the index's when ``asked``
+        for it; warn when the device chose it (on CUDA the towers run in torch)."""
+        if runtime.precision == self.runtime.precision:
+            return
+        why = (
+            f"index {self.name!r} was encoded with {self.runtime}, and these records would be "
+            f"encoded with {runtime}"
+        )
+        if asked:
+            raise IndexBuildError(
+                f"{why}: one index holds one precision; leave out --runtime/--precision, or "
+                "rebuild the index with them"
+            )
+        log.warning("%s (the device's runtime); their vectors differ slightly", why)
+
     def check_model(self, spec: ModelSpec | None) -> None:
         """Refuse to query the index with a model other than the one it was built with."""
         if spec is None:
@@ -283,6 +302,13 @@ class Manifest:
                 f"(pretrained: {asked.pretrained or 'none'}); search it without --model (or "
                 "with --pretrained alone, for its checkpoint at a new path), or rebuild it"
             )
+
+
+def _runtime(d: dict[str, str] | None) -> Runtime:
+    try:
+        return Runtime.from_json(d)
+    except (EncoderError, TypeError) as e:  # a malformed manifest, not a model problem
+        raise ValueError(f"runtime: {e}") from None
 
 
 def now() -> str:

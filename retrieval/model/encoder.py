@@ -262,16 +262,16 @@ class Encoder:
         if runtime.engine == "torch":
             return
         if self.device.type == "cuda":
-            log.info("on CUDA the towers run in torch with autocast, not %s", runtime)
+            log.warning("on CUDA the towers run in torch with autocast, not %s", runtime)
             return
+        from .onnx.export import Examples
         from .onnx.session import OnnxForward
 
         blank = Image.new("RGB", (64, 64))
         pixels = torch.stack([self.preprocess(blank)] * 2)
         ids = self.tokenizer(["a photo of a dog", "two cats asleep on a red sofa"])
-        self.forward = OnnxForward.load(
-            self.model, self.spec.name, (pixels, ids), runtime.precision
-        )
+        examples = Examples(pixels, ids, self.context_length)
+        self.forward = OnnxForward.load(self.model, self.spec.name, examples, runtime.precision)
         self.runtime = runtime
 
     @property

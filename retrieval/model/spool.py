@@ -118,6 +118,7 @@ def prepare(folder: Path, encoder, options: SpoolOptions) -> None:
     """Make ``folder`` ready: keep what a resumable run spooled, else start afresh."""
     key = {
         **encoder.spec.identity().to_json(),
+        "runtime": encoder.runtime.to_json(),  # what runs, after the device's choice
         "max_pixels": options.max_pixels,
         "batch_size": options.batch_size,
         "shard_size": _shard_size(options),

@@ -147,10 +147,9 @@ class Searcher:
                 if attempt < 2 and folder != layout.resolve(name, index_dir):
                     continue  # pruned while we looked: the name points elsewhere now
                 raise integrity.damaged(name, folder, problems[0])
-            model = manifest.spec_for(model) if model is not None else None
-            encoder = encoder or (
-                Encoder.load(model, device, runtime.over(manifest.runtime)) if model else None
-            )
+            if encoder is None and model is not None:
+                chosen = runtime.over(manifest.runtime)
+                encoder = Encoder.load(manifest.spec_for(model), device, chosen)
             try:
                 cache = EmbeddingCache(cache_size)
                 return cls(folder, encoder, device, link, reranker, cache, runtime)
@@ -162,11 +161,7 @@ class Searcher:
                 moved = not folder.exists() or layout.resolve(name, index_dir) != folder
                 if attempt < 2 and moved:
                     continue
-                msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-                raise SearchError(
-                    f"index {name!r} cannot be opened ({msg}); `retrieval verify {name}` checks "
-                    "its files"
-                ) from None
+                raise _unopenable(name, e) from None
         raise AssertionError("unreachable")
 
     def latest(self) -> Searcher:
@@ -193,6 +188,11 @@ class Searcher:
         except (FileNotFoundError, RuntimeError):  # already replaced again: next time
             return self
         log.info("index %s: switched to the newly published version %s", self.link.name, folder)
+        if newer.manifest.runtime != self.manifest.runtime:
+            log.warning(
+                "index %s was rebuilt with %s; queries are still encoded with %s until the "
+                "server restarts", self.link.name, newer.manifest.runtime, self.encoder.runtime,
+            )  # fmt: skip
         return newer
 
     def close(self) -> None:
@@ -494,6 +494,13 @@ class _Pending:
             stage(*args)
         except (SearchError, EncoderError) as e:
             self.error = e
+
+
+def _unopenable(name: str, e: Exception) -> SearchError:
+    msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    return SearchError(
+        f"index {name!r} cannot be opened ({msg}); `retrieval verify {name}` checks its files"
+    )
 
 
 def search(

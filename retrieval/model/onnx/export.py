@@ -1,11 +1,12 @@
 """Export a tower of a loaded open_clip model to an ONNX graph (torch.export, opset 18).
 
-Each graph has a dynamic batch axis; the text graph also a dynamic sequence axis, so that a
-query runs on its trimmed ids (`retrieval.model.tokens.trimmed`) as it does in torch. Where the
-engine can read the tower's tokens (`tokens.image_tokens` / `text_tokens`: open_clip ViTs, timm
-trunks, open_clip's text transformers and Hugging Face towers) the graph outputs them beside the
-features, for the re-ranker; any other tower is exported as its ``encode_image`` /
-``encode_text`` alone, at the full context length.
+Each graph has a dynamic batch axis; the text graph also a dynamic sequence axis where cutting
+the padding is exact, so that a query runs on its trimmed ids (`retrieval.model.tokens.trimmed`)
+as it does in torch (other text towers: the full context length). Where the engine can read the
+tower's tokens (`tokens.image_tokens` / `text_tokens`: open_clip ViTs, timm trunks, open_clip's
+text transformers and Hugging Face towers) the graph outputs them beside the features, for the
+re-ranker; any other tower is exported as its ``encode_image`` / ``encode_text`` alone. Every
+graph is run once against torch on sizes it was not traced with before it is kept.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import contextlib
 import io
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ...errors import EncoderError
@@ -59,22 +62,44 @@ def _gives_tokens(fn, example: torch.Tensor) -> bool:
         return False
 
 
-def export_image(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-    """``model``'s image tower -> ``path``; ``example``: (B >= 2, 3, H, W) prepared pixels."""
-    tokens = _gives_tokens(lambda x: image_tokens(model, x), example)
+@dataclass(frozen=True)
+class Examples:
+    """What the towers are traced with: prepared ``pixels`` (2, 3, H, W), token ids (2, L) as
+    the tokenizer gives them, and the longest text it gives (the context length)."""
+
+    pixels: torch.Tensor
+    ids: torch.Tensor
+    context_length: int
+
+    def shapes(self) -> dict[str, list[int]]:
+        """The sizes a graph is exported for (a cache key's part)."""
+        return {"pixels": list(self.pixels.shape[1:]), "context": [self.context_length]}
+
+
+def export_image(model: torch.nn.Module, examples: Examples, path: Path) -> None:
+    """``model``'s image tower -> ``path``, checked against torch on one image."""
+    pixels = examples.pixels
+    tokens = _gives_tokens(lambda x: image_tokens(model, x), pixels)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    _export(_ImageGraph(model, tokens), example, IMAGE_INPUT, {0: batch}, tokens, path)
+    graph = _ImageGraph(model, tokens)
+    _export(graph, pixels, IMAGE_INPUT, {0: batch}, tokens, path)
+    _check(graph, path, IMAGE_INPUT, [pixels[:1]])
 
 
-def export_text(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-    """``model``'s text tower -> ``path``; ``example``: token ids (B >= 2, L), L between 2 and
-    the context length (the tokenizer's full output, trimmed where the tower allows)."""
-    states = _gives_tokens(lambda ids: text_tokens(model, ids), example) and trims(model)
+def export_text(model: torch.nn.Module, examples: Examples, path: Path) -> None:
+    """``model``'s text tower -> ``path``, checked against torch on texts of one token and of
+    the full context length. Its length axis is dynamic where trimming is exact (`trims`)."""
+    ids, length = examples.ids, examples.context_length
+    states = _gives_tokens(lambda x: text_tokens(model, x), ids)
     axes: dict[int, torch.export.Dim] = {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}
-    if states:
-        axes[1] = torch.export.Dim("length", min=1, max=example.shape[1])
-        example = trimmed(model, example)
-    _export(_TextGraph(model, states), example, TEXT_INPUT, axes, states, path)
+    full = ids[:1].repeat(1, -(-length // ids.shape[1]))[:, :length]  # the context filled
+    checks = [full]
+    if trims(model):
+        axes[1] = torch.export.Dim("length", min=1, max=length)
+        ids, checks = trimmed(model, ids), [ids[:1, :1], full]
+    graph = _TextGraph(model, states)
+    _export(graph, ids, TEXT_INPUT, axes, states, path)
+    _check(graph, path, TEXT_INPUT, checks)
 
 
 def _export(graph, example, name: str, axes: dict, tokens: bool, path: Path) -> None:
@@ -94,10 +119,38 @@ def _export(graph, example, name: str, axes: dict, tokens: bool, path: Path) -> 
             )
             program.save(str(path), external_data=False)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise EncoderError(
-            f"could not export the model to ONNX ({first}); use --runtime torch"
+            f"could not export the model to ONNX ({_first_line(e)}); use --runtime torch"
         ) from None
+
+
+def _check(graph: torch.nn.Module, path: Path, name: str, inputs: list[torch.Tensor]) -> None:
+    """Refuse a graph that does not give torch's features on ``inputs`` (sizes the export did
+    not trace with: a dimension it fixed would fail or differ here, not in a user's query)."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for x in inputs:
+        with torch.inference_mode():
+            out = graph(x)
+        want = (out[0] if isinstance(out, tuple) else out).numpy()
+        try:
+            got = session.run([FEATURES], {name: x.numpy()})[0]
+        except Exception as e:
+            got, why = None, _first_line(e)
+        if got is not None and got.shape == want.shape:
+            cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+            if float(cos.min()) > 1 - 1e-4:
+                continue
+            why = f"cosine {float(cos.min()):.5f} to torch"
+        raise EncoderError(
+            f"the ONNX export of the model does not reproduce it on input {tuple(x.shape)} "
+            f"({why}); use --runtime torch"
+        )
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 @contextlib.contextmanager

@@ -28,12 +28,15 @@ QUANTISED_OPS = ("MatMul",)
 
 def quantize(source: Path, target: Path) -> None:
     """The int8 graph of the fp32 graph ``source``, written to ``target``."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     try:
         with _quiet():
+            # Given a path, the quantiser writes its shape-inferred copy beside the source, which
+            # a second process quantising the same cached graph would read half-written.
             quantize_dynamic(
-                source,
+                onnx.load(str(source)),
                 target,
                 weight_type=QuantType.QInt8,
                 per_channel=True,

@@ -5,14 +5,15 @@ product's activations by the range of the whole input tensor, so a text quantise
 depends on the other texts and their padding: MiniLM's caption embeddings moved to a cosine of
 0.991 (min 0.982) between alone and in a batch of 128, as far as int8 is from fp32. Alone, a
 caption is indexed exactly as it is later queried, and a served query does not depend on the
-requests batched with it; 3.2 ms a caption. Images stay batched: ViT-B-32's embeddings move by
-less than 2e-4 of cosine between alone and in a batch of 32, and one at a time costs 15% of the
-images/s.
+requests batched with it; 3.2 ms a caption. Images stay batched, in runs of `IMAGES_PER_RUN`:
+ViT-B-32's embeddings move by less than 2e-4 of cosine between alone and in a batch of 32, and
+one at a time costs 15% of the images/s.
 
 Threads: one session per tower, each with intra-op threads = the cores this process may use,
 sequential execution, and worker threads that sleep instead of spinning when idle, so that the
 image-decoding processes of a build (cores - 1 of them) get the cores back between batches
-instead of competing with spinning threads (benchmarks/README.md, "ONNX Runtime encoders").
+instead of competing with spinning threads: ViT-B-32 int8 at 57.8 images/s sleeping, 51.0
+spinning (benchmarks/README.md, "ONNX Runtime encoders").
 """
 
 from __future__ import annotations
@@ -29,27 +30,34 @@ from ...errors import EncoderError
 from ..runtime import ONNX_HINT
 from ..tokens import trimmed
 from . import export
-from .cache import GraphCache, cache_root, graph_key, weights_digest
+from .cache import GraphCache, cache_root, graph_key
 from .quantize import quantize
 
 log = logging.getLogger(__name__)
 
+# Images a session run takes at most: a build's batch of 64 runs as 4 of 16, whose activations
+# stay in the cache (ViT-B-32 int8: 57.8 images/s against 50.3 in one run of 64; 8: 56.3).
+IMAGES_PER_RUN = 16
+
 
 def _onnxruntime():
     try:
-        import onnx  # noqa: F401  (the exporter writes with it)
+        import onnx  # noqa: F401  (the exporter writes with them)
         import onnxruntime
+        import onnxscript  # noqa: F401
     except ImportError:
         raise EncoderError(f"--runtime onnx needs onnx and onnxruntime: {ONNX_HINT}") from None
     return onnxruntime
 
 
 def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, which containers set)."""
+    """The cores this process may run on (its CPU affinity, which containers set), shared with
+    the other processes torchrun started on this machine."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def session_options(ort):
@@ -73,31 +81,40 @@ class OnnxForward:
 
     @classmethod
     def load(
-        cls,
-        model: torch.nn.Module,
-        name: str,
-        examples: tuple[torch.Tensor, torch.Tensor],
-        precision: str,
+        cls, model: torch.nn.Module, name: str, examples: export.Examples, precision: str
     ) -> OnnxForward:
-        """Sessions for ``model`` (open_clip name ``name``) at ``precision``, from the cache or
-        exported now. ``examples``: (pixels (2, 3, H, W), token ids (2, C)) to trace with."""
+        """Sessions for ``model`` (open_clip name or config path ``name``) at ``precision``,
+        from the cache or exported now, traced with ``examples``."""
         ort = _onnxruntime()
-        cache = GraphCache(cache_root() / "onnx" / graph_key(name, weights_digest(model)))
-        pixels, ids = examples
-        image = _graph(cache, "image", precision, lambda p: export.export_image(model, pixels, p))
-        text = _graph(cache, "text", precision, lambda p: export.export_text(model, ids, p))
+        key = graph_key(model, name, examples.shapes())
+        cache = GraphCache(cache_root() / "onnx" / key)
+        with cache.locked():
+            image = _graph(
+                cache, "image", precision, lambda p: export.export_image(model, examples, p)
+            )
+            text = _graph(
+                cache, "text", precision, lambda p: export.export_text(model, examples, p)
+            )
         options, providers = session_options(ort), ["CPUExecutionProvider"]
         try:
             sessions = [
                 ort.InferenceSession(str(p), options, providers=providers) for p in (image, text)
             ]
         except Exception as e:  # verified bytes that still do not load: a runtime mismatch
-            raise EncoderError(f"ONNX Runtime cannot load {image.parent}: {e}; delete it") from None
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise EncoderError(
+                f"ONNX Runtime cannot load the graphs in {image.parent} ({first}); delete that "
+                "folder to export them again"
+            ) from None
         return cls(*sessions, precision, lambda ids: trimmed(model, ids))
 
     def image(self, pixels: torch.Tensor, tokens: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        feed = {export.IMAGE_INPUT: _array(pixels, np.float32)}
-        return self._run(self.image_session, self._image_outputs, feed, tokens, "image")
+        parts = []
+        for start in range(0, len(pixels), IMAGES_PER_RUN):
+            feed = {export.IMAGE_INPUT: _array(pixels[start : start + IMAGES_PER_RUN], np.float32)}
+            parts.append(self._run(self.image_session, self._image_outputs, feed, tokens, "image"))
+        pooled = torch.cat([p for p, _ in parts])
+        return pooled, (torch.cat([t for _, t in parts]) if tokens else None)
 
     def text(self, ids: torch.Tensor, states: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.precision == "fp32" or len(ids) == 1:
@@ -119,7 +136,11 @@ class OnnxForward:
                 "not give them (its tower is not one the engine reads tokens from)"
             )
         wanted = outputs if tokens else [export.FEATURES]
-        got = [torch.from_numpy(a) for a in session.run(wanted, feed)]
+        try:
+            got = [torch.from_numpy(a) for a in session.run(wanted, feed)]
+        except Exception as e:  # onnxruntime's own exception classes
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise EncoderError(f"ONNX Runtime failed on the {tower} tower: {first}") from None
         return got[0], (got[1] if tokens else None)
 
 

@@ -160,6 +160,13 @@ def test_info_shows_the_runtime(onnx_index):
     assert "runtime   onnx fp32" in CliRunner().invoke(main, args, catch_exceptions=False).output
     as_json = CliRunner().invoke(main, [*args, "--json"], catch_exceptions=False).output
     assert json.loads(as_json)["runtime"] == {"engine": "onnx", "precision": "fp32"}
+    # The command line's options reach the searcher: int8 alone means ONNX Runtime.
+    query = ["search", "o", "--text", "a red circle", "--json", "--index-dir", str(onnx_index)]
+    for extra in ([], ["--precision", "int8"], ["--runtime", "torch"]):
+        out = CliRunner().invoke(main, query + extra, catch_exceptions=False).stdout
+        assert len(json.loads(out)["results"]) == 10  # stderr: the first int8 use's bars
+    bad = CliRunner().invoke(main, [*query, "--runtime", "torch", "--precision", "int8"])
+    assert bad.exit_code == 1 and "runs on ONNX Runtime: add --runtime onnx" in bad.output
 
 
 def test_bench_gives_a_row_per_runtime_with_cosines_to_torch(synth_corpus):

@@ -46,3 +46,9 @@ class DamagedIndexError(SearchError):
 
 class PeerFailedError(RetrievalError, RuntimeError):
     """Another process of the same torchrun launch failed; the message is its own line."""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its class name when it has none): what a
+    one-line error quotes of a library's failure, whose messages can run to pages."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]

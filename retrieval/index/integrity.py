@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import DamagedIndexError
+from ..errors import DamagedIndexError, SearchError
 from ..files import sha256_file
 from . import layout
 from .manifest import MANIFEST, Manifest, read_manifest
@@ -29,6 +29,14 @@ def way_out(name: str) -> str:
 
 def damaged(name: str, folder: Path, problem: str) -> DamagedIndexError:
     return DamagedIndexError(f"index {name!r} is damaged: {problem} (in {folder}); {way_out(name)}")
+
+
+def unopenable(name: str, e: Exception) -> SearchError:
+    """Index ``name``'s files failed to open with ``e`` (its last line is the cause)."""
+    msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    return SearchError(
+        f"index {name!r} cannot be opened ({msg}); `retrieval verify {name}` checks its files"
+    )
 
 
 def size_problems(folder: Path, manifest: Manifest) -> list[str]:

@@ -110,12 +110,7 @@ def add(
         current = integrity.resolve(name, root)
         integrity.check_before_change(name, current)
         manifest = read_manifest(current)
-        if encoder is None:
-            runtime = config.runtime.over(manifest.runtime)
-            encoder = Encoder.load(manifest.spec_for(model), config.device, runtime)
-        else:
-            manifest.check_model(encoder.spec)
-        manifest.check_runtime(encoder.runtime, config.runtime.given)
+        encoder = _encoder_for(manifest, encoder, model, config)
         skips = Skips()
         records, dropped = unique_records(read_corpus(corpus, config.read))
         skips.dropped(dropped)
@@ -471,6 +466,20 @@ def change_manifest(current: Path, folder: Path, indexes, op: str, detail: dict)
         history=(*manifest.history, Change(op, stamp, detail)),
         sha256={},
     )
+
+
+def _encoder_for(
+    manifest: Manifest, encoder: Encoder | None, model: ModelSpec | None, config: BuildConfig
+) -> Encoder:
+    """The index's model (``model``: at another path) run by the asked or the index's runtime,
+    or ``encoder`` once checked to be that model; at the index's precision."""
+    if encoder is None:
+        runtime = config.runtime.over(manifest.runtime)
+        encoder = Encoder.load(manifest.spec_for(model), config.device, runtime)
+    else:
+        manifest.check_model(encoder.spec)
+    manifest.check_runtime(encoder.runtime, config.runtime.given)
+    return encoder
 
 
 def _finish(report: ChangeReport, start: float) -> ChangeReport:

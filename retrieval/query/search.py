@@ -161,7 +161,7 @@ class Searcher:
                 moved = not folder.exists() or layout.resolve(name, index_dir) != folder
                 if attempt < 2 and moved:
                     continue
-                raise _unopenable(name, e) from None
+                raise integrity.unopenable(name, e) from None
         raise AssertionError("unreachable")
 
     def latest(self) -> Searcher:
@@ -189,10 +189,8 @@ class Searcher:
             return self
         log.info("index %s: switched to the newly published version %s", self.link.name, folder)
         if newer.manifest.runtime != self.manifest.runtime:
-            log.warning(
-                "index %s was rebuilt with %s; queries are still encoded with %s until the "
-                "server restarts", self.link.name, newer.manifest.runtime, self.encoder.runtime,
-            )  # fmt: skip
+            why = "index %s was rebuilt with %s; queries keep %s until a restart"
+            log.warning(why, self.link.name, newer.manifest.runtime, self.encoder.runtime)
         return newer
 
     def close(self) -> None:
@@ -494,13 +492,6 @@ class _Pending:
             stage(*args)
         except (SearchError, EncoderError) as e:
             self.error = e
-
-
-def _unopenable(name: str, e: Exception) -> SearchError:
-    msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-    return SearchError(
-        f"index {name!r} cannot be opened ({msg}); `retrieval verify {name}` checks its files"
-    )
 
 
 def search(

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...errors import EncoderError
+from ...errors import EncoderError, first_line
 from ..tokens import image_tokens, text_tokens, trimmed, trims
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def _export(graph, example, name: str, axes: dict, tokens: bool, path: Path) -> 
             program.save(str(path), external_data=False)
     except Exception as e:
         raise EncoderError(
-            f"could not export the model to ONNX ({_first_line(e)}); use --runtime torch"
+            f"could not export the model to ONNX ({first_line(e)}); use --runtime torch"
         ) from None
 
 
@@ -137,7 +137,7 @@ def _check(graph: torch.nn.Module, path: Path, name: str, inputs: list[torch.Ten
         try:
             got = session.run([FEATURES], {name: x.numpy()})[0]
         except Exception as e:
-            got, why = None, _first_line(e)
+            got, why = None, first_line(e)
         if got is not None and got.shape == want.shape:
             cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
             if float(cos.min()) > 1 - 1e-4:
@@ -147,10 +147,6 @@ def _check(graph: torch.nn.Module, path: Path, name: str, inputs: list[torch.Ten
             f"the ONNX export of the model does not reproduce it on input {tuple(x.shape)} "
             f"({why}); use --runtime torch"
         )
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 @contextlib.contextmanager

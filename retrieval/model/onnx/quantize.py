@@ -21,7 +21,7 @@ import contextlib
 import logging
 from pathlib import Path
 
-from ...errors import EncoderError
+from ...errors import EncoderError, first_line
 
 QUANTISED_OPS = ("MatMul",)
 
@@ -44,8 +44,8 @@ def quantize(source: Path, target: Path) -> None:
                 extra_options={"MatMulConstBOnly": True},
             )
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise EncoderError(f"could not quantise the ONNX graph {source.name} ({first})") from None
+        why = first_line(e)
+        raise EncoderError(f"could not quantise the ONNX graph {source.name} ({why})") from None
 
 
 @contextlib.contextmanager

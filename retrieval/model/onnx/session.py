@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ...errors import EncoderError
+from ...errors import EncoderError, first_line
 from ..runtime import ONNX_HINT
 from ..tokens import trimmed
 from . import export
@@ -101,10 +101,9 @@ class OnnxForward:
                 ort.InferenceSession(str(p), options, providers=providers) for p in (image, text)
             ]
         except Exception as e:  # verified bytes that still do not load: a runtime mismatch
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise EncoderError(
-                f"ONNX Runtime cannot load the graphs in {image.parent} ({first}); delete that "
-                "folder to export them again"
+                f"ONNX Runtime cannot load the graphs in {image.parent} ({first_line(e)}); delete "
+                "that folder to export them again"
             ) from None
         return cls(*sessions, precision, lambda ids: trimmed(model, ids))
 
@@ -139,8 +138,9 @@ class OnnxForward:
         try:
             got = [torch.from_numpy(a) for a in session.run(wanted, feed)]
         except Exception as e:  # onnxruntime's own exception classes
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise EncoderError(f"ONNX Runtime failed on the {tower} tower: {first}") from None
+            raise EncoderError(
+                f"ONNX Runtime failed on the {tower} tower: {first_line(e)}"
+            ) from None
         return got[0], (got[1] if tokens else None)
 
 
